@@ -1,0 +1,164 @@
+"""The ``mmfuse`` command: run the local stack, a gateway, a worker pool, or make a test checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_VAR_DIR = Path("var")
+
+
+def demo_image() -> bytes:
+    """A red disc on a white square, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (224, 224), "white")
+    ImageDraw.Draw(image).ellipse((40, 40, 184, 184), fill=(220, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def run_demo(gateway_url: str) -> dict:
+    from client.http import MmfuseClient
+
+    client = MmfuseClient(gateway_url)
+    texts = ["a red circle on a white background", "a photo of a dog"]
+    started = time.monotonic()
+    job = client.run([demo_image()], texts, labels=["red circle", "dog", "car"],
+                     outputs=["embeddings", "similarity", "classify"], timeout_s=120)
+    elapsed = time.monotonic() - started
+    print(f"\ndemo job {job['id']}: {job['status']} in {elapsed * 1000:.0f} ms (submit -> result)")
+    if job["status"] != "succeeded":
+        print(json.dumps(job["error"], indent=2))
+        return job
+    result = job["result"]
+    embeddings = result["embeddings"]
+    print("  stages: " + ", ".join(f"{name} {stage['duration_s'] * 1000:.1f} ms"
+                                    for name, stage in job["timings"]["stages"].items()))
+    print(f"  image embedding: dim {len(embeddings['images'][0])}, first values "
+          f"{[round(x, 4) for x in embeddings['images'][0][:4]]}")
+    print(f"  fused ({embeddings['fusion']}): dim {len(embeddings['fused'])}")
+    for text, score in zip(texts, result["similarity"][0], strict=False):
+        print(f"  cosine(image, {text!r}) = {score:.4f}")
+    top = result["classify"]["images"][0]
+    print(f"  zero-shot: {top['label']!r} "
+          f"{dict(zip(result['classify']['labels'], [round(s, 4) for s in top['scores']], strict=False))}")
+    return job
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cli.stack import LocalStack
+    from shared.models import make_test_checkpoint
+
+    env = {key: value for key, value in os.environ.items() if key.startswith("MMFUSE_")}
+    var_dir = Path(args.var_dir).resolve()
+    if "MMFUSE_MODEL" not in env:
+        checkpoint = var_dir / "models" / f"clip-test-{args.test_size}"
+        if not (checkpoint / "config.json").exists():
+            make_test_checkpoint(checkpoint, args.test_size)
+        env["MMFUSE_MODEL"] = str(checkpoint)
+        print(f"No MMFUSE_MODEL set: using the local test checkpoint {checkpoint} "
+              f"(CLIP-shaped, size {args.test_size}, random weights: scores are not meaningful).\n"
+              f"Set MMFUSE_MODEL=openai/clip-vit-base-patch32 where the Hugging Face hub is reachable.")
+    env.setdefault("MMFUSE_GATEWAY_BIND", "127.0.0.1:8080")
+    # The local stack delivers webhooks to receivers on this machine; production admits none by default.
+    env.setdefault("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8 ::1/128")
+    if "MMFUSE_WEBHOOK_SECRETS" not in env:
+        from client.webhooks import generate_secret
+
+        env["MMFUSE_WEBHOOK_SECRETS"] = generate_secret()
+        print(f"webhook signing secret for this run: {env['MMFUSE_WEBHOOK_SECRETS']}")
+    stack = LocalStack(var_dir=var_dir, env=env)
+    try:
+        print("starting redis (if absent), S3 (if absent), gateway and workers ...", flush=True)
+        started = time.monotonic()
+        stack.start()
+        print(f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, "
+              f"logs in {stack.log_dir}")
+        job = run_demo(stack.gateway_url)
+        if args.exit_after_demo:
+            return 0 if job["status"] == "succeeded" else 1
+        print(f"\nmmfuse is up at {stack.gateway_url} (Ctrl-C to stop). Try:\n"
+              f"  curl -s -X POST {stack.gateway_url}/v1/jobs -H 'content-type: application/json' "
+              f"-d '{{\"texts\": [\"hello\"]}}'")
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(1)
+        print("a stack process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from cli.stack import gateway_command
+
+    command = gateway_command(args.bind or os.environ.get("MMFUSE_GATEWAY_BIND", "0.0.0.0:8080"),
+                              args.workers, args.threads)
+    os.execvp(command[0], command)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cli.stack import worker_command
+    from shared.settings import get_settings
+
+    concurrency = args.concurrency or (get_settings().worker_concurrency if args.pool in ("image", "text") else 8)
+    command = worker_command(args.pool, concurrency, args.loglevel)
+    os.execvp(command[0], command)
+
+
+def cmd_make_test(args: argparse.Namespace) -> int:
+    from shared.models import make_test_checkpoint
+
+    path = make_test_checkpoint(args.directory, args.size, args.seed)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the local stack and a demo job")
+    up.add_argument("--var-dir", default=str(DEFAULT_VAR_DIR), help="logs, Redis data, test checkpoints")
+    up.add_argument("--test-size", default="tiny", choices=("tiny", "b32"),
+                    help="test checkpoint size when MMFUSE_MODEL is unset")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop the stack after the demo job")
+    up.set_defaults(func=cmd_up)
+
+    gateway = commands.add_parser("gateway", help="run the HTTP gateway (gunicorn)")
+    gateway.add_argument("--bind", default=None)
+    gateway.add_argument("--workers", type=int, default=int(os.environ.get("MMFUSE_GATEWAY_WORKERS", "2")))
+    gateway.add_argument("--threads", type=int, default=32)
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = commands.add_parser("worker", help="run one worker pool (Celery)")
+    worker.add_argument("pool", choices=("image", "text", "fusion", "webhooks"))
+    worker.add_argument("--concurrency", type=int, default=0)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    models = commands.add_parser("models", help="model utilities")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    make_test = model_commands.add_parser("make-test", help="write a deterministic CLIP test checkpoint")
+    make_test.add_argument("--size", default="tiny", choices=("tiny", "b32"))
+    make_test.add_argument("--seed", type=int, default=0)
+    make_test.add_argument("directory")
+    make_test.set_defaults(func=cmd_make_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The local stack: Redis, an S3 server, the gateway and one worker per pool, as child processes.
+
+``mmfuse up``, the integration tests and the benchmarks all start the stack through this one class, so
+what is tested is what users run. Production runs the same commands under docker-compose/Kubernetes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+POOLS = ("image", "text", "fusion", "webhooks")
+POOL_MODULES = {pool: f"workers.{pool}.worker" for pool in POOLS}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
+    """The Celery command of one pool: threads pool, so one process owns the model (and the GPU)."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; one of {POOLS}")
+    return [
+        sys.executable, "-m", "celery", "-A", POOL_MODULES[pool], "worker",
+        "-Q", pool, "-P", "threads", "-c", str(concurrency), "-n", f"{pool}@%h",
+        "--without-gossip", "--without-mingle", "--loglevel", loglevel,
+    ]
+
+
+def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]:
+    # gthread: long-polls hold a thread each, not a process.
+    return [
+        sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", str(workers),
+        "--threads", str(threads), "--bind", bind, "--graceful-timeout", "10", "--timeout", "120",
+        "--no-control-socket",
+        "gateway.app:create_app()",
+    ]
+
+
+@dataclass
+class LocalStack:
+    """Child processes of one local stack; ``env`` holds its ``MMFUSE_*`` settings."""
+
+    var_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    gateway_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.var_dir = Path(self.var_dir)
+        self.log_dir = self.var_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(command, env=self._child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    # --- services ---
+
+    def ensure_redis(self) -> bool:
+        """Start a redis-server for ``MMFUSE_REDIS_URL`` unless one answers there; True if started."""
+        url = urlparse(self.env.setdefault("MMFUSE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        host, port = url.hostname or "127.0.0.1", url.port or 6379
+        if port_open(host, port):
+            return False
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise RuntimeError(f"Redis at {host}:{port} is not reachable")
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        data_dir = self.var_dir / f"redis-{port}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # appendonly: queued jobs survive a Redis restart.
+        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "yes", "--dir", str(data_dir)])
+        self._wait(lambda: port_open(host, port), "redis", 15)
+        return True
+
+    def ensure_s3(self) -> bool:
+        """Start moto's S3 server for ``MMFUSE_S3_ENDPOINT`` unless one answers there; True if started.
+
+        Production uses MinIO; moto speaks the same S3 API over real HTTP, so the minio SDK code path
+        is the one that runs in production.
+        """
+        endpoint = self.env.setdefault("MMFUSE_S3_ENDPOINT", "127.0.0.1:9000")
+        host, _, port = endpoint.rpartition(":")
+        if port_open(host, int(port)):
+            return False
+        moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+        if moto is None:
+            raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
+        self.spawn("s3", [moto, "-H", host, "-p", port])
+        self._wait(lambda: port_open(host, int(port)), "s3", 30)
+        return True
+
+    def start_gateway(self, bind: str | None = None, workers: int = 1) -> str:
+        bind = bind or self.env.get("MMFUSE_GATEWAY_BIND") or f"127.0.0.1:{free_port()}"
+        self.spawn("gateway", gateway_command(bind, workers))
+        self.gateway_url = f"http://{bind}"
+        return self.gateway_url
+
+    def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
+        if concurrency is None:
+            concurrency = int(self.env.get("MMFUSE_WORKER_CONCURRENCY", "32")) if pool in ("image", "text") else 8
+        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency))
+
+    def start(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> LocalStack:
+        self.ensure_redis()
+        self.ensure_s3()
+        self.start_gateway()
+        for pool in pools:
+            self.start_worker(pool)
+        self.wait_ready(pools, timeout_s)
+        return self
+
+    # --- readiness ---
+
+    def _wait(self, check, what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log_dir / name}.log\n"
+                                       + self.tail(name))
+            try:
+                if check():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} not ready after {timeout_s}s; logs in {self.log_dir}")
+
+    def wait_ready(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> None:
+        self._wait(lambda: requests.get(f"{self.gateway_url}/readyz", timeout=2).status_code == 200,
+                   "gateway", timeout_s)
+        self.wait_workers(pools, timeout_s)
+
+    def wait_workers(self, pools: tuple[str, ...], timeout_s: float = 180) -> None:
+        """Wait until every pool's worker answers a Celery ping (it loads its model before that)."""
+        from celery import Celery
+
+        probe = Celery(broker=self.env.get("MMFUSE_BROKER_URL") or self.env["MMFUSE_REDIS_URL"])
+        probe.conf.accept_content = ["json"]
+        wanted = set(pools)
+
+        def all_answer() -> bool:
+            replies = probe.control.ping(timeout=0.5)
+            answered = {name.split("@", 1)[0] for reply in replies for name in reply}
+            return wanted <= answered
+
+        try:
+            self._wait(all_answer, f"workers {sorted(wanted)}", timeout_s)
+        finally:
+            probe.close()
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    # --- stopping ---
+
+    def stop_process(self, name: str, timeout_s: float = 15, sig: int = signal.SIGTERM) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        # Workers first (they drain), then the gateway, then the stores.
+        order = [n for n in self.processes if n.startswith("worker-")] + ["gateway", "s3", "redis"]
+        for name in order:
+            self.stop_process(name)
+        for name in list(self.processes):
+            self.stop_process(name)
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,73 @@
+"""The gateway's app factory: ``gunicorn 'gateway.app:create_app()'``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from gateway.api import api
+from gateway.health import health
+from shared.blobstore import BlobStore
+from shared.celery_app import create_celery
+from shared.jobstore import JobStore
+from shared.schema import ApiError, ErrorCode
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+HTTP_ERROR_CODES = {
+    400: ErrorCode.INVALID_JSON, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+@dataclass
+class Services:
+    """What request handlers use; one per app, shared by its threads."""
+
+    settings: Settings
+    jobs: JobStore
+    blobs: BlobStore
+    celery: Celery
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["mmfuse"] = Services(
+        settings=settings,
+        jobs=JobStore.from_url(settings.redis_url, settings.job_ttl_s),
+        blobs=BlobStore(settings),
+        celery=create_celery(settings),
+    )
+    try:
+        app.extensions["mmfuse"].blobs.ensure_bucket()
+    except Exception as exc:  # S3 may start after us: /readyz retries and reports it
+        log.warning("could not ensure bucket %s at start: %s", settings.s3_bucket, exc)
+    app.register_blueprint(health)
+    app.register_blueprint(api)
+
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError):
+        return jsonify(error.body()), error.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        code = HTTP_ERROR_CODES.get(error.code, ErrorCode.INTERNAL_ERROR if error.code >= 500 else "http_error")
+        message = error.description or error.name
+        if error.code == 413:
+            message = f"request body exceeds {settings.max_body_bytes} bytes (MMFUSE_MAX_BODY_BYTES)"
+        return jsonify(ApiError(error.code, code, message).body()), error.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        log.exception("unhandled error")
+        return jsonify(ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error").body()), 500
+
+    return app

@@ -1,0 +1,202 @@
+"""Request parsing and validation: everything that can be checked without a model.
+
+Produces a ``ValidatedJob`` or raises ``ApiError`` (400 malformed, 413 too large, 415 format, 422 invalid);
+it has no side effects, so a rejected request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+
+from flask import Request
+from pydantic import BaseModel, ValidationError
+
+from shared.schema import ApiError, ErrorCode, FusionStrategy, JobOptions, JobRequest, Output
+from shared.settings import Settings
+
+IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+    (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
+    (b"GIF87a", "gif", "image/gif"),
+    (b"GIF89a", "gif", "image/gif"),
+    (b"BM", "bmp", "image/bmp"),
+)
+MULTIPART_FIELDS = {"texts", "options"}
+MULTIPART_FILES = {"images"}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    format: str
+    content_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ValidatedJob:
+    images: list[ImageInput]
+    texts: list[str]
+    options: JobOptions
+
+
+def parse_job_request(request: Request, settings: Settings) -> ValidatedJob:
+    if request.mimetype == "application/json":
+        images, texts, options = _parse_json(request)
+    elif request.mimetype == "multipart/form-data":
+        images, texts, options = _parse_multipart(request)
+    else:
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       "send application/json or multipart/form-data")
+    _check_counts(len(images), texts, options, settings)
+    checked = [_check_image(data, f"images.{i}", settings) for i, data in enumerate(images)]
+    _check_combination(checked, texts, options, settings)
+    return ValidatedJob(images=checked, texts=texts, options=options)
+
+
+def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+    details = [{"loc": prefix + ".".join(str(part) for part in err["loc"]), "message": err["msg"]}
+               for err in exc.errors()]
+    first = details[0]
+    return ApiError(422, ErrorCode.VALIDATION_ERROR, f"{first['loc'] or 'body'}: {first['message']}", details)
+
+
+def _validate(model: type[BaseModel], data: object, prefix: str = ""):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, prefix) from None
+
+
+def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
+    try:
+        data = json.loads(request.get_data(cache=False))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "body must be a JSON object",
+                       [{"loc": "", "message": "expected an object"}])
+    job = _validate(JobRequest, data)
+    images = []
+    for index, encoded in enumerate(job.images):
+        try:
+            images.append(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"images.{index}: not valid base64",
+                           [{"loc": f"images.{index}", "message": "not valid base64"}]) from None
+    options = JobOptions.model_validate(job.model_dump(exclude={"images", "texts"}))
+    return images, job.texts, options
+
+
+def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
+    try:
+        form, files = request.form, request.files
+    except ValueError as exc:
+        raise ApiError(400, ErrorCode.INVALID_MULTIPART, f"malformed multipart body: {exc}") from None
+    if request.content_length and not form and not files:
+        raise ApiError(400, ErrorCode.INVALID_MULTIPART, "multipart body has no parts (bad boundary?)")
+    unknown = sorted((set(form) - MULTIPART_FIELDS) | (set(files) - MULTIPART_FILES))
+    if unknown:
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"unknown multipart field {unknown[0]!r}",
+                       [{"loc": name, "message": "unknown field"} for name in unknown])
+    options_raw = form.get("options")
+    if options_raw is None:
+        options = JobOptions()
+    else:
+        try:
+            options_data = json.loads(options_raw)
+        except ValueError as exc:
+            raise ApiError(400, ErrorCode.INVALID_JSON, f"options part is not valid JSON: {exc}") from None
+        options = _validate(JobOptions, options_data, prefix="options.")
+    images = [storage.read() for storage in files.getlist("images")]
+    return images, form.getlist("texts"), options
+
+
+def _check_counts(n_images: int, texts: list[str], options: JobOptions, settings: Settings) -> None:
+    if n_images == 0 and not texts:
+        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "a job needs at least one image or text",
+                       [{"loc": "images", "message": "at least one image or text is required"}])
+    for name, count, limit in (("images", n_images, settings.max_images), ("texts", len(texts), settings.max_texts),
+                               ("labels", len(options.labels), settings.max_labels)):
+        if count > limit:
+            raise ApiError(422, ErrorCode.TOO_MANY_ITEMS, f"{name}: {count} given, limit is {limit}",
+                           [{"loc": name, "message": f"at most {limit}", "limit": limit}])
+    for name, items in (("texts", texts), ("labels", options.labels)):
+        for index, text in enumerate(items):
+            if not text.strip():
+                raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"{name}.{index}: must not be empty",
+                               [{"loc": f"{name}.{index}", "message": "must not be empty"}])
+            if len(text) > settings.max_text_chars:
+                raise ApiError(422, ErrorCode.TEXT_TOO_LONG,
+                               f"{name}.{index}: {len(text)} characters, limit is {settings.max_text_chars}",
+                               [{"loc": f"{name}.{index}", "message": "too long",
+                                 "limit": settings.max_text_chars}])
+
+
+def _sniff_format(data: bytes) -> tuple[str, str] | None:
+    for magic, name, content_type in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return name, content_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", "image/webp"
+    return None
+
+
+def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
+    if len(data) > settings.max_image_bytes:
+        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE,
+                       f"{loc}: {len(data)} bytes, limit is {settings.max_image_bytes}",
+                       [{"loc": loc, "message": "too many bytes", "limit": settings.max_image_bytes}])
+    sniffed = _sniff_format(data)
+    if sniffed is None or sniffed[0] not in settings.image_formats:
+        raise ApiError(415, ErrorCode.UNSUPPORTED_IMAGE_FORMAT,
+                       f"{loc}: not an image in an accepted format ({', '.join(settings.image_formats)})",
+                       [{"loc": loc, "message": "unsupported image format"}])
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        # Reads the header only: the pixel count is checked before anything is decoded.
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ApiError(422, ErrorCode.IMAGE_DECODE_FAILED, f"{loc}: unreadable image header: {exc}",
+                       [{"loc": loc, "message": "unreadable image header"}]) from None
+    if width * height > settings.max_image_pixels:
+        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE,
+                       f"{loc}: {width}x{height} pixels, limit is {settings.max_image_pixels}",
+                       [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}])
+    return ImageInput(data=data, format=sniffed[0], content_type=sniffed[1], width=width, height=height)
+
+
+def _check_combination(images: list[ImageInput], texts: list[str], options: JobOptions,
+                       settings: Settings) -> None:
+    def invalid(loc: str, message: str, code: ErrorCode = ErrorCode.VALIDATION_ERROR) -> ApiError:
+        return ApiError(422, code, f"{loc}: {message}", [{"loc": loc, "message": message}])
+
+    shared_space = settings.shared_embedding_space
+    if Output.SIMILARITY in options.outputs:
+        if not images or not texts:
+            raise invalid("outputs", "similarity needs at least one image and one text")
+        if not shared_space:
+            raise invalid("outputs", "similarity needs image and text models of one embedding space",
+                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)
+    if Output.CLASSIFY in options.outputs:
+        if not options.labels:
+            raise invalid("labels", "classify needs at least one label")
+        if images and not shared_space:
+            raise invalid("outputs", "classifying images needs image and text models of one embedding space",
+                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)
+    elif options.labels:
+        raise invalid("labels", "labels are only used by the classify output")
+    if Output.EMBEDDINGS in options.outputs:
+        present = [name for name, items in (("image", images), ("text", texts)) if items]
+        if all(getattr(options.weights, name) == 0 for name in present):
+            raise invalid("weights", "the weights of the job's modalities must not all be 0")
+        if options.fusion == FusionStrategy.MEAN and len(present) == 2 and not shared_space:
+            raise invalid("fusion", "mean fusion needs one embedding space; use concat",
+                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)

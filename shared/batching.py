@@ -1,0 +1,155 @@
+"""A dynamic batcher: many producer threads, one inference thread that owns the model.
+
+Items are collected until ``max_batch_size`` are waiting or ``max_wait_ms`` have passed since the first
+one arrived, whichever comes first; then one call of ``fn(items)`` answers them all through futures.
+While the model runs, new items queue up, so a busy model forms full batches without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher no longer accepts items."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    max_queue_wait_s: float  # the longest any item of the batch waited to be run
+    inference_s: float
+    failed: int
+
+
+@dataclass
+class _Pending(Generic[Item]):
+    item: Item
+    future: Future
+    enqueued_at: float
+
+
+_STOP = object()
+
+
+class DynamicBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        fn: Callable[[list[Item]], Sequence[Result]],
+        max_batch_size: int,
+        max_wait_ms: float,
+        name: str = "batcher",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Item) -> Future:
+        future: Future = Future()
+        with self._lock:  # no item can slip in behind the stop marker
+            if self._closed:
+                raise BatcherClosed("batcher is closed")
+            self._queue.put(_Pending(item, future, time.monotonic()))
+        return future
+
+    def submit_many(self, items: Sequence[Item]) -> list[Future]:
+        return [self.submit(item) for item in items]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting items; every item already submitted is still run and answered."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # --- the inference thread ---
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            deadline = first.enqueued_at + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    pending = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if pending is _STOP:
+                    stopping = True  # run what we hold, then drain the rest below
+                    break
+                batch.append(pending)
+            self._run(batch)
+        # Items queued before the stop marker are answered, never dropped.
+        rest = []
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is not _STOP:
+                rest.append(pending)
+        for start in range(0, len(rest), self.max_batch_size):
+            self._run(rest[start:start + self.max_batch_size])
+
+    def _run(self, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        started = time.monotonic()
+        failed = 0
+        try:
+            results = self.fn([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            for pending, result in zip(batch, results, strict=True):
+                pending.future.set_result(result)
+        except Exception as batch_error:
+            if len(batch) == 1:
+                batch[0].future.set_exception(batch_error)
+                failed = 1
+            else:
+                # One bad item must fail only its own job: rerun the items one by one.
+                log.warning("batch of %d failed (%s); isolating items", len(batch), batch_error)
+                for pending in batch:
+                    try:
+                        pending.future.set_result(self.fn([pending.item])[0])
+                    except Exception as item_error:
+                        pending.future.set_exception(item_error)
+                        failed += 1
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchStats(
+                    size=len(batch),
+                    max_queue_wait_s=started - min(p.enqueued_at for p in batch),
+                    inference_s=time.monotonic() - started,
+                    failed=failed,
+                ))
+            except Exception:  # observability must never break inference
+                log.exception("on_batch callback failed")

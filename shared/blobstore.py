@@ -1,0 +1,99 @@
+"""Job blobs in S3 (MinIO in production) through the minio SDK; keys are namespaced by job id."""
+
+from __future__ import annotations
+
+import io
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import MinioException, S3Error
+
+from shared.settings import Settings
+
+# Errors that mean "the store is unreachable or failing", as opposed to a missing object.
+BLOB_STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
+
+
+class BlobMissing(KeyError):
+    """The object does not exist (expired, deleted, or never written)."""
+
+
+def image_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/images/{index}"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+class BlobStore:
+    def __init__(self, settings: Settings):
+        # Short connect timeout and few retries: a submit must fail fast (503) when S3 is down.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            maxsize=32,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        )
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+        self.bucket = settings.s3_bucket
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # another service created it first
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def ping(self) -> bool:
+        """Reachable, with the bucket in place (created if missing: it is idempotent)."""
+        self.ensure_bucket()
+        return True
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise BlobMissing(key) from None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                return False
+            raise
+
+    def delete(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        errors = list(self.client.remove_objects(self.bucket, [DeleteObject(key) for key in keys]))
+        if errors:
+            raise RuntimeError(f"could not delete {len(errors)} blobs: {errors[0]}")
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+        self.delete(keys)
+        return len(keys)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]

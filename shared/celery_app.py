@@ -1,0 +1,54 @@
+"""The Celery app every service shares: broker, JSON-only serialisation, queues and task routes.
+
+The gateway only sends tasks by name (it never imports model code); each worker pool imports its
+own task module and consumes its own queue.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.settings import Settings, get_settings
+
+TASK_ENCODE_IMAGE = "mmfuse.encode.image"
+TASK_ENCODE_TEXT = "mmfuse.encode.text"
+TASK_FUSE = "mmfuse.fuse"
+TASK_DELIVER_WEBHOOK = "mmfuse.webhooks.deliver"
+
+ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT}
+QUEUES = ("image", "text", "fusion", "webhooks")
+ROUTES = {
+    TASK_ENCODE_IMAGE: {"queue": "image"},
+    TASK_ENCODE_TEXT: {"queue": "text"},
+    TASK_FUSE: {"queue": "fusion"},
+    TASK_DELIVER_WEBHOOK: {"queue": "webhooks"},
+}
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("mmfuse", broker=settings.effective_broker_url)
+    app.conf.update(
+        # JSON only: a pickled message is refused, never executed.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Results live in the job store, not in a Celery result backend.
+        task_ignore_result=True,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="fusion",
+        task_routes=ROUTES,
+        # At-least-once: ack after the task ran, requeue if its worker dies; tasks are idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        # A submit must fail fast (503) when the broker is down, not retry for a minute.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                   "interval_max": 0.5},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app

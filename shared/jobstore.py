@@ -1,0 +1,207 @@
+"""Job records in Redis: the status machine, per-stage timestamps, vectors, results, wake-ups.
+
+Keys (all expire ``job_ttl_s`` after submit):
+- ``mmfuse:job:<id>``          hash: spec, status, created_at, <stage>_started_at/_finished_at, error, result
+- ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> float32 bytes (kind: image, text, label)
+- ``mmfuse:job:<id>:done``     set of finished encoder stages: the fan-in to fusion
+- channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (long-poll wake-up)
+
+Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from shared.schema import JobSpec, Status
+
+# Move to a terminal status unless the job already ended; publish the wake-up. Returns 1 if it moved.
+_FINISH_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3], 'finished_at', ARGV[4])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return 1
+"""
+
+# queued -> running, once; the stage's start time is kept from its first attempt.
+_START_STAGE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
+if status == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2]) end
+redis.call('HSETNX', KEYS[1], ARGV[1] .. '_started_at', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], ARGV[1] .. '_attempts', 1)
+"""
+
+
+def _job_key(job_id: str) -> str:
+    return f"mmfuse:job:{job_id}"
+
+
+@dataclass
+class JobRecord:
+    spec: JobSpec
+    status: Status
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def error(self) -> dict | None:
+        raw = self.fields.get("error")
+        return json.loads(raw) if raw else None
+
+    @property
+    def result(self) -> dict | None:
+        raw = self.fields.get("result")
+        return json.loads(raw) if raw else None
+
+    @property
+    def webhook_delivery(self) -> dict:
+        raw = self.fields.get("webhook_delivery")
+        return json.loads(raw) if raw else {}
+
+    def timestamp(self, name: str) -> float | None:
+        raw = self.fields.get(name)
+        return float(raw) if raw else None
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl_s: int):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._finish = client.register_script(_FINISH_LUA)
+        self._start_stage = client.register_script(_START_STAGE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int) -> JobStore:
+        # Bounded timeouts: an unreachable Redis must surface as an error (503), not hang a request.
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10, health_check_interval=30)
+        return cls(client, ttl_s)
+
+    # --- create and read ---
+
+    def create(self, spec: JobSpec) -> None:
+        key = _job_key(spec.id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"spec": spec.to_json(), "status": Status.QUEUED.value,
+                                    "created_at": repr(spec.created_at)})
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        key = _job_key(job_id)
+        self.redis.delete(key, f"{key}:vectors", f"{key}:done")
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(_job_key(job_id))
+        if not raw or b"spec" not in raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return JobRecord(spec=JobSpec.from_json(fields["spec"]), status=Status(fields["status"]), fields=fields)
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    # --- stages ---
+
+    def start_stage(self, job_id: str, stage: str) -> int:
+        """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
+        return int(self._start_stage(keys=[_job_key(job_id)], args=[stage, repr(time.time())]))
+
+    def finish_stage(self, job_id: str, stage: str) -> None:
+        self.redis.hsetnx(_job_key(job_id), f"{stage}_finished_at", repr(time.time()))
+
+    def save_vectors(self, job_id: str, kind: str, vectors: np.ndarray) -> None:
+        key = f"{_job_key(job_id)}:vectors"
+        mapping = {f"{kind}:{i}": np.asarray(row, dtype="<f4").tobytes() for i, row in enumerate(vectors)}
+        if not mapping:
+            return
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
+
+    def load_vectors(self, job_id: str, kind: str, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        raw = self.redis.hmget(f"{_job_key(job_id)}:vectors", [f"{kind}:{i}" for i in range(count)])
+        if any(item is None for item in raw):
+            raise KeyError(f"job {job_id}: missing {kind} vectors")
+        return np.stack([np.frombuffer(item, dtype="<f4") for item in raw])
+
+    def mark_encoded(self, job_id: str, modality: str, expected: list[str]) -> bool:
+        """Record that ``modality`` is encoded; True when every expected modality is (the fan-in)."""
+        key = f"{_job_key(job_id)}:done"
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, modality)
+            pipe.expire(key, self.ttl_s)
+            pipe.smembers(key)
+            done = pipe.execute()[2]
+        return {m.decode() for m in done} >= set(expected)
+
+    # --- terminal states ---
+
+    def succeed(self, job_id: str, result: dict) -> bool:
+        """Store the result; True if this call ended the job (so exactly one caller sends its webhook)."""
+        ended = self._end(job_id, Status.SUCCEEDED, "result", json.dumps(result))
+        if ended:
+            self.redis.delete(f"{_job_key(job_id)}:vectors", f"{_job_key(job_id)}:done")
+        return ended
+
+    def fail(self, job_id: str, stage: str, code: str, message: str) -> bool:
+        error = json.dumps({"code": code, "message": message, "stage": stage})
+        return self._end(job_id, Status.FAILED, "error", error)
+
+    def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
+        key = _job_key(job_id)
+        moved = self._finish(keys=[key, f"{key}:events"], args=[status.value, field_name, value, repr(time.time())])
+        return int(moved) == 1
+
+    # --- webhooks ---
+
+    def record_webhook_attempt(self, job_id: str, event: str, attempt: dict, state: str) -> None:
+        """Append an attempt and set the delivery state; attempts of one job are sequential (one writer)."""
+        key = _job_key(job_id)
+        raw = self.redis.hget(key, "webhook_delivery")
+        delivery = json.loads(raw) if raw else {"attempts": []}
+        delivery.update(event=event, state=state)
+        delivery["attempts"].append(attempt)
+        self.redis.hset(key, "webhook_delivery", json.dumps(delivery))
+
+    def set_webhook_state(self, job_id: str, state: str, event: str | None = None) -> None:
+        key = _job_key(job_id)
+        raw = self.redis.hget(key, "webhook_delivery")
+        delivery = json.loads(raw) if raw else {"attempts": []}
+        delivery.update(event=event, state=state)
+        self.redis.hset(key, "webhook_delivery", json.dumps(delivery))
+
+    # --- long-poll ---
+
+    def wait_until_ended(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """The record once it is terminal or ``timeout_s`` passed, woken by pub/sub (no sleep loop)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(f"{_job_key(job_id)}:events")
+            # Subscribed first, then read: an end published in between is not missed.
+            record = self.get(job_id)
+            deadline = time.monotonic() + timeout_s
+            while record is not None and not record.status.terminal:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    record = self.get(job_id)
+            return record
+        finally:
+            pubsub.close()

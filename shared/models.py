@@ -1,0 +1,293 @@
+"""Model loading and the encoder protocol shared by every encoder worker.
+
+An encoder turns a list of prepared inputs into one L2-normalised float32 row per input. Preparation
+(decode + preprocess one item) is separate from encoding (one forward pass over a batch) so workers can
+prepare items in their own threads while the batcher's single inference thread runs the model.
+
+Checkpoints load with ``from_pretrained(id_or_path)``: a hub id in production, a local directory
+offline (``mmfuse models make-test`` writes one).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEST_CHECKPOINT_SIZES = ("tiny", "b32")
+
+
+class InputError(ValueError):
+    """An input the model cannot take (corrupt image, ...): the job fails, retrying cannot help."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Encoder(Protocol):
+    modality: str
+    model_id: str
+    dim: int
+
+    def prepare(self, raw: Any) -> Any:
+        """Turn one raw input (image bytes, text) into what ``encode`` batches. Thread-safe."""
+
+    def encode(self, prepared: list[Any]) -> np.ndarray:
+        """One forward pass: (len(prepared), dim) float32, rows L2-normalised."""
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _l2_normalise(matrix) -> np.ndarray:
+    array = matrix.float().cpu().numpy().astype(np.float32, copy=False)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return array / np.maximum(norms, 1e-12)
+
+
+def _torch_dtype(dtype: str):
+    torch = _torch()
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _quiet_transformers() -> None:
+    # Loading one tower of a CLIP checkpoint reports the other tower's weights as unexpected: expected here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _model_type(model_id: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_id).model_type
+
+
+def _prepare_model(model, device: str, dtype: str):
+    torch = _torch()
+    model = model.to(device=torch.device(device), dtype=_torch_dtype(dtype))
+    model.eval()
+    return model
+
+
+class ClipImageEncoder:
+    """CLIP's vision tower and projection; only these weights are loaded."""
+
+    modality = "image"
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32", max_pixels: int = 0):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.model_id = model_id
+        self.device = device
+        self.max_pixels = max_pixels
+        self.processor = CLIPImageProcessor.from_pretrained(model_id)
+        self.model = _prepare_model(CLIPVisionModelWithProjection.from_pretrained(model_id), device, dtype)
+        self.dim = self.model.config.projection_dim
+        self._dtype = _torch_dtype(dtype)
+
+    def prepare(self, raw: bytes):
+        image = decode_image(raw, self.max_pixels)
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def encode(self, prepared: list) -> np.ndarray:
+        torch = _torch()
+        pixel_values = torch.stack(prepared).to(device=self.device, dtype=self._dtype)
+        with torch.inference_mode():
+            embeds = self.model(pixel_values=pixel_values).image_embeds
+        return _l2_normalise(embeds)
+
+
+class ClipTextEncoder:
+    """CLIP's text tower and projection: the same space as ``ClipImageEncoder`` of one checkpoint."""
+
+    modality = "text"
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        self.model_id = model_id
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = _prepare_model(CLIPTextModelWithProjection.from_pretrained(model_id), device, dtype)
+        self.dim = self.model.config.projection_dim
+        self.max_length = self.model.config.max_position_embeddings
+
+    def prepare(self, raw: str) -> str:
+        return raw
+
+    def encode(self, prepared: list[str]) -> np.ndarray:
+        torch = _torch()
+        # Tokenised per batch, padded to the batch's longest item.
+        tokens = self.tokenizer(
+            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            embeds = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+        return _l2_normalise(embeds)
+
+
+class SentenceEncoder:
+    """A sentence-transformers style encoder (e.g. all-MiniLM-L6-v2): mean pooling over tokens."""
+
+    modality = "text"
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_id = model_id
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = _prepare_model(AutoModel.from_pretrained(model_id), device, dtype)
+        self.dim = self.model.config.hidden_size
+        self.max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+
+    def prepare(self, raw: str) -> str:
+        return raw
+
+    def encode(self, prepared: list[str]) -> np.ndarray:
+        torch = _torch()
+        tokens = self.tokenizer(
+            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return _l2_normalise(pooled)
+
+
+def decode_image(raw: bytes, max_pixels: int = 0):
+    """Decode image bytes to RGB, refusing corrupt data and (before the full decode) pixel bombs."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                raise InputError("image_too_large", f"image has {width * height} pixels, limit {max_pixels}")
+            image.load()
+            return image.convert("RGB")
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError("image_decode_failed", f"cannot decode image: {exc}") from None
+
+
+def load_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
+                 max_pixels: int = 0) -> Encoder:
+    """Build the encoder for ``modality`` from a checkpoint id or directory."""
+    _quiet_transformers()
+    if modality == "image":
+        return ClipImageEncoder(model_id, device, dtype, max_pixels)
+    if modality == "text":
+        if _model_type(model_id) == "clip":
+            return ClipTextEncoder(model_id, device, dtype)
+        return SentenceEncoder(model_id, device, dtype)
+    raise ValueError(f"unknown modality {modality!r}")
+
+
+_cache: dict[tuple, Encoder] = {}
+_cache_lock = threading.Lock()
+
+
+def get_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
+                threads: int = 1, max_pixels: int = 0) -> Encoder:
+    """The process's encoder for these arguments, loaded once (workers call this at start)."""
+    key = (modality, model_id, device, dtype, max_pixels)
+    with _cache_lock:
+        if key not in _cache:
+            torch = _torch()
+            if device == "cpu":
+                torch.set_num_threads(threads)
+            log.info("loading %s encoder %s on %s (%s)", modality, model_id, device, dtype)
+            _cache[key] = load_encoder(modality, model_id, device, dtype, max_pixels)
+        return _cache[key]
+
+
+# --- offline test checkpoints ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestCheckpointSize:
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    projection_dim: int
+
+
+TEST_SIZES = {
+    "tiny": TestCheckpointSize(32, 2, 2, 32, 2, 2, 32, 8, 32),
+    # ViT-B/32 CLIP's shapes: the same compute as openai/clip-vit-base-patch32, random weights.
+    "b32": TestCheckpointSize(512, 12, 8, 768, 12, 12, 224, 32, 512),
+}
+
+
+def _fixed_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A fixed byte-level CLIP vocabulary: every byte alone and word-final, plus a few merges.
+
+    A tokenizer trained at run time is not deterministic; this one is the same on every machine.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab_tokens = symbols + [s + "</w>" for s in symbols]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("o", "f</w>")]
+    vocab_tokens += [first + second for first, second in merges]
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a CLIP checkpoint with seeded random weights and a fixed tokenizer to ``directory``."""
+    torch = _torch()
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    if size not in TEST_SIZES:
+        raise ValueError(f"size must be one of {sorted(TEST_SIZES)}")
+    shape = TEST_SIZES[size]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    vocab, merges = _fixed_clip_vocab()
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(directory)
+
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=shape.text_hidden, intermediate_size=shape.text_hidden * 4,
+            num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+            projection_dim=shape.projection_dim,
+        ),
+        vision_config=dict(
+            hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 4,
+            num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size, patch_size=shape.patch_size, projection_dim=shape.projection_dim,
+        ),
+        projection_dim=shape.projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": shape.image_size},
+        crop_size={"height": shape.image_size, "width": shape.image_size},
+    ).save_pretrained(directory)
+    return directory

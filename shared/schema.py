@@ -1,0 +1,181 @@
+"""The job schema: what a client may ask for, what a job record holds, and the error codes.
+
+Request bodies are pydantic models (they validate at the API boundary and document it); what travels
+between services is the plain ``JobSpec`` dataclass stored as JSON in the job record.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MODALITIES = ("image", "text")
+STAGES = ("image", "text", "fusion")
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
+
+
+class Output(StrEnum):
+    EMBEDDINGS = "embeddings"
+    SIMILARITY = "similarity"
+    CLASSIFY = "classify"
+
+
+class FusionStrategy(StrEnum):
+    MEAN = "mean"
+    CONCAT = "concat"
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable error codes, in API bodies ``{"error": {"code", "message"}}`` and failed jobs."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MULTIPART = "invalid_multipart"
+    VALIDATION_ERROR = "validation_error"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    TOO_MANY_ITEMS = "too_many_items"
+    TEXT_TOO_LONG = "text_too_long"
+    IMAGE_TOO_LARGE = "image_too_large"
+    UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
+    INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
+    WEBHOOK_URL_REJECTED = "webhook_url_rejected"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    INTERNAL_ERROR = "internal_error"
+    # job failures
+    IMAGE_DECODE_FAILED = "image_decode_failed"
+    BLOB_MISSING = "blob_missing"
+    ENCODER_ERROR = "encoder_error"
+    FUSION_ERROR = "fusion_error"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+
+
+class ApiError(Exception):
+    """An error the API answers with ``status`` and a JSON body; raised anywhere in request handling."""
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str, details: list | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code.value if isinstance(code, ErrorCode) else code
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict:
+        error = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+# --- request models (the API boundary) ------------------------------------------------------------
+
+
+class WebhookRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048)
+    events: list[WebhookEvent] = Field(default_factory=lambda: ["job.succeeded", "job.failed"], min_length=1)
+
+
+class ModalityWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: float = Field(1.0, ge=0)
+    text: float = Field(1.0, ge=0)
+
+
+class JobOptions(BaseModel):
+    """Everything about a job but its inputs; the ``options`` part of a multipart request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: list[Output] = Field(default_factory=lambda: [Output.EMBEDDINGS], min_length=1)
+    labels: list[str] = Field(default_factory=list, description="Zero-shot classes for `classify`.")
+    fusion: FusionStrategy = FusionStrategy.MEAN
+    weights: ModalityWeights = Field(default_factory=ModalityWeights)
+    webhook: WebhookRequest | None = None
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, outputs: list[Output]) -> list[Output]:
+        return list(dict.fromkeys(outputs))
+
+
+class JobRequest(JobOptions):
+    """A JSON job: images as base64 strings, texts as strings."""
+
+    images: list[str] = Field(default_factory=list, description="Base64-encoded image files.")
+    texts: list[str] = Field(default_factory=list)
+
+
+# --- what services pass between them --------------------------------------------------------------
+
+
+@dataclass
+class JobSpec:
+    """A validated job as stored in its record; image bytes live in the blob store under ``image_keys``."""
+
+    id: str
+    created_at: float
+    image_keys: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=lambda: [Output.EMBEDDINGS.value])
+    fusion: str = FusionStrategy.MEAN.value
+    weights: dict[str, float] = field(default_factory=lambda: {"image": 1.0, "text": 1.0})
+    webhook: dict | None = None
+    status_url: str = ""  # where clients read the job; webhook payloads link to it
+
+    @property
+    def modalities(self) -> list[str]:
+        """The encoder pools this job needs; labels are encoded by the text tower."""
+        needed = []
+        if self.image_keys:
+            needed.append("image")
+        if self.texts or self.labels:
+            needed.append("text")
+        return needed
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> JobSpec:
+        return cls(**json.loads(raw))
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --- vectors: float32 bytes inside, JSON floats or base64 only at the API edge --------------------
+
+
+def vector_to_b64(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def vector_from_b64(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4")

@@ -1,0 +1,521 @@
+"""Checks of the deployment files: docker-compose.yml, deploy/Dockerfile, .dockerignore, deploy/k8s/.
+
+No Docker engine is needed. The compose file is validated against the Compose Specification JSON
+schema that check-jsonschema ships (``--builtin-schema vendor.compose-spec``); the Kubernetes
+manifests against the Kubernetes API schemas that kubernetes-validate ships, in strict mode (unknown
+fields are errors). Both run offline. What those schemas cannot see (references between services,
+GPU reservations, which MMFUSE_* variables exist, that the values parse) is checked here directly.
+
+Needs: pip install check-jsonschema kubernetes-validate pyyaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # import the working tree's settings, not an installed copy
+    sys.path.insert(0, str(REPO))
+
+from shared.settings import Settings, SettingsError  # noqa: E402
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+K8S_DIR = REPO / "deploy" / "k8s"
+
+# Variables read outside Settings, by the CLI (cli/main.py) for gunicorn: bind address and worker count.
+EXTRA_MMFUSE_VARS = {"MMFUSE_GATEWAY_BIND", "MMFUSE_GATEWAY_WORKERS"}
+SETTINGS_VARS = {"MMFUSE_" + f.name.upper() for f in dataclasses.fields(Settings) if f.name != "extra"}
+
+# service -> arguments after the `mmfuse` entrypoint
+COMPOSE_APP_COMMANDS = {
+    "gateway": ["gateway"],
+    "image-worker": ["worker", "image"],
+    "text-worker": ["worker", "text"],
+    "fusion-worker": ["worker", "fusion"],
+    "webhook-worker": ["worker", "webhooks"],
+}
+ENCODERS = {"image-worker", "text-worker"}
+
+K8S_DEPLOYMENT_ARGS = {
+    "mmfuse-gateway": ["gateway"],
+    "mmfuse-image-worker": ["worker", "image"],
+    "mmfuse-text-worker": ["worker", "text"],
+    "mmfuse-fusion-worker": ["worker", "fusion"],
+    "mmfuse-webhook-worker": ["worker", "webhooks"],
+}
+K8S_GPU_DEPLOYMENTS = {"mmfuse-image-worker", "mmfuse-text-worker"}
+K8S_EXPECTED = {("Deployment", name) for name in K8S_DEPLOYMENT_ARGS} | {
+    ("Service", "mmfuse-gateway"),
+    ("ConfigMap", "mmfuse-config"),
+    ("Secret", "mmfuse-secrets"),
+}
+# Oldest Kubernetes minor the manifests are meant for, and the newest the validator knows.
+K8S_VERSIONS = ("1.29.0", "latest")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    with COMPOSE_FILE.open() as fh:
+        return yaml.safe_load(fh)  # resolves anchors and << merge keys, as compose does
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S_DIR.glob("*.y*ml")):
+        with path.open() as fh:
+            docs.extend((path.name, doc) for doc in yaml.safe_load_all(fh) if doc is not None)
+    return docs
+
+
+def k8s_by_kind(docs, kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for _, doc in docs if doc["kind"] == kind}
+
+
+_INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's variable substitution, for the forms this repository uses.
+
+    ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``$VAR`` and ``$$``; anything else fails
+    the test so that a new form is noticed rather than silently left unresolved.
+    """
+    env = env or {}
+
+    def replace(m: re.Match) -> str:
+        if m.group("escaped"):
+            return "$"
+        if m.group("named"):
+            return env.get(m.group("named"), "")
+        expr = m.group("braced")
+        parsed = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", expr, re.S)
+        if not parsed:
+            pytest.fail(f"unsupported interpolation ${{{expr}}} in docker-compose.yml")
+        name, op, default = parsed.groups()
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(replace, value)
+
+
+def service_env(service: dict) -> dict[str, str]:
+    environment = service.get("environment", {})
+    assert isinstance(environment, dict), "use the mapping form of `environment` (merge keys need it)"
+    return {k: interpolate(str(v)) if v is not None else "" for k, v in environment.items()}
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def run_compose_validator(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def mmfuse_vars_in(text: str) -> set[str]:
+    return set(re.findall(r"\bMMFUSE_[A-Z0-9_]+", text))
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and continuation lines joined."""
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.lstrip().startswith("#"):  # comment inside a continued instruction
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def dockerfile_arg_default(name: str) -> str:
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ARG" and args.startswith(name + "="):
+            return args.split("=", 1)[1]
+    pytest.fail(f"ARG {name}=<default> not found in deploy/Dockerfile")
+
+
+# --------------------------------------------------------------------------------------------------
+# docker-compose.yml
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_compose_spec():
+    result = run_compose_validator(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "mutate, why",
+    [
+        (lambda c: c["services"]["gateway"].update(gpu_count=1), "unknown service key"),
+        (lambda c: gpu_devices(c["services"]["image-worker"])[0].update(capabilities="gpu"), "not a list"),
+        (
+            lambda c: c["services"]["gateway"]["depends_on"]["redis"].update(condition="healthy"),
+            "unknown depends_on condition",
+        ),
+        (lambda c: c["services"]["redis"]["healthcheck"].update(interval=5), "interval is a duration string"),
+    ],
+)
+def test_compose_validator_rejects_broken_files(compose, tmp_path, mutate, why):
+    """The validator is strict enough to be worth running: each of these is a real mistake."""
+    broken = yaml.safe_load(yaml.safe_dump(compose))
+    mutate(broken)
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    result = run_compose_validator(path)
+    assert result.returncode != 0, f"validator accepted a file with: {why}"
+    assert "Schema validation errors" in result.stdout, result.stdout + result.stderr
+
+
+def test_compose_validator_accepts_the_round_tripped_file(compose, tmp_path):
+    """Control for the test above: re-serialising alone does not make the file invalid."""
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(compose))
+    result = run_compose_validator(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_references_resolve(compose):
+    services, volumes = compose["services"], compose.get("volumes") or {}
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0] if isinstance(mount, str) else mount.get("source", "")
+            if source and not source.startswith((".", "/", "~")):
+                assert source in volumes, f"{name} mounts undeclared named volume {source}"
+
+
+def test_compose_has_expected_services(compose):
+    assert set(compose["services"]) == {"redis", "minio", "minio-init", *COMPOSE_APP_COMMANDS}
+    for name, command in COMPOSE_APP_COMMANDS.items():
+        assert compose["services"][name]["command"] == command, name
+    # Observability comes later; the place for it is marked but nothing is defined yet.
+    assert not {"prometheus", "grafana"} & set(compose["services"])
+    comments = " ".join(line for line in COMPOSE_FILE.read_text().splitlines() if line.lstrip().startswith("#"))
+    assert "`prometheus`" in comments and "`grafana`" in comments, "placeholder comment is gone"
+
+
+def test_built_services_use_deploy_dockerfile(compose):
+    built = {name: s for name, s in compose["services"].items() if "build" in s}
+    assert set(built) == set(COMPOSE_APP_COMMANDS)
+    assert DOCKERFILE.is_file()
+    for name, service in built.items():
+        build = service["build"]
+        assert isinstance(build, dict), name
+        assert (COMPOSE_FILE.parent / build.get("context", ".")).resolve() == REPO, name
+        assert build["dockerfile"] == "deploy/Dockerfile", name
+        # compose's default for the build arg must not drift from the Dockerfile's.
+        torch_index = interpolate(build["args"]["TORCH_INDEX_URL"])
+        assert torch_index == dockerfile_arg_default("TORCH_INDEX_URL"), name
+    assert len({s["image"] for s in built.values()}) == 1, "one image for every service"
+
+
+def test_encoder_workers_reserve_a_gpu(compose):
+    for name, service in compose["services"].items():
+        devices = gpu_devices(service)
+        if name not in ENCODERS:
+            assert not devices, f"{name} should not reserve a GPU"
+            continue
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+        env = service_env(service)
+        assert env["MMFUSE_DEVICE"] == "cuda", name
+        assert env["HF_HOME"] == "/models", name
+        assert "models:/models" in service["volumes"], name
+        assert env["MMFUSE_METRICS_PORT"] == "9100", name
+
+
+def test_gateway_waits_for_stores_and_checks_readyz(compose):
+    services = compose["services"]
+    gateway = services["gateway"]
+    assert gateway["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "minio-init": {"condition": "service_completed_successfully"},
+    }
+    assert "8080:8080" in gateway["ports"]
+    assert service_env(gateway)["MMFUSE_GATEWAY_BIND"].endswith(":8080")
+    assert "http://127.0.0.1:8080/readyz" in " ".join(gateway["healthcheck"]["test"])
+    # Only the gateway speaks HTTP; depends_on "service_healthy" on anything else would hang.
+    for name, service in services.items():
+        for dep, spec in service.get("depends_on", {}).items():
+            if spec.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits on {dep}, which has no healthcheck"
+
+
+def test_stores(compose):
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    minio = services["minio"]
+    assert minio["image"].startswith("minio/minio")
+    assert "--console-address" in minio["command"]
+    assert any(v.endswith(":/data") for v in minio["volumes"])
+    assert "healthcheck" in redis and "healthcheck" in minio
+    # minio-init creates exactly the bucket the services use, with the credentials they use.
+    init = services["minio-init"]
+    assert init["image"].startswith("minio/mc")
+    assert init["restart"] == "no"
+    init_env = service_env(init)
+    script = interpolate(" ".join(init["entrypoint"]))
+    assert "mc mb --ignore-existing" in script and "$BUCKET" in script
+    for name in COMPOSE_APP_COMMANDS:
+        env = service_env(services[name])
+        assert env["MMFUSE_S3_BUCKET"] == init_env["BUCKET"], name
+        assert env["MMFUSE_S3_ACCESS_KEY"] == init_env["MINIO_ROOT_USER"], name
+        assert env["MMFUSE_S3_SECRET_KEY"] == init_env["MINIO_ROOT_PASSWORD"], name
+        assert env["MMFUSE_S3_ENDPOINT"] == "minio:9000", name
+        assert env["MMFUSE_REDIS_URL"].startswith("redis://redis:6379/"), name
+
+
+def test_compose_environments_are_valid_settings(compose):
+    """With nothing set in the shell or .env, every service's environment parses and validates."""
+    models = set()
+    for name in COMPOSE_APP_COMMANDS:
+        env = service_env(compose["services"][name])
+        try:
+            settings = Settings.from_env(env)
+        except SettingsError as exc:
+            pytest.fail(f"{name}: {exc}")
+        models.add((settings.effective_image_model, settings.effective_text_model))
+    assert len(models) == 1, "all services must agree on the model"
+
+
+# --------------------------------------------------------------------------------------------------
+# MMFUSE_* variables named anywhere in the deployment files
+# --------------------------------------------------------------------------------------------------
+
+
+DEPLOY_FILES = [COMPOSE_FILE, *sorted(K8S_DIR.glob("*.y*ml"))]
+
+
+@pytest.mark.parametrize("path", DEPLOY_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_mmfuse_variables_are_settings_fields(path):
+    named = mmfuse_vars_in(path.read_text())
+    assert named, f"{path.name} names no MMFUSE_* variable"
+    unknown = named - SETTINGS_VARS - EXTRA_MMFUSE_VARS
+    assert not unknown, f"not fields of shared.settings.Settings: {sorted(unknown)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy/k8s
+# --------------------------------------------------------------------------------------------------
+
+
+def test_k8s_manifests_have_expected_kinds(k8s_docs):
+    found = [(doc["kind"], doc["metadata"]["name"]) for _, doc in k8s_docs]
+    assert len(found) == len(set(found)), "duplicate resources"
+    assert set(found) == K8S_EXPECTED
+    for filename, doc in k8s_docs:
+        assert "namespace" not in doc["metadata"], f"{filename}: manifests are namespace-less"
+
+
+def test_k8s_manifests_validate_against_kubernetes_schema(k8s_docs):
+    import kubernetes_validate
+
+    for version in K8S_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for filename, doc in k8s_docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{filename} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): {exc}")
+
+
+def test_k8s_validator_rejects_unknown_fields(k8s_docs):
+    import kubernetes_validate
+
+    gateway = yaml.safe_load(yaml.safe_dump(k8s_by_kind(k8s_docs, "Deployment")["mmfuse-gateway"]))
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(gateway, "1.29.0", strict=True)
+
+
+def test_k8s_selectors_match_pods(k8s_docs):
+    deployments = k8s_by_kind(k8s_docs, "Deployment")
+    for name, dep in deployments.items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+    service = k8s_by_kind(k8s_docs, "Service")["mmfuse-gateway"]
+    selected = [
+        n
+        for n, d in deployments.items()
+        if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert selected == ["mmfuse-gateway"]
+    ports = deployments["mmfuse-gateway"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+    target = service["spec"]["ports"][0]["targetPort"]
+    assert target in {p.get("name") for p in ports} | {p["containerPort"] for p in ports}
+
+
+def _container(dep: dict) -> dict:
+    containers = dep["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def test_k8s_deployments_run_the_right_pool(k8s_docs):
+    deployments = k8s_by_kind(k8s_docs, "Deployment")
+    assert set(deployments) == set(K8S_DEPLOYMENT_ARGS)
+    uid = int(dockerfile_arg_default("MMFUSE_UID"))
+    for name, dep in deployments.items():
+        container = _container(dep)
+        assert "command" not in container, f"{name}: keep the image's `mmfuse` entrypoint"
+        assert container["args"] == K8S_DEPLOYMENT_ARGS[name]
+        security = dep["spec"]["template"]["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == uid, name
+
+
+def test_k8s_encoder_workers_request_a_gpu(k8s_docs):
+    for name, dep in k8s_by_kind(k8s_docs, "Deployment").items():
+        container = _container(dep)
+        resources = container.get("resources", {})
+        limits, requests = resources.get("limits", {}), resources.get("requests", {})
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if name not in K8S_GPU_DEPLOYMENTS:
+            assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests, name
+            continue
+        assert str(limits["nvidia.com/gpu"]) == "1", name
+        # Kubernetes requires request == limit for extended resources.
+        assert str(requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"])) == "1", name
+        assert env["MMFUSE_DEVICE"] == "cuda", name
+        assert env["HF_HOME"] == "/models", name
+        assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"], name
+        assert env["MMFUSE_METRICS_PORT"] == "9100", name
+
+
+def test_k8s_gateway_probes(k8s_docs):
+    container = _container(k8s_by_kind(k8s_docs, "Deployment")["mmfuse-gateway"])
+    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port_names == {"http": 8080}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert port_names.get(get["port"], get["port"]) == 8080, probe
+
+
+def _k8s_container_env(container: dict, configmaps: dict, secrets: dict) -> dict[str, str]:
+    """The environment the container would get, checking every ConfigMap/Secret reference."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            ref = source["configMapRef"]["name"]
+            assert ref in configmaps, f"unknown ConfigMap {ref}"
+            env.update(configmaps[ref]["data"])
+        else:
+            ref = source["secretRef"]["name"]
+            assert ref in secrets, f"unknown Secret {ref}"
+            env.update(secrets[ref]["stringData"])
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+            continue
+        value_from = var["valueFrom"]
+        if "secretKeyRef" in value_from:
+            ref, store = value_from["secretKeyRef"], secrets
+        else:
+            ref, store = value_from["configMapKeyRef"], configmaps
+        assert ref["name"] in store, f"unknown reference {ref['name']}"
+        data = store[ref["name"]].get("stringData") or store[ref["name"]].get("data")
+        assert ref["key"] in data, f"{ref['name']} has no key {ref['key']}"
+        env[var["name"]] = data[ref["key"]]
+    return env
+
+
+def test_k8s_environments_are_valid_settings(k8s_docs):
+    configmaps = k8s_by_kind(k8s_docs, "ConfigMap")
+    secrets = k8s_by_kind(k8s_docs, "Secret")
+    for name, dep in k8s_by_kind(k8s_docs, "Deployment").items():
+        env = _k8s_container_env(_container(dep), configmaps, secrets)
+        try:
+            Settings.from_env(env)
+        except SettingsError as exc:
+            pytest.fail(f"{name}: {exc}")
+        # Only the webhook pool holds the signing secrets.
+        assert ("MMFUSE_WEBHOOK_SECRETS" in env) == (name == "mmfuse-webhook-worker"), name
+        assert {"MMFUSE_S3_ACCESS_KEY", "MMFUSE_S3_SECRET_KEY"} <= env.keys(), name
+    # Credentials stay out of the ConfigMap.
+    for configmap in configmaps.values():
+        assert not {k for k in configmap["data"] if "SECRET" in k or "ACCESS_KEY" in k}
+
+
+def test_k8s_readme_exists():
+    text = (K8S_DIR / "README.md").read_text()
+    for word in ("helm", "replicas", "keda"):
+        assert word in text.lower(), word
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy/Dockerfile and .dockerignore
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile():
+    instructions = dockerfile_instructions()
+    keywords = [k for k, _ in instructions]
+    stages = [args for k, args in instructions if k == "FROM"]
+    assert stages, "no FROM"
+    python_image = dockerfile_arg_default("PYTHON_IMAGE")
+    assert python_image == "python:3.11-slim"
+    for stage in stages:
+        assert stage.split()[0] in ("${PYTHON_IMAGE}", python_image), stage
+    assert dockerfile_arg_default("TORCH_VERSION") == "2.13.0"
+    assert dockerfile_arg_default("TORCH_INDEX_URL").startswith("https://download.pytorch.org/whl/cu12")
+    runs = " ".join(args for k, args in instructions if k == "RUN")
+    assert re.search(r'--index-url "?\$\{TORCH_INDEX_URL\}"?', runs)
+    assert re.search(r'"?torch==\$\{TORCH_VERSION\}"?', runs)
+    assert re.search(r"pip install [^&]*--constraint \S+ \.(\s|$)", runs), "pip install . with torch pinned"
+    # Runtime (last) stage: non-root user, mmfuse entrypoint, no image-level healthcheck.
+    last_from = max(i for i, k in enumerate(keywords) if k == "FROM")
+    users = [args for k, args in instructions[last_from:] if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "runtime stage must run as non-root"
+    entrypoints = [args for k, args in instructions if k == "ENTRYPOINT"]
+    assert entrypoints == ['["mmfuse"]']
+    assert "HEALTHCHECK" not in keywords
+
+
+def test_dockerignore_excludes_local_state_but_not_sources():
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for required in (".venv", ".git", "var", "**/__pycache__", ".pytest_cache", ".ruff_cache"):
+        assert required in patterns, required
+    assert not any(p.startswith("!") for p in patterns)  # no re-includes to reason about
+    for needed in ("pyproject.toml", "README.md", "shared", "cli", "gateway", "workers", "client", "bench"):
+        assert needed not in patterns, f"{needed} is needed by `pip install .`"

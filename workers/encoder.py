@@ -1,0 +1,149 @@
+"""The encoder worker body shared by the image and text pools; they differ only in their encoder.
+
+Run with Celery's ``threads`` pool: each task thread fetches and prepares its job's items (decode,
+preprocess), hands them to the process's one ``DynamicBatcher`` and waits on futures, while the batcher's
+inference thread runs the model over items from many jobs at once. Every task stays a normal Celery task,
+so acks_late still covers a crash, and the fan-in to fusion is a set in the job store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import wait
+
+import numpy as np
+import redis
+from celery import Celery
+from celery.signals import worker_init, worker_shutdown
+
+from shared.batching import BatchStats, DynamicBatcher
+from shared.blobstore import BLOB_STORE_ERRORS, BlobMissing, BlobStore
+from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery
+from shared.jobstore import JobStore
+from shared.models import Encoder, InputError, get_encoder
+from shared.schema import ErrorCode, JobSpec
+from shared.settings import Settings, get_settings
+from workers.lifecycle import fail_job
+
+log = logging.getLogger(__name__)
+
+# What an encoder pool reads for a job: (vector kind, raw inputs) pairs, e.g. ("label", ["cat", "dog"]).
+GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence]]]
+
+# Errors of the stores and broker: worth a retry, the job itself is fine.
+TRANSIENT_ERRORS = (redis.RedisError, *BLOB_STORE_ERRORS)
+MAX_ATTEMPTS = 5  # deliveries of one stage's task before the job fails (poison input, crash loops)
+RETRY_DELAYS_S = (1, 4, 15)
+
+
+class EncoderWorker:
+    def __init__(self, modality: str, gather_inputs: GatherInputs, settings: Settings, celery: Celery):
+        self.modality = modality
+        self.gather_inputs = gather_inputs
+        self.settings = settings
+        self.celery = celery
+        self.jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+        self.blobs = BlobStore(settings)
+        self.encoder: Encoder | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    @property
+    def model_id(self) -> str:
+        s = self.settings
+        return s.effective_image_model if self.modality == "image" else s.effective_text_model
+
+    def start(self) -> None:
+        """Load the model once for this process, warm it up, and start the batcher's inference thread."""
+        s = self.settings
+        self.encoder = get_encoder(self.modality, self.model_id, s.device, s.dtype, s.torch_threads,
+                                   s.max_image_pixels)
+        if self.modality == "image":
+            max_batch, max_wait = s.image_max_batch_size, s.image_max_wait_ms
+        else:
+            max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
+        self.batcher = DynamicBatcher(self.encoder.encode, max_batch, max_wait,
+                                      name=f"{self.modality}-inference", on_batch=self._on_batch)
+        log.info("%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
+                 self.modality, self.model_id, self.encoder.dim, max_batch, max_wait)
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close(timeout=30)
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        log.debug("%s batch: size=%d wait=%.1fms inference=%.1fms", self.modality, stats.size,
+                  stats.max_queue_wait_s * 1e3, stats.inference_s * 1e3)
+
+    def encode(self, raw_items: Sequence) -> np.ndarray:
+        """Prepare items in this thread, run them through the shared batcher, return their vectors."""
+        prepared = [self.encoder.prepare(raw) for raw in raw_items]
+        futures = self.batcher.submit_many(prepared)
+        wait(futures)
+        return np.stack([f.result() for f in futures]) if futures else np.zeros((0, self.encoder.dim), "f4")
+
+    def run(self, job_id: str) -> None:
+        """The task body: encode this pool's part of the job; enqueue fusion when it completes the job."""
+        attempt = self.jobs.start_stage(job_id, self.modality)
+        record = self.jobs.get(job_id) if attempt > 0 else None
+        if record is None or record.status.terminal:
+            log.info("job %s: unknown, expired or already ended; nothing to do", job_id)
+            return
+        spec = record.spec
+        if attempt > MAX_ATTEMPTS:
+            self.fail(spec, ErrorCode.TOO_MANY_ATTEMPTS, f"{self.modality} encoding was attempted "
+                      f"{attempt - 1} times without finishing (worker crashes or a poison input)")
+            return
+        try:
+            inputs = self.gather_inputs(spec, self.blobs)
+            encoded = [(kind, self.encode(raw_items)) for kind, raw_items in inputs]
+        except InputError as exc:
+            self.fail(spec, exc.code, str(exc))
+            return
+        except BlobMissing as exc:
+            self.fail(spec, ErrorCode.BLOB_MISSING, f"input blob {exc.args[0]} is missing")
+            return
+        for kind, vectors in encoded:
+            self.jobs.save_vectors(job_id, kind, vectors)
+        self.jobs.finish_stage(job_id, self.modality)
+        if self.jobs.mark_encoded(job_id, self.modality, spec.modalities):
+            self.celery.send_task(TASK_FUSE, args=[job_id])
+
+    def fail(self, spec: JobSpec, code: ErrorCode | str, message: str) -> None:
+        fail_job(self.jobs, self.celery, spec, self.modality, code, message)
+
+    def fail_by_id(self, job_id: str, code: ErrorCode | str, message: str) -> None:
+        record = self.jobs.get(job_id)
+        if record is not None:
+            self.fail(record.spec, code, message)
+
+
+def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Celery:
+    """The Celery app of one encoder pool, with its task registered and its model loaded at start."""
+    settings = get_settings()
+    celery = create_celery(settings)
+    worker = EncoderWorker(modality, gather_inputs, settings, celery)
+
+    @celery.task(name=ENCODE_TASKS[modality], bind=True, max_retries=len(RETRY_DELAYS_S))
+    def encode(task, job_id: str) -> None:
+        try:
+            worker.run(job_id)
+        except TRANSIENT_ERRORS as exc:
+            if task.request.retries >= task.max_retries:
+                worker.fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
+                return
+            raise task.retry(exc=exc, countdown=RETRY_DELAYS_S[task.request.retries]) from exc
+        except Exception as exc:  # a bug or a model error: fail the job with the reason, never hang it
+            log.exception("job %s: %s encoding failed", job_id, modality)
+            worker.fail_by_id(job_id, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    @worker_init.connect(weak=False)
+    def _load_model(**_kwargs) -> None:
+        worker.start()
+
+    @worker_shutdown.connect(weak=False)
+    def _drain(**_kwargs) -> None:
+        worker.stop()
+
+    celery.encoder_worker = worker  # for tests and metrics
+    return celery

@@ -1,0 +1,82 @@
+"""Fusion math: pure functions over L2-normalised float32 rows.
+
+- ``mean``: each modality's centroid (mean of its items, normalised), weighted sum, normalised. Only
+  meaningful when both towers share one embedding space (one CLIP checkpoint).
+- ``concat``: the weighted centroids side by side, normalised; works across spaces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.schema import FusionStrategy, JobSpec, Output, vector_to_b64
+
+
+class FusionError(ValueError):
+    pass
+
+
+def normalise(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    if norm < 1e-12:
+        raise FusionError("cannot normalise a zero vector (weights cancel out)")
+    return (vector / norm).astype(np.float32)
+
+
+def centroid(vectors: np.ndarray) -> np.ndarray:
+    return normalise(vectors.mean(axis=0))
+
+
+def fuse(images: np.ndarray, texts: np.ndarray, strategy: str, weights: dict[str, float]) -> np.ndarray:
+    parts = [(weights.get(name, 1.0), centroid(vectors))
+             for name, vectors in (("image", images), ("text", texts)) if len(vectors)]
+    if not parts:
+        raise FusionError("nothing to fuse")
+    if strategy == FusionStrategy.MEAN.value:
+        if len({vector.shape[0] for _, vector in parts}) > 1:
+            raise FusionError("mean fusion needs image and text vectors of one embedding space")
+        return normalise(sum(weight * vector for weight, vector in parts))
+    if strategy == FusionStrategy.CONCAT.value:
+        return normalise(np.concatenate([weight * vector for weight, vector in parts]))
+    raise FusionError(f"unknown fusion strategy {strategy!r}")
+
+
+def similarity(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """Cosine similarity, images × texts (rows are unit vectors, so a dot product)."""
+    if images.shape[1] != texts.shape[1]:
+        raise FusionError("similarity needs image and text vectors of one embedding space")
+    return images @ texts.T
+
+
+def zero_shot(items: np.ndarray, labels: np.ndarray, logit_scale: float) -> np.ndarray:
+    """Per item, a softmax over the labels of the scaled cosine similarities (CLIP's zero-shot rule)."""
+    if items.shape[1] != labels.shape[1]:
+        raise FusionError("classification needs item and label vectors of one embedding space")
+    logits = logit_scale * (items @ labels.T)
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: np.ndarray,
+                 logit_scale: float) -> dict:
+    """The stored result: vectors as base64 float32 (converted to JSON floats only at the API edge)."""
+    result: dict = {}
+    if Output.EMBEDDINGS.value in spec.outputs:
+        fused = fuse(images, texts, spec.fusion, spec.weights) if len(images) + len(texts) else None
+        result["embeddings"] = {
+            "images": [vector_to_b64(v) for v in images],
+            "texts": [vector_to_b64(v) for v in texts],
+            "fused": vector_to_b64(fused) if fused is not None else None,
+            "fusion": spec.fusion,
+        }
+    if Output.SIMILARITY.value in spec.outputs:
+        result["similarity"] = similarity(images, texts).round(7).tolist()
+    if Output.CLASSIFY.value in spec.outputs:
+        result["classify"] = {"labels": spec.labels}
+        for name, vectors in (("images", images), ("texts", texts)):
+            scores = zero_shot(vectors, labels, logit_scale) if len(vectors) else np.zeros((0, len(labels)))
+            result["classify"][name] = [
+                {"label": spec.labels[int(row.argmax())], "scores": row.round(7).tolist()} for row in scores
+            ]
+    return result

@@ -1,0 +1,53 @@
+"""The fusion pool: ``celery -A workers.fusion.worker worker -Q fusion -P threads``.
+
+Runs once every encoder pool of a job is done: combines the vectors, writes the result and the final
+status, and hands the webhook (if any) to the ``webhooks`` queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from shared.celery_app import TASK_FUSE, create_celery
+from shared.jobstore import JobStore
+from shared.schema import ErrorCode
+from shared.settings import get_settings
+from workers.fusion.fusion import FusionError, build_result
+from workers.lifecycle import fail_job, succeed_job
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = create_celery(settings)
+jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+MAX_ATTEMPTS = 5
+
+
+@app.task(name=TASK_FUSE, bind=True, max_retries=3)
+def fuse_job(task, job_id: str) -> None:
+    try:
+        attempt = jobs.start_stage(job_id, "fusion")
+        if attempt <= 0:
+            return
+        record = jobs.get(job_id)
+        if record is None or record.status.terminal:
+            return
+        spec = record.spec
+        if attempt > MAX_ATTEMPTS:
+            fail_job(jobs, app, spec, "fusion", ErrorCode.TOO_MANY_ATTEMPTS,
+                     f"fusion was attempted {attempt - 1} times without finishing")
+            return
+        try:
+            images = jobs.load_vectors(job_id, "image", len(spec.image_keys))
+            texts = jobs.load_vectors(job_id, "text", len(spec.texts))
+            labels = jobs.load_vectors(job_id, "label", len(spec.labels))
+            result = build_result(spec, images, texts, labels, settings.logit_scale)
+        except (FusionError, KeyError) as exc:
+            fail_job(jobs, app, spec, "fusion", ErrorCode.FUSION_ERROR, str(exc))
+            return
+        jobs.finish_stage(job_id, "fusion")
+        succeed_job(jobs, app, spec, result)
+    except redis.RedisError as exc:
+        raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
