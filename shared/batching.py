@@ -129,6 +129,7 @@ class DynamicBatcher(Generic[Item, Result]):
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             for pending, result in zip(batch, results, strict=True):
+                pending.future.batch_size = len(batch)  # read by callers that report formed batches
                 pending.future.set_result(result)
         except Exception as batch_error:
             if len(batch) == 1:
@@ -139,7 +140,9 @@ class DynamicBatcher(Generic[Item, Result]):
                 log.warning("batch of %d failed (%s); isolating items", len(batch), batch_error)
                 for pending in batch:
                     try:
-                        pending.future.set_result(self.fn([pending.item])[0])
+                        result = self.fn([pending.item])[0]
+                        pending.future.batch_size = 1
+                        pending.future.set_result(result)
                     except Exception as item_error:
                         pending.future.set_exception(item_error)
                         failed += 1

@@ -118,8 +118,13 @@ class JobStore:
         """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
         return int(self._start_stage(keys=[_job_key(job_id)], args=[stage, repr(time.time())]))
 
-    def finish_stage(self, job_id: str, stage: str) -> None:
-        self.redis.hsetnx(_job_key(job_id), f"{stage}_finished_at", repr(time.time()))
+    def finish_stage(self, job_id: str, stage: str, batch_size: int | None = None) -> None:
+        key = _job_key(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, f"{stage}_finished_at", repr(time.time()))
+            if batch_size is not None:
+                pipe.hset(key, f"{stage}_batch_size", batch_size)
+            pipe.execute()
 
     def save_vectors(self, job_id: str, kind: str, vectors: np.ndarray) -> None:
         key = f"{_job_key(job_id)}:vectors"

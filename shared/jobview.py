@@ -29,6 +29,10 @@ def timings(record: JobRecord) -> dict:
         if stage_start is not None:
             stages[stage] = {"started_at": iso(stage_start), "finished_at": iso(stage_end),
                              "duration_s": _duration(stage_start, stage_end)}
+            batch_size = record.fields.get(f"{stage}_batch_size")
+            if batch_size is not None:
+                # The largest batch (across jobs) this job's items ran in.
+                stages[stage]["batch_size"] = int(batch_size)
     return {
         "created_at": iso(created),
         "started_at": iso(started),

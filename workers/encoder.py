@@ -75,12 +75,18 @@ class EncoderWorker:
         log.debug("%s batch: size=%d wait=%.1fms inference=%.1fms", self.modality, stats.size,
                   stats.max_queue_wait_s * 1e3, stats.inference_s * 1e3)
 
-    def encode(self, raw_items: Sequence) -> np.ndarray:
-        """Prepare items in this thread, run them through the shared batcher, return their vectors."""
+    def encode(self, raw_items: Sequence) -> tuple[np.ndarray, int]:
+        """Prepare items in this thread, run them through the shared batcher.
+
+        Returns the vectors and the largest batch any of them ran in (recorded on the job).
+        """
         prepared = [self.encoder.prepare(raw) for raw in raw_items]
         futures = self.batcher.submit_many(prepared)
         wait(futures)
-        return np.stack([f.result() for f in futures]) if futures else np.zeros((0, self.encoder.dim), "f4")
+        if not futures:
+            return np.zeros((0, self.encoder.dim), "f4"), 0
+        vectors = np.stack([f.result() for f in futures])
+        return vectors, max(getattr(f, "batch_size", 1) for f in futures)
 
     def run(self, job_id: str) -> None:
         """The task body: encode this pool's part of the job; enqueue fusion when it completes the job."""
@@ -96,16 +102,16 @@ class EncoderWorker:
             return
         try:
             inputs = self.gather_inputs(spec, self.blobs)
-            encoded = [(kind, self.encode(raw_items)) for kind, raw_items in inputs]
+            encoded = [(kind, *self.encode(raw_items)) for kind, raw_items in inputs]
         except InputError as exc:
             self.fail(spec, exc.code, str(exc))
             return
         except BlobMissing as exc:
             self.fail(spec, ErrorCode.BLOB_MISSING, f"input blob {exc.args[0]} is missing")
             return
-        for kind, vectors in encoded:
+        for kind, vectors, _ in encoded:
             self.jobs.save_vectors(job_id, kind, vectors)
-        self.jobs.finish_stage(job_id, self.modality)
+        self.jobs.finish_stage(job_id, self.modality, batch_size=max(size for _, _, size in encoded))
         if self.jobs.mark_encoded(job_id, self.modality, spec.modalities):
             self.celery.send_task(TASK_FUSE, args=[job_id])
 
