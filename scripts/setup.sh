@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu machine for mmfuse: system packages, then a virtualenv in .venv with
+# mmfuse, its test tools and the pinned torch. Idempotent: re-running installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v redis-server >/dev/null || packages+=(redis-server)   # the local stack and the tests start their own
+command -v prometheus >/dev/null || packages+=(prometheus)        # the live dashboard check in the tests
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+if ((${#packages[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  echo "installing ${packages[*]} ..."
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: a CPU build where one is offered (a local wheel, or TORCH_INDEX_URL, e.g.
+# https://download.pytorch.org/whl/cpu); an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "setup done: $(.venv/bin/python -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"

@@ -1,0 +1,116 @@
+"""The dynamic batcher: flush on size and on time, ownership of results, failures, shutdown."""
+
+import threading
+import time
+
+import pytest
+
+from shared.batching import BatcherClosed, DynamicBatcher
+
+
+class Recorder:
+    def __init__(self, delay_s: float = 0.0, fail_on=None):
+        self.batches: list[list] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        with self.lock:
+            self.batches.append(list(items))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [item * 10 for item in items]
+
+
+def test_flushes_when_batch_is_full_without_waiting():
+    fn = Recorder()
+    batcher = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=10_000)
+    started = time.monotonic()
+    futures = batcher.submit_many([1, 2, 3, 4])
+    assert [f.result(timeout=5) for f in futures] == [10, 20, 30, 40]
+    assert time.monotonic() - started < 2  # did not wait for the 10 s deadline
+    assert fn.batches == [[1, 2, 3, 4]]
+    assert all(f.batch_size == 4 for f in futures)
+    batcher.close()
+
+
+def test_flushes_partial_batch_after_max_wait():
+    fn = Recorder()
+    batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=100)
+    started = time.monotonic()
+    futures = batcher.submit_many([1, 2])
+    assert [f.result(timeout=5) for f in futures] == [10, 20]
+    elapsed = time.monotonic() - started
+    assert 0.09 <= elapsed < 2
+    assert fn.batches == [[1, 2]]
+    batcher.close()
+
+
+def test_results_go_to_their_own_callers_across_threads():
+    fn = Recorder(delay_s=0.01)
+    batcher = DynamicBatcher(fn, max_batch_size=8, max_wait_ms=5)
+    results = {}
+
+    def producer(base):
+        futures = batcher.submit_many(list(range(base, base + 10)))
+        results[base] = [f.result(timeout=10) for f in futures]
+
+    threads = [threading.Thread(target=producer, args=(base,)) for base in range(0, 200, 10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for base, values in results.items():
+        assert values == [v * 10 for v in range(base, base + 10)]
+    assert max(len(b) for b in fn.batches) > 1
+    assert all(len(b) <= 8 for b in fn.batches)
+    assert sorted(i for b in fn.batches for i in b) == list(range(200))  # each item run exactly once
+    batcher.close()
+
+
+def test_a_failing_item_fails_only_itself():
+    fn = Recorder(fail_on=3)
+    batcher = DynamicBatcher(fn, max_batch_size=5, max_wait_ms=10_000)
+    futures = batcher.submit_many([1, 2, 3, 4, 5])
+    assert futures[0].result(timeout=5) == 10
+    assert futures[4].result(timeout=5) == 50
+    with pytest.raises(ValueError, match="bad item 3"):
+        futures[2].result(timeout=5)
+    assert futures[1].result() == 20 and futures[3].result() == 40
+    batcher.close()
+
+
+def test_wrong_result_count_is_an_error_for_the_batch():
+    batcher = DynamicBatcher(lambda items: [0], max_batch_size=2, max_wait_ms=10_000)
+    futures = batcher.submit_many(["a", "b"])
+    # isolated reruns return one result each, so each item gets its own answer
+    assert [f.result(timeout=5) for f in futures] == [0, 0]
+    single = DynamicBatcher(lambda items: [], max_batch_size=1, max_wait_ms=0)
+    with pytest.raises(RuntimeError, match="0 results for 1"):
+        single.submit("x").result(timeout=5)
+    batcher.close()
+    single.close()
+
+
+def test_close_answers_every_pending_item_once():
+    fn = Recorder(delay_s=0.02)
+    batcher = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=50)
+    futures = batcher.submit_many(list(range(20)))
+    batcher.close(timeout=10)
+    assert [f.result(timeout=0) for f in futures] == [i * 10 for i in range(20)]
+    assert sorted(i for b in fn.batches for i in b) == list(range(20))
+    with pytest.raises(BatcherClosed):
+        batcher.submit(99)
+
+
+def test_stats_callback_reports_batches():
+    seen = []
+    batcher = DynamicBatcher(lambda items: items, max_batch_size=2, max_wait_ms=10_000, on_batch=seen.append)
+    for f in batcher.submit_many([1, 2, 3, 4]):
+        f.result(timeout=5)
+    batcher.close()
+    assert [s.size for s in seen] == [2, 2]
+    assert all(s.inference_s >= 0 and s.max_queue_wait_s >= 0 and s.failed == 0 for s in seen)
