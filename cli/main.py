@@ -24,10 +24,10 @@ def demo_image() -> bytes:
     return buffer.getvalue()
 
 
-def run_demo(gateway_url: str) -> dict:
+def run_demo(gateway_url: str, api_key: str) -> dict:
     from client.http import MmfuseClient
 
-    client = MmfuseClient(gateway_url)
+    client = MmfuseClient(gateway_url, api_key=api_key)
     texts = ["a red circle on a white background", "a photo of a dog"]
     started = time.monotonic()
     job = client.run([demo_image()], texts, labels=["red circle", "dog", "car"],
@@ -81,11 +81,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         print(f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, "
               f"logs in {stack.log_dir}")
-        job = run_demo(stack.gateway_url)
+        api_key = stack.create_api_key("local")
+        print(f"API key for this stack (send 'Authorization: Bearer <key>'): {api_key}")
+        job = run_demo(stack.gateway_url, api_key)
         if args.exit_after_demo:
             return 0 if job["status"] == "succeeded" else 1
         print(f"\nmmfuse is up at {stack.gateway_url} (Ctrl-C to stop). Try:\n"
-              f"  curl -s -X POST {stack.gateway_url}/v1/jobs -H 'content-type: application/json' "
+              f"  curl -s -X POST {stack.gateway_url}/v1/jobs -H 'authorization: Bearer {api_key}' "
+              f"-H 'content-type: application/json' "
               f"-d '{{\"texts\": [\"hello\"]}}'")
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(1)
@@ -112,6 +115,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     concurrency = args.concurrency or (get_settings().worker_concurrency if args.pool in ("image", "text") else 8)
     command = worker_command(args.pool, concurrency, args.loglevel)
     os.execvp(command[0], command)
+
+
+def _key_store():
+    import redis
+
+    from shared.apikeys import KeyStore
+    from shared.settings import get_settings
+
+    return KeyStore(redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    store = _key_store()
+    if args.keys_command == "create":
+        plaintext, record = store.create(args.name, args.rate, args.burst)
+        print(f"created key {record.id} ({record.name}); it is shown only now:\n{plaintext}")
+    elif args.keys_command == "list":
+        for record in store.list():
+            revoked = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.revoked_at or 0))
+            state = "active" if record.active else f"revoked {revoked}"
+            limit = f" rate {record.rate_per_s:g}/s burst {record.burst}" if record.rate_per_s is not None else ""
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
+            print(f"{record.id}  {record.name:<20} created {created}  {state}{limit}")
+    elif args.keys_command == "revoke":
+        if not store.revoke(args.key_id):
+            print(f"no active key {args.key_id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.key_id}")
+    return 0
 
 
 def cmd_make_test(args: argparse.Namespace) -> int:
@@ -144,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=0)
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (in MMFUSE_REDIS_URL)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rate", type=float, default=None, help="jobs/s for this key (default: the service's)")
+    create.add_argument("--burst", type=int, default=None)
+    key_commands.add_parser("list", help="list keys (ids and names; no secrets)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
 
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)

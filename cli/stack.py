@@ -184,6 +184,18 @@ class LocalStack:
         finally:
             probe.close()
 
+    def create_api_key(self, name: str, rate_per_s: float | None = None, burst: int | None = None) -> str:
+        """A new API key in this stack's Redis (the plaintext, shown once)."""
+        import redis
+
+        from shared.apikeys import KeyStore
+
+        client = redis.Redis.from_url(self.env["MMFUSE_REDIS_URL"])
+        try:
+            return KeyStore(client).create(name, rate_per_s, burst)[0]
+        finally:
+            client.close()
+
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
         if not path.exists():

@@ -7,8 +7,9 @@ import time
 
 import kombu.exceptions
 import redis
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, current_app, g, jsonify, request, url_for
 
+from gateway.auth import authenticate, enforce_rate_limit, owns
 from gateway.validation import ValidatedJob, parse_job_request
 from shared.blobstore import BLOB_STORE_ERRORS, image_key
 from shared.celery_app import ENCODE_TASKS
@@ -19,6 +20,7 @@ from shared.webhooks import WebhookURLRejected, check_url
 log = logging.getLogger(__name__)
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
+api.before_request(authenticate)
 
 # Failures of Redis, S3 or the broker during a submit: the client may retry, nothing was kept.
 BACKEND_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, *BLOB_STORE_ERRORS)
@@ -41,12 +43,14 @@ def _spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
         weights=options.weights.model_dump(),
         webhook=options.webhook.model_dump() if options.webhook else None,
         status_url=status_url,
+        owner=g.api_key.id,
     )
 
 
 @api.post("/jobs")
 def submit_job():
     services = _services()
+    enforce_rate_limit()
     job = parse_job_request(request, services.settings)
     if job.options.webhook is not None:
         if not services.settings.webhook_secrets:
@@ -105,11 +109,14 @@ def get_job(job_id: str):
                        [{"loc": "encoding_format", "message": "unknown value"}])
     wait_s = _wait_seconds(request.args.get("wait"), services.settings.max_wait_s)
     try:
-        record = services.jobs.wait_until_ended(job_id, wait_s) if wait_s > 0 else services.jobs.get(job_id)
+        record = services.jobs.get(job_id)
+        if record is None or not owns(record.spec.owner):
+            # Another key's job is "not found" too: ids must not leak.
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id} (unknown or expired)")
+        if wait_s > 0 and not record.status.terminal:
+            record = services.jobs.wait_until_ended(job_id, wait_s) or record
     except redis.RedisError as exc:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
-    if record is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id} (unknown or expired)")
     return jsonify(public_job(record, encoding_format))
 
 

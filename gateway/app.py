@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.api import api
 from gateway.health import health
+from shared.apikeys import KeyStore
 from shared.blobstore import BlobStore
 from shared.celery_app import create_celery
 from shared.jobstore import JobStore
@@ -33,6 +34,7 @@ class Services:
     jobs: JobStore
     blobs: BlobStore
     celery: Celery
+    keys: KeyStore
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -40,11 +42,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
+    jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
     app.extensions["mmfuse"] = Services(
         settings=settings,
-        jobs=JobStore.from_url(settings.redis_url, settings.job_ttl_s),
+        jobs=jobs,
         blobs=BlobStore(settings),
         celery=create_celery(settings),
+        keys=KeyStore(jobs.redis),
     )
     try:
         app.extensions["mmfuse"].blobs.ensure_bucket()
@@ -55,7 +59,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
-        return jsonify(error.body()), error.status
+        headers = dict(error.headers)
+        if error.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="mmfuse"'
+        return jsonify(error.body()), error.status, headers
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

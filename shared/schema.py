@@ -60,6 +60,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
     INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
     WEBHOOK_URL_REJECTED = "webhook_url_rejected"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     SERVICE_UNAVAILABLE = "service_unavailable"
@@ -81,6 +83,7 @@ class ApiError(Exception):
         self.code = code.value if isinstance(code, ErrorCode) else code
         self.message = message
         self.details = details
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict:
         error = {"code": self.code, "message": self.message}
@@ -147,6 +150,7 @@ class JobSpec:
     weights: dict[str, float] = field(default_factory=lambda: {"image": 1.0, "text": 1.0})
     webhook: dict | None = None
     status_url: str = ""  # where clients read the job; webhook payloads link to it
+    owner: str = ""  # the id of the API key that submitted it; other keys get 404
 
     @property
     def modalities(self) -> list[str]:

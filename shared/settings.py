@@ -66,6 +66,11 @@ class Settings:
     image_formats: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "bmp")
     max_wait_s: float = 30.0  # cap for GET /v1/jobs/<id>?wait=
 
+    # --- access ---
+    auth_required: bool = True  # /v1 needs "Authorization: Bearer <key>" (mmfuse keys create)
+    rate_limit_per_s: float = 50.0  # job submissions per second and key (0: no limit); keys may override
+    rate_limit_burst: int = 200
+
     # --- webhooks ---
     webhook_secrets: tuple[str, ...] = ()  # whsec_… ; several sign side by side during rotation
     webhook_retry_schedule_s: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
@@ -118,12 +123,12 @@ class Settings:
         positive = (
             "job_ttl_s", "broker_visibility_timeout_s", "torch_threads", "image_max_batch_size",
             "text_max_batch_size", "worker_concurrency", "max_body_bytes", "max_images", "max_texts",
-            "max_labels", "max_text_chars", "max_image_bytes", "max_image_pixels",
+            "max_labels", "max_text_chars", "max_image_bytes", "max_image_pixels", "rate_limit_burst",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
-        for name in ("image_max_wait_ms", "text_max_wait_ms", "max_wait_s"):
+        for name in ("image_max_wait_ms", "text_max_wait_ms", "max_wait_s", "rate_limit_per_s"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -142,6 +147,9 @@ class Settings:
                 raise bad("webhook_allow_networks", str(exc)) from None
         if any(d < 0 for d in self.webhook_retry_schedule_s):
             raise bad("webhook_retry_schedule_s", "delays must be >= 0")
+        for name in ("webhook_connect_timeout_s", "webhook_read_timeout_s", "webhook_max_payload_bytes"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be > 0")
         if not 0 <= self.metrics_port < 65536:
             raise bad("metrics_port", "must be a TCP port or 0")
 

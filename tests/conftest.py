@@ -61,6 +61,7 @@ def stack(checkpoint_dir, tmp_path_factory):
     local = LocalStack(var_dir=var_dir, env=stack_env(checkpoint_dir))
     try:
         local.start(timeout_s=240)
+        local.api_key = local.create_api_key("tests")
         yield local
     except BaseException:
         for name in list(local.processes):
@@ -74,7 +75,17 @@ def stack(checkpoint_dir, tmp_path_factory):
 def client(stack):
     from client.http import MmfuseClient
 
-    return MmfuseClient(stack.gateway_url)
+    return MmfuseClient(stack.gateway_url, api_key=stack.api_key)
+
+
+@pytest.fixture(scope="session")
+def api(stack):
+    """A requests session that sends the tests' API key."""
+    import requests
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {stack.api_key}"
+    return session
 
 
 @pytest.fixture(scope="session")

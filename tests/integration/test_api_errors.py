@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-import requests
 
 from tests.conftest import make_png
 
@@ -40,9 +39,9 @@ def queued_tasks(redis_client) -> int:
          "webhook.url"),
     ],
 )
-def test_bad_requests(stack, redis_client, kwargs, status, code, loc):
+def test_bad_requests(stack, api, redis_client, kwargs, status, code, loc):
     before_keys, before_tasks = job_keys(redis_client), queued_tasks(redis_client)
-    response = requests.post(f"{stack.gateway_url}/v1/jobs", timeout=10, **kwargs)
+    response = api.post(f"{stack.gateway_url}/v1/jobs", timeout=10, **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code
@@ -53,23 +52,23 @@ def test_bad_requests(stack, redis_client, kwargs, status, code, loc):
     assert queued_tasks(redis_client) == before_tasks
 
 
-def test_multipart_errors(stack):
+def test_multipart_errors(stack, api):
     url = f"{stack.gateway_url}/v1/jobs"
-    unknown = requests.post(url, files={"pictures": ("a.png", make_png((1, 1, 1)))}, timeout=10)
+    unknown = api.post(url, files={"pictures": ("a.png", make_png((1, 1, 1)))}, timeout=10)
     assert unknown.status_code == 422 and unknown.json()["error"]["details"][0]["loc"] == "pictures"
-    bad_options = requests.post(url, data={"texts": "a", "options": "{"}, files={"x": ("", b"")}, timeout=10)
+    bad_options = api.post(url, data={"texts": "a", "options": "{"}, files={"x": ("", b"")}, timeout=10)
     assert bad_options.status_code in (400, 422)
-    broken = requests.post(url, data=b"--nope\r\n\r\n", timeout=10,
+    broken = api.post(url, data=b"--nope\r\n\r\n", timeout=10,
                            headers={"content-type": "multipart/form-data; boundary=zzz"})
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_multipart"
 
 
-def test_unknown_job_and_bad_query(stack):
-    missing = requests.get(f"{stack.gateway_url}/v1/jobs/0123456789abcdef", timeout=10)
+def test_unknown_job_and_bad_query(stack, api):
+    missing = api.get(f"{stack.gateway_url}/v1/jobs/0123456789abcdef", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    route = requests.get(f"{stack.gateway_url}/v2/nothing", timeout=10)
+    route = api.get(f"{stack.gateway_url}/v2/nothing", timeout=10)
     assert route.status_code == 404 and route.json()["error"]["code"] == "not_found"
-    bad_wait = requests.get(f"{stack.gateway_url}/v1/jobs/abc?wait=soon", timeout=10)
+    bad_wait = api.get(f"{stack.gateway_url}/v1/jobs/abc?wait=soon", timeout=10)
     assert bad_wait.status_code == 422
-    method = requests.put(f"{stack.gateway_url}/v1/jobs", timeout=10)
+    method = api.put(f"{stack.gateway_url}/v1/jobs", timeout=10)
     assert method.status_code == 405 and method.json()["error"]["code"] == "method_not_allowed"

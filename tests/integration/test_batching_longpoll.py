@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import numpy as np
-import requests
 
 from shared.jobstore import JobStore
 from shared.schema import JobSpec, new_job_id
@@ -49,13 +48,14 @@ def test_long_poll_returns_when_the_job_ends(client):
     assert returned - finished < 0.5, f"long-poll answered {returned - finished:.3f}s after the job ended"
 
 
-def test_long_poll_times_out_cleanly_on_an_unfinished_job(stack):
+def test_long_poll_times_out_cleanly_on_an_unfinished_job(stack, api):
     # A record with no task behind it stays queued: the wait must end at its deadline, not hang.
     jobs = JobStore.from_url(stack.env["MMFUSE_REDIS_URL"], ttl_s=60)
     job_id = new_job_id()
-    jobs.create(JobSpec(id=job_id, created_at=time.time(), texts=["never enqueued"]))
+    owner = stack.api_key.split("_")[1]
+    jobs.create(JobSpec(id=job_id, created_at=time.time(), texts=["never enqueued"], owner=owner))
     started = time.monotonic()
-    response = requests.get(f"{stack.gateway_url}/v1/jobs/{job_id}", params={"wait": "1.0"}, timeout=10)
+    response = api.get(f"{stack.gateway_url}/v1/jobs/{job_id}", params={"wait": "1.0"}, timeout=10)
     elapsed = time.monotonic() - started
     assert response.status_code == 200
     assert response.json()["status"] == "queued"

@@ -136,8 +136,8 @@ def test_health_and_readiness(stack):
     assert ready.json()["checks"] == {"redis": "ok", "s3": "ok"}
 
 
-def test_submit_answer_and_location(stack):
-    response = requests.post(f"{stack.gateway_url}/v1/jobs", json={"texts": ["hi"]}, timeout=10)
+def test_submit_answer_and_location(stack, api):
+    response = api.post(f"{stack.gateway_url}/v1/jobs", json={"texts": ["hi"]}, timeout=10)
     assert response.status_code == 202
     body = response.json()
     assert body["status"] == "queued"

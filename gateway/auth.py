@@ -1,0 +1,57 @@
+"""API-key authentication and per-key rate limits for the ``/v1`` blueprint."""
+
+from __future__ import annotations
+
+import math
+
+import redis
+from flask import current_app, g, request
+
+from shared.apikeys import ApiKey
+from shared.schema import ApiError, ErrorCode
+
+ANONYMOUS = ApiKey(id="", name="anonymous", created_at=0.0)
+
+
+def authenticate() -> None:
+    """``before_request`` of ``/v1``: sets ``g.api_key`` or answers 401."""
+    services = current_app.extensions["mmfuse"]
+    if not services.settings.auth_required:
+        g.api_key = ANONYMOUS
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'")
+    try:
+        key = services.keys.authenticate(presented.strip())
+    except redis.RedisError as exc:
+        raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"key store unavailable: {exc}") from None
+    if key is None:
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "unknown or revoked API key")
+    g.api_key = key
+
+
+def enforce_rate_limit() -> None:
+    """One token from the caller's bucket per job submission, else 429 with ``Retry-After``."""
+    services = current_app.extensions["mmfuse"]
+    key: ApiKey = g.api_key
+    rate = key.rate_per_s if key.rate_per_s is not None else services.settings.rate_limit_per_s
+    burst = key.burst if key.burst is not None else services.settings.rate_limit_burst
+    if rate <= 0 or not key.id:
+        return
+    try:
+        allowed, wait_s = services.keys.take_token(key.id, rate, burst)
+    except redis.RedisError as exc:
+        raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"rate limiter unavailable: {exc}") from None
+    if not allowed:
+        retry_after = max(1, math.ceil(wait_s))
+        error = ApiError(429, ErrorCode.RATE_LIMITED,
+                         f"rate limit of {rate:g} jobs/s (burst {burst}) exceeded; retry in {retry_after} s")
+        error.headers = {"Retry-After": str(retry_after)}
+        raise error
+
+
+def owns(owner: str) -> bool:
+    """Whether the caller may see a job: its own, or any when auth is off."""
+    return not current_app.extensions["mmfuse"].settings.auth_required or owner == g.api_key.id
