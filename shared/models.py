@@ -110,63 +110,65 @@ class ClipImageEncoder:
         return _l2_normalise(embeds)
 
 
-class ClipTextEncoder:
+class _TextEncoder:
+    """Tokenise per batch (padded to the batch's longest item), one forward pass, pool, normalise."""
+
+    modality = "text"
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
+        from transformers import AutoTokenizer
+
+        self.model_id = model_id
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.model = _prepare_model(self._load_model(model_id), device, dtype)
+        config = self.model.config
+        self.dim = getattr(config, "projection_dim", None) or config.hidden_size
+        self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
+
+    def prepare(self, raw: str) -> str:
+        return raw
+
+    def encode(self, prepared: list[str]) -> np.ndarray:
+        torch = _torch()
+        tokens = self.tokenizer(
+            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            pooled = self._pool(tokens)
+        return _l2_normalise(pooled)
+
+    def _load_model(self, model_id: str):
+        raise NotImplementedError
+
+    def _pool(self, tokens):
+        raise NotImplementedError
+
+
+class ClipTextEncoder(_TextEncoder):
     """CLIP's text tower and projection: the same space as ``ClipImageEncoder`` of one checkpoint."""
 
-    modality = "text"
+    def _load_model(self, model_id: str):
+        from transformers import CLIPTextModelWithProjection
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        return CLIPTextModelWithProjection.from_pretrained(model_id)
 
-        self.model_id = model_id
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = _prepare_model(CLIPTextModelWithProjection.from_pretrained(model_id), device, dtype)
-        self.dim = self.model.config.projection_dim
-        self.max_length = self.model.config.max_position_embeddings
-
-    def prepare(self, raw: str) -> str:
-        return raw
-
-    def encode(self, prepared: list[str]) -> np.ndarray:
-        torch = _torch()
-        # Tokenised per batch, padded to the batch's longest item.
-        tokens = self.tokenizer(
-            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            embeds = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
-        return _l2_normalise(embeds)
+    def _pool(self, tokens):
+        return self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
 
 
-class SentenceEncoder:
+class SentenceEncoder(_TextEncoder):
     """A sentence-transformers style encoder (e.g. all-MiniLM-L6-v2): mean pooling over tokens."""
 
-    modality = "text"
+    def _load_model(self, model_id: str):
+        from transformers import AutoModel
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
-        from transformers import AutoModel, AutoTokenizer
+        return AutoModel.from_pretrained(model_id)
 
-        self.model_id = model_id
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = _prepare_model(AutoModel.from_pretrained(model_id), device, dtype)
-        self.dim = self.model.config.hidden_size
-        self.max_length = min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
-
-    def prepare(self, raw: str) -> str:
-        return raw
-
-    def encode(self, prepared: list[str]) -> np.ndarray:
-        torch = _torch()
-        tokens = self.tokenizer(
-            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**tokens).last_hidden_state
+    def _pool(self, tokens):
+        hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return _l2_normalise(pooled)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
 def decode_image(raw: bytes, max_pixels: int = 0):
