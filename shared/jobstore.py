@@ -5,6 +5,10 @@ Keys (all expire ``job_ttl_s`` after submit):
 - ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> float32 bytes (kind: image, text, label)
 - ``mmfuse:job:<id>:done``     set of finished encoder stages: the fan-in to fusion
 - channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (long-poll wake-up)
+- ``mmfuse:webhook-claim:<id>:<n>``  held while webhook attempt n is made (expires after a lease)
+
+The record also holds ``webhook_delivery`` (state and attempts) and ``webhook_body`` (the callback's
+frozen bytes); pending webhook retries extend its expiry past ``job_ttl_s``.
 
 Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless.
 """
@@ -189,6 +193,32 @@ class JobStore:
         delivery = json.loads(raw) if raw else {"attempts": []}
         delivery.update(event=event, state=state)
         self.redis.hset(key, "webhook_delivery", json.dumps(delivery))
+
+    def claim_webhook_attempt(self, job_id: str, attempt_number: int, lease_s: float) -> bool:
+        """True for the one caller that may make attempt ``attempt_number``; copies of its task get False.
+
+        A Celery message can be delivered twice at once (a countdown task outliving the broker's
+        visibility timeout, a worker lost mid-task), and both copies would see no attempt recorded yet.
+        The claim lapses after ``lease_s``, so a copy redelivered after its worker died mid-attempt can
+        still make it; ``lease_s`` must exceed one attempt's longest duration.
+        """
+        key = f"mmfuse:webhook-claim:{job_id}:{attempt_number}"
+        return bool(self.redis.set(key, "1", nx=True, ex=max(1, int(lease_s + 0.999))))
+
+    def freeze_webhook_body(self, job_id: str, body: bytes) -> bytes:
+        """Keep the first attempt's body and return what is kept: every retry sends identical bytes."""
+        key = _job_key(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "webhook_body", body)
+            pipe.hget(key, "webhook_body")
+            return pipe.execute()[1]
+
+    def keep_for(self, job_id: str, seconds: float) -> None:
+        """Make the record live at least ``seconds`` longer (never shorter): retries outlast ``job_ttl_s``."""
+        key = _job_key(job_id)
+        ttl = self.redis.ttl(key)  # -2: gone, -1: no expiry
+        if 0 <= ttl < seconds:
+            self.redis.expire(key, int(seconds + 0.999))
 
     # --- long-poll ---
 

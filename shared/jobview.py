@@ -62,8 +62,18 @@ def webhook_view(record: JobRecord) -> dict | None:
     if not webhook:
         return None
     delivery = record.webhook_delivery
-    return {"url": webhook["url"], "events": webhook["events"], "state": delivery.get("state", "pending"),
-            "event": delivery.get("event"), "attempts": delivery.get("attempts", [])}
+    state, event = delivery.get("state"), delivery.get("event")
+    if state is None:
+        # Nothing recorded yet: the job is still running (``event`` is null) or its first attempt is queued.
+        # A job that ended with an event it did not subscribe to is settled from its status alone, so a
+        # reader never sees ``pending`` for a callback that will not come.
+        state = "pending"
+        if record.status.terminal:
+            event = f"job.{record.status.value}"
+            if event not in webhook["events"]:
+                state = "not_subscribed"
+    return {"url": webhook["url"], "events": webhook["events"], "state": state, "event": event,
+            "attempts": delivery.get("attempts", [])}
 
 
 def public_job(record: JobRecord, encoding_format: str = "float", include_webhook: bool = True) -> dict:

@@ -7,6 +7,7 @@ when tasks are redelivered or two fusions race.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery
 
@@ -35,9 +36,27 @@ def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: Er
 
 
 def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
+    """Hand the job's event to the ``webhooks`` queue, or settle the delivery when it is not subscribed.
+
+    The job already ended, so nothing here may raise: the caller's retry would find the job terminal and
+    never come back, and the delivery would stay ``pending`` for good. A callback that cannot be queued
+    is marked ``failed`` with the reason instead (best effort: the store may be down as well).
+    """
     if not spec.webhook:
         return
-    if event in spec.webhook.get("events", ()):
+    if event not in spec.webhook.get("events", ()):
+        try:
+            jobs.set_webhook_state(spec.id, "not_subscribed", event)
+        except Exception:  # the public view derives this state from the job's status anyway
+            log.exception("job %s: could not record that %s is not subscribed", spec.id, event)
+        return
+    try:
         celery.send_task(TASK_DELIVER_WEBHOOK, args=[spec.id, event])
-    else:
-        jobs.set_webhook_state(spec.id, "not_subscribed", event)
+    except Exception as exc:
+        log.exception("job %s: could not queue its %s webhook", spec.id, event)
+        attempt = {"at": time.time(), "status": None, "duration_s": 0.0,
+                   "error": f"not queued: {type(exc).__name__}: {exc}"[:300]}
+        try:
+            jobs.record_webhook_attempt(spec.id, event, attempt, "failed")
+        except Exception:
+            log.exception("job %s: could not mark its webhook failed either", spec.id)
