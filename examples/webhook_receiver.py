@@ -1,11 +1,13 @@
 """A minimal receiver for mmfuse webhooks: verify, dedupe, acknowledge.
 
-Run it from the repository root (or copy ``client/webhooks.py`` next to it and adjust the import)::
+Run it from the repository root (or copy ``client/webhooks.py`` next to it and adjust the import) with
+the secret mmfuse signs with (``mmfuse up`` prints the one it generated)::
 
-    MMFUSE_WEBHOOK_SECRETS="whsec_…" PYTHONPATH=. python examples/webhook_receiver.py 8080
+    MMFUSE_WEBHOOK_SECRETS="whsec_…" PYTHONPATH=. python examples/webhook_receiver.py 8081
 
-and submit jobs with ``"webhook": {"url": "http://<this host>:8080/mmfuse-webhook"}``. The port comes
-from the first argument, else ``PORT``, else 8080.
+and submit jobs with ``"webhook": {"url": "http://<this host>:8081/mmfuse-webhook"}``. The port comes
+from the first argument, else ``PORT``, else 8081 (``mmfuse up``'s gateway has 8080). See
+docs/webhooks.md, "Trying it locally".
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main(argv: Sequence[str]) -> None:
     secrets = os.environ.get("MMFUSE_WEBHOOK_SECRETS", "").replace(",", " ").split()
     if not secrets:
         sys.exit("set MMFUSE_WEBHOOK_SECRETS to the whsec_… secret(s) mmfuse signs with")
-    port = int(argv[1] if len(argv) > 1 else os.environ.get("PORT", "8080"))
+    port = int(argv[1] if len(argv) > 1 else os.environ.get("PORT", "8081"))
     create_app(secrets).run(host="0.0.0.0", port=port)  # mmfuse must reach it from another host
 
 
