@@ -54,6 +54,8 @@ def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]
         sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", str(workers),
         "--threads", str(threads), "--bind", bind, "--graceful-timeout", "10", "--timeout", "120",
         "--no-control-socket",
+        # Prometheus multiprocess mode: /metrics sums every gunicorn worker's values.
+        "-c", "python:gateway.gunicorn_conf",
         "gateway.app:create_app()",
     ]
 
@@ -66,24 +68,28 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     gateway_url: str = ""
+    # pool -> its worker's /metrics URL, when MMFUSE_METRICS_PORT is set (each worker gets a free port);
+    # the gateway's is gateway_url + "/metrics".
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.var_dir = Path(self.var_dir)
         self.log_dir = self.var_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def _child_env(self) -> dict[str, str]:
+    def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
+        env.update(extra or {})
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, env=self._child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(command, env=self._child_env(extra_env), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = process
         return process
 
@@ -133,7 +139,13 @@ class LocalStack:
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
         if concurrency is None:
             concurrency = int(self.env.get("MMFUSE_WORKER_CONCURRENCY", "32")) if pool in ("image", "text") else 8
-        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency))
+        extra_env = {}
+        if self.env.get("MMFUSE_METRICS_PORT", "0").strip() not in ("", "0"):
+            # Metrics on: one port per worker process, so several pools can share this host.
+            port = free_port()
+            extra_env["MMFUSE_METRICS_PORT"] = str(port)
+            self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
+        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency), extra_env)
 
     def start(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> LocalStack:
         self.ensure_redis()

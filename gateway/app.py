@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.api import api
 from gateway.health import health
+from gateway.metrics import init_metrics
 from shared.apikeys import KeyStore
 from shared.blobstore import BlobStore
 from shared.celery_app import create_celery
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("could not ensure bucket %s at start: %s", settings.s3_bucket, exc)
     app.register_blueprint(health)
     app.register_blueprint(api)
+    init_metrics(app)
 
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):

@@ -5,6 +5,9 @@ Keys (all expire ``job_ttl_s`` after submit):
 - ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> float32 bytes (kind: image, text, label)
 - ``mmfuse:job:<id>:done``     set of finished encoder stages: the fan-in to fusion
 - channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (long-poll wake-up)
+- ``mmfuse:jobs:queued``, ``mmfuse:jobs:running``  sorted sets of the jobs in that status, scored by
+  ``created_at``: the jobs-in-flight gauges count them; moved in the same atomic steps as the status, and
+  entries older than ``job_ttl_s`` (whose record expired) are not counted and are trimmed at each submit
 - ``mmfuse:webhook-claim:<id>:<n>``  held while webhook attempt n is made (expires after a lease)
 
 The record also holds ``webhook_delivery`` (state and attempts) and ``webhook_body`` (the callback's
@@ -30,6 +33,8 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3], 'finished_at', ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[5])
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
@@ -39,10 +44,19 @@ _START_STAGE_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
-if status == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2]) end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), ARGV[3])
+end
 redis.call('HSETNX', KEYS[1], ARGV[1] .. '_started_at', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], ARGV[1] .. '_attempts', 1)
 """
+
+
+# Jobs not ended yet, by status (sorted sets, score created_at).
+_QUEUED_KEY = "mmfuse:jobs:queued"
+_RUNNING_KEY = "mmfuse:jobs:running"
 
 
 def _job_key(job_id: str) -> str:
@@ -100,11 +114,18 @@ class JobStore:
             pipe.hset(key, mapping={"spec": spec.to_json(), "status": Status.QUEUED.value,
                                     "created_at": repr(spec.created_at)})
             pipe.expire(key, self.ttl_s)
+            pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
+            for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
+                pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s!r}")
             pipe.execute()
 
     def delete(self, job_id: str) -> None:
         key = _job_key(job_id)
-        self.redis.delete(key, f"{key}:vectors", f"{key}:done")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key, f"{key}:vectors", f"{key}:done")
+            pipe.zrem(_QUEUED_KEY, job_id)
+            pipe.zrem(_RUNNING_KEY, job_id)
+            pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(_job_key(job_id))
@@ -116,11 +137,21 @@ class JobStore:
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
+    def count_in_flight(self) -> dict[str, int]:
+        """Jobs submitted and not ended, by status (queued, running); expired records are not counted."""
+        since = f"({time.time() - self.ttl_s!r}"
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(_QUEUED_KEY, since, "+inf")
+            pipe.zcount(_RUNNING_KEY, since, "+inf")
+            queued, running = pipe.execute()
+        return {Status.QUEUED.value: int(queued), Status.RUNNING.value: int(running)}
+
     # --- stages ---
 
     def start_stage(self, job_id: str, stage: str) -> int:
         """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
-        return int(self._start_stage(keys=[_job_key(job_id)], args=[stage, repr(time.time())]))
+        return int(self._start_stage(keys=[_job_key(job_id), _QUEUED_KEY, _RUNNING_KEY],
+                                     args=[stage, repr(time.time()), job_id]))
 
     def finish_stage(self, job_id: str, stage: str, batch_size: int | None = None) -> None:
         key = _job_key(job_id)
@@ -173,7 +204,8 @@ class JobStore:
 
     def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
         key = _job_key(job_id)
-        moved = self._finish(keys=[key, f"{key}:events"], args=[status.value, field_name, value, repr(time.time())])
+        moved = self._finish(keys=[key, f"{key}:events", _QUEUED_KEY, _RUNNING_KEY],
+                             args=[status.value, field_name, value, repr(time.time()), job_id])
         return int(moved) == 1
 
     # --- webhooks ---

@@ -48,6 +48,8 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "0.2 0.2 0.2",
         "MMFUSE_WEBHOOK_CONNECT_TIMEOUT_S": "1",
         "MMFUSE_WEBHOOK_READ_TIMEOUT_S": "1",
+        # Metrics on: LocalStack gives each worker its own free port (stack.metrics_urls).
+        "MMFUSE_METRICS_PORT": "1",
     }
     env.update(overrides)
     return env

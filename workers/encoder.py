@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 
+from shared import metrics
 from shared.batching import BatchStats, DynamicBatcher
 from shared.blobstore import BLOB_STORE_ERRORS, BlobMissing, BlobStore
 from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery
@@ -56,8 +57,10 @@ class EncoderWorker:
     def start(self) -> None:
         """Load the model once for this process, warm it up, and start the batcher's inference thread."""
         s = self.settings
-        self.encoder = get_encoder(self.modality, self.model_id, s.device, s.dtype, s.torch_threads,
-                                   s.max_image_pixels)
+        with metrics.Timer() as load:
+            self.encoder = get_encoder(self.modality, self.model_id, s.device, s.dtype, s.torch_threads,
+                                       s.max_image_pixels)
+        metrics.ENCODER_MODEL_LOAD.labels(self.modality).set(load.seconds)
         if self.modality == "image":
             max_batch, max_wait = s.image_max_batch_size, s.image_max_wait_ms
         else:
@@ -74,13 +77,24 @@ class EncoderWorker:
     def _on_batch(self, stats: BatchStats) -> None:
         log.debug("%s batch: size=%d wait=%.1fms inference=%.1fms", self.modality, stats.size,
                   stats.max_queue_wait_s * 1e3, stats.inference_s * 1e3)
+        metrics.ENCODER_BATCHES.labels(self.modality).inc()
+        metrics.ENCODER_ITEMS.labels(self.modality).inc(stats.size - stats.failed)
+        metrics.ENCODER_BATCH_SIZE.labels(self.modality).observe(stats.size)
+        metrics.ENCODER_BATCH_WAIT.labels(self.modality).observe(stats.max_queue_wait_s)
+        metrics.ENCODER_INFERENCE_DURATION.labels(self.modality).observe(stats.inference_s)
+
+    def _prepare(self, raw):
+        with metrics.Timer() as prep:
+            prepared = self.encoder.prepare(raw)
+        metrics.ENCODER_PREPROCESS_DURATION.labels(self.modality).observe(prep.seconds)
+        return prepared
 
     def encode(self, raw_items: Sequence) -> tuple[np.ndarray, int]:
         """Prepare items in this thread, run them through the shared batcher.
 
         Returns the vectors and the largest batch any of them ran in (recorded on the job).
         """
-        prepared = [self.encoder.prepare(raw) for raw in raw_items]
+        prepared = [self._prepare(raw) for raw in raw_items]
         futures = self.batcher.submit_many(prepared)
         wait(futures)
         if not futures:
@@ -96,12 +110,17 @@ class EncoderWorker:
             log.info("job %s: unknown, expired or already ended; nothing to do", job_id)
             return
         spec = record.spec
+        if attempt == 1:
+            metrics.observe_queue_wait(self.modality, record.timestamp("created_at"),
+                                       record.timestamp(f"{self.modality}_started_at"))
         if attempt > MAX_ATTEMPTS:
             self.fail(spec, ErrorCode.TOO_MANY_ATTEMPTS, f"{self.modality} encoding was attempted "
                       f"{attempt - 1} times without finishing (worker crashes or a poison input)")
             return
         try:
-            inputs = self.gather_inputs(spec, self.blobs)
+            with metrics.Timer() as fetch:
+                inputs = self.gather_inputs(spec, self.blobs)
+            metrics.ENCODER_FETCH_DURATION.labels(self.modality).observe(fetch.seconds)
             encoded = [(kind, *self.encode(raw_items)) for kind, raw_items in inputs]
         except InputError as exc:
             self.fail(spec, exc.code, str(exc))
@@ -116,6 +135,7 @@ class EncoderWorker:
             self.celery.send_task(TASK_FUSE, args=[job_id])
 
     def fail(self, spec: JobSpec, code: ErrorCode | str, message: str) -> None:
+        metrics.ENCODER_FAILURES.labels(self.modality, code.value if isinstance(code, ErrorCode) else code).inc()
         fail_job(self.jobs, self.celery, spec, self.modality, code, message)
 
     def fail_by_id(self, job_id: str, code: ErrorCode | str, message: str) -> None:
@@ -142,6 +162,11 @@ def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Cel
         except Exception as exc:  # a bug or a model error: fail the job with the reason, never hang it
             log.exception("job %s: %s encoding failed", job_id, modality)
             worker.fail_by_id(job_id, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    # Serving starts before the model loads (the receivers run in this order).
+    metrics.serve_celery_worker_metrics(
+        settings.metrics_port,
+        [metrics.DeviceMemoryCollector(modality, settings.device)] if settings.device.startswith("cuda") else [])
 
     @worker_init.connect(weak=False)
     def _load_model(**_kwargs) -> None:

@@ -11,6 +11,7 @@ import time
 
 from celery import Celery
 
+from shared import metrics
 from shared.celery_app import TASK_DELIVER_WEBHOOK
 from shared.jobstore import JobStore
 from shared.schema import ErrorCode, JobSpec
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 def succeed_job(jobs: JobStore, celery: Celery, spec: JobSpec, result: dict) -> bool:
     ended = jobs.succeed(spec.id, result)
     if ended:
+        metrics.observe_job_end(spec.created_at, "succeeded")
         _notify(jobs, celery, spec, "job.succeeded")
     return ended
 
@@ -31,6 +33,7 @@ def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: Er
     log.warning("job %s failed in %s: %s: %s", spec.id, stage, code, message)
     ended = jobs.fail(spec.id, stage, code, message)
     if ended:
+        metrics.observe_job_end(spec.created_at, "failed", stage, code)
         _notify(jobs, celery, spec, "job.failed")
     return ended
 

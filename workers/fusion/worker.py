@@ -10,6 +10,7 @@ import logging
 
 import redis
 
+from shared import metrics
 from shared.celery_app import TASK_FUSE, create_celery
 from shared.jobstore import JobStore
 from shared.schema import ErrorCode
@@ -23,6 +24,7 @@ settings = get_settings()
 app = create_celery(settings)
 jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
 MAX_ATTEMPTS = 5
+metrics.serve_celery_worker_metrics(settings.metrics_port)
 
 
 @app.task(name=TASK_FUSE, bind=True, max_retries=3)
@@ -35,18 +37,24 @@ def fuse_job(task, job_id: str) -> None:
         if record is None or record.status.terminal:
             return
         spec = record.spec
+        if attempt == 1:  # enqueued when the last encoder stage finished
+            encoded = [record.timestamp(f"{m}_finished_at") for m in spec.modalities]
+            metrics.observe_queue_wait("fusion", max((t for t in encoded if t is not None), default=None),
+                                       record.timestamp("fusion_started_at"))
         if attempt > MAX_ATTEMPTS:
             fail_job(jobs, app, spec, "fusion", ErrorCode.TOO_MANY_ATTEMPTS,
                      f"fusion was attempted {attempt - 1} times without finishing")
             return
         try:
-            images = jobs.load_vectors(job_id, "image", len(spec.image_keys))
-            texts = jobs.load_vectors(job_id, "text", len(spec.texts))
-            labels = jobs.load_vectors(job_id, "label", len(spec.labels))
-            result = build_result(spec, images, texts, labels, settings.logit_scale)
+            with metrics.Timer() as fusion:
+                images = jobs.load_vectors(job_id, "image", len(spec.image_keys))
+                texts = jobs.load_vectors(job_id, "text", len(spec.texts))
+                labels = jobs.load_vectors(job_id, "label", len(spec.labels))
+                result = build_result(spec, images, texts, labels, settings.logit_scale)
         except (FusionError, KeyError) as exc:
             fail_job(jobs, app, spec, "fusion", ErrorCode.FUSION_ERROR, str(exc))
             return
+        metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
         jobs.finish_stage(job_id, "fusion")
         succeed_job(jobs, app, spec, result)
     except redis.RedisError as exc:

@@ -1,0 +1,87 @@
+"""``GET /metrics`` (no auth: scrapers reach it on the internal network) and the hooks that measure
+every HTTP request of the gateway.
+
+Under gunicorn every worker process records into prometheus-client's multiprocess files, and whichever
+process answers a scrape reports them all (``gateway/gunicorn_conf.py`` sets that up). Broker queue depths
+and jobs in flight are read from Redis while the scrape is answered (``shared.metrics.StoreCollector``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client.exposition import choose_encoder
+
+from shared import metrics
+from shared.celery_app import QUEUES
+
+blueprint = Blueprint("metrics", __name__)
+
+SUBMIT_ENDPOINT = "v1.submit_job"
+
+
+def init_metrics(app: Flask) -> None:
+    """Register ``/metrics`` and the request hooks; call once the app's services exist."""
+    services = app.extensions["mmfuse"]
+    settings = services.settings
+    if settings.effective_broker_url == settings.redis_url:
+        broker = services.jobs.redis
+    else:
+        broker = redis.Redis.from_url(settings.effective_broker_url, socket_connect_timeout=3, socket_timeout=5)
+    store = metrics.StoreCollector(broker, QUEUES, services.jobs.count_in_flight)
+    app.extensions["mmfuse_metrics"] = metrics.serving_registry([store])
+    app.before_request(_before)
+    app.after_request(_after)
+    app.teardown_request(_teardown)
+    app.register_blueprint(blueprint)
+
+
+@blueprint.get("/metrics")
+def serve_metrics():
+    # The format the scraper asks for: Prometheus text, or OpenMetrics when Accept prefers it.
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encoder(current_app.extensions["mmfuse_metrics"]), headers={"Content-Type": content_type})
+
+
+def _labels() -> tuple[str, str]:
+    # The route's template (/v1/jobs/<job_id>), never the path: ids must not become label values.
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    return route, metrics.method_label(request.method)
+
+
+def _before() -> None:
+    route, method = _labels()
+    g.mmfuse_metrics = (route, method, time.perf_counter())
+    metrics.HTTP_REQUESTS_IN_PROGRESS.labels(route, method).inc()
+
+
+def _after(response: Response) -> Response:
+    state = g.get("mmfuse_metrics")
+    if state is None:
+        return response
+    route, method, started = state
+    metrics.HTTP_REQUEST_DURATION.labels(route, method).observe(time.perf_counter() - started)
+    metrics.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
+    if request.content_length is not None:
+        metrics.HTTP_REQUEST_SIZE.labels(route, method).observe(request.content_length)
+    if request.endpoint == SUBMIT_ENDPOINT:
+        if response.status_code == 202:
+            metrics.JOBS_SUBMITTED.labels("accepted", "none").inc()
+        else:
+            metrics.JOBS_SUBMITTED.labels("rejected", _error_code(response)).inc()
+    return response
+
+
+def _error_code(response: Response) -> str:
+    """The API error code of an error answer: every error handler writes ``{"error": {"code": ...}}``."""
+    body = response.get_json(silent=True) if response.is_json else None
+    code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and code else f"http_{response.status_code}"
+
+
+def _teardown(_exc: BaseException | None) -> None:
+    state = g.pop("mmfuse_metrics", None)
+    if state is not None:
+        metrics.HTTP_REQUESTS_IN_PROGRESS.labels(state[0], state[1]).dec()
