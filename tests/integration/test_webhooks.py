@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 from client.webhooks import WebhookVerificationError, generate_secret, verify_webhook
 from tests.conftest import TEST_WEBHOOK_SECRETS, make_png
@@ -353,7 +354,7 @@ def strict_gateways(stack, tmp_path_factory) -> Iterator[dict[str, str]]:
     """Gateways on the same Redis and S3 as ``stack``: one admitting no private networks, one without secrets.
 
     Only gateways: a refused submission must never reach a worker. API keys live in Redis, so the
-    ``api`` session's key works on them too.
+    stack's key works on them too.
     """
     from cli.stack import LocalStack
 
@@ -371,6 +372,15 @@ def strict_gateways(stack, tmp_path_factory) -> Iterator[dict[str, str]]:
             gateway.stop()
 
 
+@pytest.fixture(scope="module")
+def api_session(stack, strict_gateways) -> Iterator[requests.Session]:
+    """The stack's API key on a session of this module's own, closed before the gateways above stop
+    (which depending on them ensures): their graceful stop would wait for its idle connections."""
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {stack.api_key}"
+        yield session
+
+
 def job_keys(redis_client) -> set[bytes]:
     return set(redis_client.scan_iter("mmfuse:job:*"))
 
@@ -386,9 +396,9 @@ def job_keys(redis_client) -> set[bytes]:
         ("file:///etc/passwd", "scheme_not_allowed"),
     ],
 )
-def test_ssrf_urls_are_refused_at_submit(strict_gateways, api, redis_client, url, reason):
+def test_ssrf_urls_are_refused_at_submit(api_session, strict_gateways, redis_client, url, reason):
     before = job_keys(redis_client)
-    response = api.post(f"{strict_gateways['strict']}/v1/jobs", timeout=30,
+    response = api_session.post(f"{strict_gateways['strict']}/v1/jobs", timeout=30,
                              json={"texts": ["a"], "webhook": {"url": url}})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -398,15 +408,15 @@ def test_ssrf_urls_are_refused_at_submit(strict_gateways, api, redis_client, url
     assert job_keys(redis_client) == before  # nothing stored
 
 
-def test_the_strict_gateway_still_takes_jobs_without_webhooks(strict_gateways, api, client):
-    response = api.post(f"{strict_gateways['strict']}/v1/jobs", json={"texts": ["a"]}, timeout=30)
+def test_the_strict_gateway_still_takes_jobs_without_webhooks(api_session, strict_gateways, client):
+    response = api_session.post(f"{strict_gateways['strict']}/v1/jobs", json={"texts": ["a"]}, timeout=30)
     assert response.status_code == 202, response.text
     assert client.wait(response.json()["id"], timeout_s=WAIT_S)["status"] == "succeeded"
 
 
-def test_a_webhook_on_a_server_without_secrets_is_refused(strict_gateways, api, redis_client, receiver):
+def test_a_webhook_on_a_server_without_secrets_is_refused(api_session, strict_gateways, redis_client, receiver):
     before = job_keys(redis_client)
-    response = api.post(f"{strict_gateways['no_secrets']}/v1/jobs", timeout=30,
+    response = api_session.post(f"{strict_gateways['no_secrets']}/v1/jobs", timeout=30,
                              json={"texts": ["a"], "webhook": {"url": receiver.url("never")}})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
