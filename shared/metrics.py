@@ -64,9 +64,9 @@ JOB_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 # Time waiting in a broker queue: from nothing to many minutes of backlog.
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                         300.0, 900.0)
-# Waiting to join a batch: bounded by MMFUSE_*_MAX_WAIT_MS plus one model run.
+# Waiting to join a batch: MMFUSE_*_MAX_WAIT_MS, plus the batches ahead of it when the model is busy.
 BATCH_WAIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                        5.0)
+                        5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Request bodies: small JSON to the 64 MiB default limit.
 PAYLOAD_BUCKETS_BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
