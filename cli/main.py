@@ -76,7 +76,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"webhook signing secret for this run: {env['MMFUSE_WEBHOOK_SECRETS']}")
     stack = LocalStack(var_dir=var_dir, env=env)
     try:
-        print("starting redis (if absent), S3 (if absent), gateway and workers ...", flush=True)
+        print("starting redis (if absent), S3 (if absent), gateway, workers and beat ...", flush=True)
         started = time.monotonic()
         stack.start()
         print(f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, "
@@ -114,6 +114,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     concurrency = args.concurrency or (get_settings().worker_concurrency if args.pool in ("image", "text") else 8)
     command = worker_command(args.pool, concurrency, args.loglevel)
+    os.execvp(command[0], command)
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from cli.stack import beat_command
+
+    command = beat_command(args.loglevel)
     os.execvp(command[0], command)
 
 
@@ -172,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(func=cmd_gateway)
 
     worker = commands.add_parser("worker", help="run one worker pool (Celery)")
-    worker.add_argument("pool", choices=("image", "text", "fusion", "webhooks"))
+    worker.add_argument("pool", choices=("image", "text", "fusion", "webhooks", "maintenance"))
     worker.add_argument("--concurrency", type=int, default=0)
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+
+    beat = commands.add_parser("beat", help="run the scheduler of the maintenance tasks (celery beat; one only)")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(func=cmd_beat)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys (in MMFUSE_REDIS_URL)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

@@ -1,4 +1,5 @@
-"""The local stack: Redis, an S3 server, the gateway and one worker per pool, as child processes.
+"""The local stack: Redis, an S3 server, the gateway, one worker per pool and the maintenance scheduler
+(celery beat), as child processes.
 
 ``mmfuse up``, the integration tests and the benchmarks all start the stack through this one class, so
 what is tested is what users run. Production runs the same commands under docker-compose/Kubernetes.
@@ -19,8 +20,9 @@ from urllib.parse import urlparse
 
 import requests
 
-POOLS = ("image", "text", "fusion", "webhooks")
+POOLS = ("image", "text", "fusion", "webhooks", "maintenance")
 POOL_MODULES = {pool: f"workers.{pool}.worker" for pool in POOLS}
+BEAT_MODULE = POOL_MODULES["maintenance"]  # its Celery app carries the schedule (shared.celery_app.beat_schedule)
 
 
 def free_port() -> int:
@@ -46,6 +48,13 @@ def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[
         "-Q", pool, "-P", "threads", "-c", str(concurrency), "-n", f"{pool}@%h",
         "--without-gossip", "--without-mingle", "--loglevel", loglevel,
     ]
+
+
+def beat_command(loglevel: str = "INFO") -> list[str]:
+    """Celery beat, the one scheduler of the periodic maintenance tasks. Its schedule is in memory (every
+    entry is an interval from settings): nothing to persist, no file to write in a read-only container."""
+    return [sys.executable, "-m", "celery", "-A", BEAT_MODULE, "beat", "--scheduler", "celery.beat:Scheduler",
+            "--loglevel", loglevel]
 
 
 def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]:
@@ -147,12 +156,17 @@ class LocalStack:
             self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
         return self.spawn(f"worker-{pool}", worker_command(pool, concurrency), extra_env)
 
+    def start_beat(self) -> subprocess.Popen:
+        return self.spawn("beat", beat_command())
+
     def start(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> LocalStack:
         self.ensure_redis()
         self.ensure_s3()
         self.start_gateway()
         for pool in pools:
             self.start_worker(pool)
+        if "maintenance" in pools:
+            self.start_beat()
         self.wait_ready(pools, timeout_s)
         return self
 
@@ -230,8 +244,8 @@ class LocalStack:
             pass
 
     def stop(self) -> None:
-        # Workers first (they drain), then the gateway, then the stores.
-        order = [n for n in self.processes if n.startswith("worker-")] + ["gateway", "s3", "redis"]
+        # The scheduler, the workers (they drain), then the gateway, then the stores.
+        order = ["beat"] + [n for n in self.processes if n.startswith("worker-")] + ["gateway", "s3", "redis"]
         for name in order:
             self.stop_process(name)
         for name in list(self.processes):

@@ -71,6 +71,10 @@ class MmfuseClient:
                                     timeout=self.timeout_s + wait_s)
         return self._check(response)
 
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a job that has not ended; returns the canceled job (MmfuseError 409 if it already ended)."""
+        return self._check(self.session.delete(f"{self.base_url}/v1/jobs/{job_id}", timeout=self.timeout_s))
+
     def wait(self, job_id: str, timeout_s: float = 120.0, encoding_format: str = "float") -> dict:
         """Long-poll until the job ends; raises TimeoutError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s

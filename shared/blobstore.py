@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import urllib3
 from minio import Minio
@@ -97,3 +98,9 @@ class BlobStore:
 
     def list_keys(self, prefix: str) -> list[str]:
         return [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def iter_objects(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """``(key, last modified as unix seconds)`` of every object under ``prefix``, page by page."""
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            modified = obj.last_modified.timestamp() if obj.last_modified is not None else 0.0
+            yield obj.object_name, modified

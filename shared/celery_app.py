@@ -15,15 +15,39 @@ TASK_ENCODE_IMAGE = "mmfuse.encode.image"
 TASK_ENCODE_TEXT = "mmfuse.encode.text"
 TASK_FUSE = "mmfuse.fuse"
 TASK_DELIVER_WEBHOOK = "mmfuse.webhooks.deliver"
+# maintenance: the two periodic ones are sent by `mmfuse beat`
+TASK_REAP_JOBS = "mmfuse.maintenance.reap_jobs"
+TASK_SWEEP_BLOBS = "mmfuse.maintenance.sweep_blobs"
+TASK_RELEASE_BLOBS = "mmfuse.maintenance.release_blobs"
 
 ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT}
-QUEUES = ("image", "text", "fusion", "webhooks")
+QUEUES = ("image", "text", "fusion", "webhooks", "maintenance")
 ROUTES = {
     TASK_ENCODE_IMAGE: {"queue": "image"},
     TASK_ENCODE_TEXT: {"queue": "text"},
     TASK_FUSE: {"queue": "fusion"},
     TASK_DELIVER_WEBHOOK: {"queue": "webhooks"},
+    TASK_REAP_JOBS: {"queue": "maintenance"},
+    TASK_SWEEP_BLOBS: {"queue": "maintenance"},
+    TASK_RELEASE_BLOBS: {"queue": "maintenance"},
 }
+
+
+def stage_task_id(job_id: str, stage: str) -> str:
+    """The Celery task id of a job's stage (image, text, fusion): known without asking anyone, so a
+    cancel can revoke the job's pending tasks (retries and redeliveries keep the id)."""
+    return f"{job_id}.{stage}"
+
+
+def beat_schedule(settings: Settings) -> dict:
+    """What ``mmfuse beat`` sends, and how often; each run expires after one interval (a backlog of
+    identical sweeps while the maintenance pool is down is pointless)."""
+    return {
+        "reap-jobs": {"task": TASK_REAP_JOBS, "schedule": settings.reaper_interval_s,
+                      "options": {"expires": settings.reaper_interval_s}},
+        "sweep-blobs": {"task": TASK_SWEEP_BLOBS, "schedule": settings.cleanup_interval_s,
+                        "options": {"expires": settings.cleanup_interval_s}},
+    }
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -48,6 +72,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # A submit must fail fast (503) when the broker is down, not retry for a minute.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                    "interval_max": 0.5},
+        beat_schedule=beat_schedule(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

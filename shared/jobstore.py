@@ -9,6 +9,8 @@ Keys (all expire ``job_ttl_s`` after submit):
   ``created_at``: the jobs-in-flight gauges count them; moved in the same atomic steps as the status, and
   entries older than ``job_ttl_s`` (whose record expired) are not counted and are trimmed at each submit
 - ``mmfuse:webhook-claim:<id>:<n>``  held while webhook attempt n is made (expires after a lease)
+- ``mmfuse:idem:<key id>:<sha256 of Idempotency-Key>``  the job an idempotency key made and its request's
+  hash (``gateway/idempotency.py``); written and deleted in the same transactions as the record
 
 The record also holds ``webhook_delivery`` (state and attempts) and ``webhook_body`` (the callback's
 frozen bytes); pending webhook retries extend its expiry past ``job_ttl_s``.
@@ -108,21 +110,38 @@ class JobStore:
 
     # --- create and read ---
 
-    def create(self, spec: JobSpec) -> None:
+    def create(self, spec: JobSpec, idempotency: tuple[str, str] | None = None) -> bytes | None:
+        """Write a new job's record. With ``idempotency`` (key, value), only if that key is not set yet,
+        and then it is set in the same transaction: returns the key's value instead when it already was."""
         key = _job_key(spec.id)
         with self.redis.pipeline(transaction=True) as pipe:
+            if idempotency is not None:
+                pipe.watch(idempotency[0])
+                existing = pipe.get(idempotency[0])
+                if existing is not None:
+                    return existing
+                pipe.multi()
+                pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
             pipe.hset(key, mapping={"spec": spec.to_json(), "status": Status.QUEUED.value,
                                     "created_at": repr(spec.created_at)})
             pipe.expire(key, self.ttl_s)
             pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
             for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
                 pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s!r}")
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.WatchError:  # a concurrent request set the idempotency key first: its job wins
+                existing = self.redis.get(idempotency[0])
+                if existing is None:  # ... and was rolled back since: try again
+                    return self.create(spec, idempotency)
+                return existing
+        return None
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, idempotency_key: str | None = None) -> None:
+        """Remove a job that never ran (a failed submit), and the idempotency key that points at it."""
         key = _job_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key, f"{key}:vectors", f"{key}:done")
+            pipe.delete(key, f"{key}:vectors", f"{key}:done", *([idempotency_key] if idempotency_key else []))
             pipe.zrem(_QUEUED_KEY, job_id)
             pipe.zrem(_RUNNING_KEY, job_id)
             pipe.execute()
@@ -145,6 +164,29 @@ class JobStore:
             pipe.zcount(_RUNNING_KEY, since, "+inf")
             queued, running = pipe.execute()
         return {Status.QUEUED.value: int(queued), Status.RUNNING.value: int(running)}
+
+    def overdue(self, created_before: float, limit: int = 1000) -> list[str]:
+        """Ids of jobs still queued or running that were submitted before ``created_before`` (oldest first)."""
+        ids: list[str] = []
+        for index in (_QUEUED_KEY, _RUNNING_KEY):
+            ids += [raw.decode() for raw in self.redis.zrangebyscore(index, "-inf", f"({created_before!r}",
+                                                                     start=0, num=limit)]
+        return ids[:limit]
+
+    def forget_in_flight(self, job_id: str) -> None:
+        """Drop a job from the in-flight indexes (its record is gone)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(_QUEUED_KEY, job_id)
+            pipe.zrem(_RUNNING_KEY, job_id)
+            pipe.execute()
+
+    def statuses(self, job_ids: list[str]) -> dict[str, Status | None]:
+        """The status of each job, None where its record is gone (one round trip)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(_job_key(job_id), "status")
+            raw = pipe.execute()
+        return {job_id: Status(value.decode()) if value else None for job_id, value in zip(job_ids, raw, strict=True)}
 
     # --- stages ---
 
@@ -201,6 +243,14 @@ class JobStore:
     def fail(self, job_id: str, stage: str, code: str, message: str) -> bool:
         error = json.dumps({"code": code, "message": message, "stage": stage})
         return self._end(job_id, Status.FAILED, "error", error)
+
+    def cancel(self, job_id: str) -> bool:
+        """End a job as canceled unless it already ended; True if this call did. Workers still holding one of
+        its tasks find it terminal: their writes of a status are refused."""
+        ended = self._end(job_id, Status.CANCELED, "canceled_at", repr(time.time()))
+        if ended:
+            self.redis.delete(f"{_job_key(job_id)}:vectors", f"{_job_key(job_id)}:done")
+        return ended
 
     def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
         key = _job_key(job_id)

@@ -37,6 +37,7 @@ def timings(record: JobRecord) -> dict:
         "created_at": iso(created),
         "started_at": iso(started),
         "finished_at": iso(finished),
+        "canceled_at": iso(record.timestamp("canceled_at")),  # set only on a canceled job
         "queued_s": _duration(created, started),
         "total_s": _duration(created, finished),
         "stages": stages,

@@ -64,6 +64,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    JOB_ALREADY_ENDED = "job_already_ended"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = "internal_error"
     # job failures
@@ -72,6 +74,7 @@ class ErrorCode(StrEnum):
     ENCODER_ERROR = "encoder_error"
     FUSION_ERROR = "fusion_error"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 class ApiError(Exception):

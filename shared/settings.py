@@ -35,7 +35,7 @@ class Settings:
     s3_bucket: str = "mmfuse"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
-    job_ttl_s: int = 24 * 3600
+    job_ttl_s: int = 24 * 3600  # job records, results and idempotency keys expire this long after submit
     # Celery redelivers an unacked task after this long; must exceed the slowest task.
     broker_visibility_timeout_s: int = 3600
 
@@ -78,6 +78,11 @@ class Settings:
     webhook_read_timeout_s: float = 10.0
     webhook_max_payload_bytes: int = 256 * 1024
     webhook_allow_networks: tuple[str, ...] = ()  # CIDRs admitted despite the SSRF guard
+
+    # --- lifecycle: run by `mmfuse beat` on the maintenance pool ---
+    job_deadline_s: int = 2 * 3600  # a job still queued/running this long after submit is failed (< job_ttl_s)
+    reaper_interval_s: float = 60.0  # how often jobs past their deadline are looked for
+    cleanup_interval_s: float = 3600.0  # how often S3 is swept for blobs of jobs that ended or expired
 
     # --- observability ---
     metrics_port: int = 0  # workers serve /metrics here; 0 disables
@@ -150,6 +155,12 @@ class Settings:
         for name in ("webhook_connect_timeout_s", "webhook_read_timeout_s", "webhook_max_payload_bytes"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
+        for name in ("job_deadline_s", "reaper_interval_s", "cleanup_interval_s"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be > 0")
+        if self.job_deadline_s >= self.job_ttl_s:
+            raise bad("job_deadline_s", f"must be below MMFUSE_JOB_TTL_S ({self.job_ttl_s}): a record that "
+                      "expires first is never failed")
         if not 0 <= self.metrics_port < 65536:
             raise bad("metrics_port", "must be a TCP port or 0")
 

@@ -48,6 +48,11 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "0.2 0.2 0.2",
         "MMFUSE_WEBHOOK_CONNECT_TIMEOUT_S": "1",
         "MMFUSE_WEBHOOK_READ_TIMEOUT_S": "1",
+        # Maintenance (celery beat): the reaper and the blob sweep run every few seconds; the deadline is
+        # long enough for any real test job (tests/integration/test_lifecycle.py back-dates its stuck jobs).
+        "MMFUSE_REAPER_INTERVAL_S": "1",
+        "MMFUSE_CLEANUP_INTERVAL_S": "2",
+        "MMFUSE_JOB_DEADLINE_S": "600",
         # Metrics on: LocalStack gives each worker its own free port (stack.metrics_urls).
         "MMFUSE_METRICS_PORT": "1",
     }

@@ -42,6 +42,8 @@ COMPOSE_APP_COMMANDS = {
     "text-worker": ["worker", "text"],
     "fusion-worker": ["worker", "fusion"],
     "webhook-worker": ["worker", "webhooks"],
+    "maintenance-worker": ["worker", "maintenance"],
+    "beat": ["beat"],
 }
 ENCODERS = {"image-worker", "text-worker"}
 
@@ -51,6 +53,8 @@ K8S_DEPLOYMENT_ARGS = {
     "mmfuse-text-worker": ["worker", "text"],
     "mmfuse-fusion-worker": ["worker", "fusion"],
     "mmfuse-webhook-worker": ["worker", "webhooks"],
+    "mmfuse-maintenance-worker": ["worker", "maintenance"],
+    "mmfuse-beat": ["beat"],
 }
 K8S_GPU_DEPLOYMENTS = {"mmfuse-image-worker", "mmfuse-text-worker"}
 K8S_EXPECTED = {("Deployment", name) for name in K8S_DEPLOYMENT_ARGS} | {
@@ -465,7 +469,8 @@ def test_k8s_environments_are_valid_settings(k8s_docs):
             pytest.fail(f"{name}: {exc}")
         # Only the webhook pool holds the signing secrets.
         assert ("MMFUSE_WEBHOOK_SECRETS" in env) == (name == "mmfuse-webhook-worker"), name
-        assert {"MMFUSE_S3_ACCESS_KEY", "MMFUSE_S3_SECRET_KEY"} <= env.keys(), name
+        # Every pod that touches S3 has its credentials; beat only sends tasks.
+        assert ({"MMFUSE_S3_ACCESS_KEY", "MMFUSE_S3_SECRET_KEY"} <= env.keys()) == (name != "mmfuse-beat"), name
     # Credentials stay out of the ConfigMap.
     for configmap in configmaps.values():
         assert not {k for k in configmap["data"] if "SECRET" in k or "ACCESS_KEY" in k}

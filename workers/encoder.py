@@ -20,7 +20,7 @@ from celery.signals import worker_init, worker_shutdown
 from shared import metrics
 from shared.batching import BatchStats, DynamicBatcher
 from shared.blobstore import BLOB_STORE_ERRORS, BlobMissing, BlobStore
-from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery
+from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery, stage_task_id
 from shared.jobstore import JobStore
 from shared.models import Encoder, InputError, get_encoder
 from shared.schema import ErrorCode, JobSpec
@@ -132,7 +132,7 @@ class EncoderWorker:
             self.jobs.save_vectors(job_id, kind, vectors)
         self.jobs.finish_stage(job_id, self.modality, batch_size=max(size for _, _, size in encoded))
         if self.jobs.mark_encoded(job_id, self.modality, spec.modalities):
-            self.celery.send_task(TASK_FUSE, args=[job_id])
+            self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, "fusion"))
 
     def fail(self, spec: JobSpec, code: ErrorCode | str, message: str) -> None:
         metrics.ENCODER_FAILURES.labels(self.modality, code.value if isinstance(code, ErrorCode) else code).inc()

@@ -1,7 +1,13 @@
-"""Ending a job, in one place for every worker: the store's status move, then its webhook.
+"""Ending a job, in one place for every worker (and the gateway's cancel): the store's status move, then
+its webhook, then the release of its input blobs.
 
 The store's terminal move is atomic and happens once, so exactly one worker enqueues the callback even
 when tasks are redelivered or two fusions race.
+
+Blobs (the job's uploaded images) are deleted as soon as the job ends, by a ``release_blobs`` task on the
+``maintenance`` queue: nothing reads them afterwards (results and vectors live in Redis), and keeping
+uploads no longer than needed is the safer default. Should that task be lost, the periodic sweep
+(``workers/maintenance``) deletes what ended or expired jobs left behind.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import time
 from celery import Celery
 
 from shared import metrics
-from shared.celery_app import TASK_DELIVER_WEBHOOK
+from shared.celery_app import TASK_DELIVER_WEBHOOK, TASK_RELEASE_BLOBS, stage_task_id
 from shared.jobstore import JobStore
 from shared.schema import ErrorCode, JobSpec
 
@@ -24,6 +30,7 @@ def succeed_job(jobs: JobStore, celery: Celery, spec: JobSpec, result: dict) -> 
     if ended:
         metrics.observe_job_end(spec.created_at, "succeeded")
         _notify(jobs, celery, spec, "job.succeeded")
+        _release_blobs(celery, spec)
     return ended
 
 
@@ -35,7 +42,39 @@ def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: Er
     if ended:
         metrics.observe_job_end(spec.created_at, "failed", stage, code)
         _notify(jobs, celery, spec, "job.failed")
+        _release_blobs(celery, spec)
     return ended
+
+
+def cancel_job(jobs: JobStore, celery: Celery, spec: JobSpec) -> bool:
+    """Cancel a job that has not ended; True if this call ended it. Its pending tasks are revoked (workers
+    drop them unrun); a task already running finds the job ended and writes no status."""
+    ended = jobs.cancel(spec.id)
+    if ended:
+        log.info("job %s canceled", spec.id)
+        metrics.observe_job_end(spec.created_at, "canceled")
+        _revoke(celery, spec)
+        _notify(jobs, celery, spec, "job.canceled")
+        _release_blobs(celery, spec)
+    return ended
+
+
+def _revoke(celery: Celery, spec: JobSpec) -> None:
+    """Best effort: a task that is not revoked in time still finds the job ended and does nothing."""
+    try:
+        celery.control.revoke([stage_task_id(spec.id, stage) for stage in (*spec.modalities, "fusion")])
+    except Exception:
+        log.exception("job %s: could not revoke its tasks", spec.id)
+
+
+def _release_blobs(celery: Celery, spec: JobSpec) -> None:
+    """Queue the deletion of the job's input blobs; never raises (the periodic sweep is the backstop)."""
+    if not spec.image_keys:
+        return
+    try:
+        celery.send_task(TASK_RELEASE_BLOBS, args=[spec.id])
+    except Exception:
+        log.exception("job %s: could not queue the release of its blobs; the sweep will", spec.id)
 
 
 def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
