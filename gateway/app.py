@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from gateway.api import api
 from gateway.health import health
 from gateway.metrics import init_metrics
+from gateway.openapi import docs
 from shared.apikeys import KeyStore
 from shared.blobstore import BlobStore
 from shared.celery_app import create_celery
@@ -40,7 +41,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: no /static route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("could not ensure bucket %s at start: %s", settings.s3_bucket, exc)
     app.register_blueprint(health)
     app.register_blueprint(api)
+    app.register_blueprint(docs)
     init_metrics(app)
 
     @app.errorhandler(ApiError)

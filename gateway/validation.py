@@ -78,6 +78,8 @@ def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
         data = json.loads(request.get_data(cache=False))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, ErrorCode.INVALID_JSON, "body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(422, ErrorCode.VALIDATION_ERROR, "body must be a JSON object",
                        [{"loc": "", "message": "expected an object"}])
@@ -110,7 +112,7 @@ def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptio
     else:
         try:
             options_data = json.loads(options_raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ApiError(400, ErrorCode.INVALID_JSON, f"options part is not valid JSON: {exc}") from None
         options = _validate(JobOptions, options_data, prefix="options.")
     images = [storage.read() for storage in files.getlist("images")]

@@ -108,8 +108,9 @@ class WebhookRequest(BaseModel):
 class ModalityWeights(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image: float = Field(1.0, ge=0)
-    text: float = Field(1.0, ge=0)
+    # Relative weights: bounded and finite, so a weighted sum cannot overflow to inf/NaN.
+    image: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
+    text: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
 
 
 class JobOptions(BaseModel):
@@ -131,6 +132,14 @@ class JobOptions(BaseModel):
 
 class JobRequest(JobOptions):
     """A JSON job: images as base64 strings, texts as strings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"texts": ["a photo of a cat", "a diagram of a bridge"], "outputs": ["embeddings"]},
+        {"images": [  # a 2x2 red PNG
+            "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISLCwMDAxMDAwMDAAAAMHgD095s1SQAAAABJRU5ErkJggg=="],
+         "texts": ["a red square"], "labels": ["red", "blue"],
+         "outputs": ["embeddings", "similarity", "classify"], "fusion": "mean"},
+    ]})
 
     images: list[str] = Field(default_factory=list, description="Base64-encoded image files.")
     texts: list[str] = Field(default_factory=list)

@@ -1,0 +1,162 @@
+"""Pydantic models of what the API answers: the job view, the submit answer, the error body, health.
+
+The handlers build these answers as plain dicts (``shared.jobview``, ``gateway.api``); these models are
+their published schema. The OpenAPI document is generated from them (``gateway/openapi.py``), the unit
+tests validate real answers against them and schemathesis checks the live gateway's answers against the
+served document, so the schema and the code cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.schema import ErrorCode, FusionStrategy, Output, Status, WebhookEvent
+
+_ERROR_CODES = ", ".join(f"`{code.value}`" for code in ErrorCode)
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """One problem with the request; more keys may say more (``limit``, ``reason``, ``status``, ``job_id``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loc: str = Field(description="Where: a dotted path into the body (`texts.3`), or `header.<name>`.")
+    message: str
+
+
+class ErrorInfo(_Answer):
+    code: str = Field(description=f"Machine-readable error code: one of {_ERROR_CODES}, or `http_error`.")
+    message: str = Field(description="What went wrong, for people.")
+    details: list[ErrorDetail] = Field(default_factory=list, description="Present when there is more to say.")
+
+
+class ErrorBody(_Answer):
+    """Every error answer (4xx, 5xx) has this body."""
+
+    error: ErrorInfo
+
+
+# --- submit -----------------------------------------------------------------------------------------
+
+
+class SubmitAnswer(_Answer):
+    """The answer to a submit: 202 for a new job, 200 with the original job for a replayed idempotency key."""
+
+    id: str = Field(description="The job's id.")
+    status: Status = Field(description="`queued` for a new job; a replay tells the job's current status.")
+    status_url: str = Field(description="Where to read the job (also the `Location` header).")
+
+
+# --- the job view -----------------------------------------------------------------------------------
+
+
+class JobRequestSummary(_Answer):
+    images: int = Field(ge=0, description="How many images were submitted.")
+    texts: int = Field(ge=0, description="How many texts were submitted.")
+    labels: list[str]
+    outputs: list[Output]
+    fusion: FusionStrategy
+
+
+class StageTiming(_Answer):
+    started_at: str | None = Field(description="ISO 8601, UTC; the first attempt's start.")
+    finished_at: str | None
+    duration_s: float | None
+    batch_size: int | None = Field(None, ge=1, description="The largest model batch this job's items ran in.")
+
+
+class Timings(_Answer):
+    created_at: str | None = Field(description="Submission time, ISO 8601, UTC.")
+    started_at: str | None = Field(description="When the first stage started.")
+    finished_at: str | None = Field(description="When the job ended (succeeded, failed or canceled).")
+    canceled_at: str | None = Field(description="When the job was canceled; null unless it was.")
+    queued_s: float | None
+    total_s: float | None
+    stages: dict[Literal["image", "text", "fusion"], StageTiming] = Field(
+        description="The stages that started, by name.")
+
+
+Vector = list[float] | str  # JSON floats, or base64 of little-endian float32 (encoding_format=base64)
+
+
+class Embeddings(_Answer):
+    images: list[Vector] = Field(description="One vector per image, in submission order.")
+    texts: list[Vector] = Field(description="One vector per text, in submission order.")
+    fused: Vector | None = Field(description="The fused vector of the job's modalities.")
+    fusion: FusionStrategy
+    encoding_format: Literal["float", "base64"]
+
+
+class Classification(_Answer):
+    label: str = Field(description="The label with the highest score.")
+    scores: list[float] = Field(description="Softmax over the labels, in label order.")
+
+
+class Classify(_Answer):
+    labels: list[str]
+    images: list[Classification]
+    texts: list[Classification]
+
+
+class JobResult(_Answer):
+    """What a succeeded job produced: one key per requested output."""
+
+    embeddings: Embeddings | None = None
+    similarity: list[list[float]] | None = Field(None, description="Cosine similarity, images × texts.")
+    classify: Classify | None = None
+
+
+class JobFailure(_Answer):
+    code: str = Field(description="Why the job failed, e.g. `image_decode_failed`, `deadline_exceeded`.")
+    message: str
+    stage: Literal["image", "text", "fusion"] = Field(description="The stage that failed (or did not finish).")
+
+
+class WebhookAttempt(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    at: float = Field(description="Unix time the attempt started.")
+    status: int | None = Field(description="The receiver's HTTP status; null when no answer came.")
+    error: str | None
+    duration_s: float
+
+
+class WebhookView(_Answer):
+    url: str
+    events: list[WebhookEvent]
+    state: Literal["pending", "delivered", "failed", "not_subscribed"]
+    event: WebhookEvent | None = Field(description="The event being delivered; null while the job runs.")
+    attempts: list[WebhookAttempt]
+
+
+class JobView(_Answer):
+    """A job as ``GET /v1/jobs/{job_id}`` shows it."""
+
+    id: str
+    status: Status
+    request: JobRequestSummary
+    timings: Timings
+    result: JobResult | None = Field(description="Set once the job succeeded.")
+    error: JobFailure | None = Field(description="Set once the job failed.")
+    webhook: WebhookView | None = Field(description="The callback and its delivery; null without a webhook.")
+
+
+# --- health -----------------------------------------------------------------------------------------
+
+
+class Liveness(_Answer):
+    status: Literal["ok"]
+
+
+class Readiness(_Answer):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description="Per store (redis, s3): `ok`, or what is wrong.")
