@@ -69,6 +69,8 @@ def _after(response: Response) -> Response:
     if request.endpoint == SUBMIT_ENDPOINT:
         if response.status_code == 202:
             metrics.JOBS_SUBMITTED.labels("accepted", "none").inc()
+        elif response.status_code == 200:  # an Idempotency-Key replay: no new job
+            metrics.JOBS_SUBMITTED.labels("replayed", "none").inc()
         else:
             metrics.JOBS_SUBMITTED.labels("rejected", _error_code(response)).inc()
     return response

@@ -86,8 +86,9 @@ HTTP_REQUESTS_IN_PROGRESS = Gauge(
     "mmfuse_http_requests_in_progress", "HTTP requests being answered now (live gateway processes only).",
     ["route", "method"], multiprocess_mode="livesum")
 JOBS_SUBMITTED = Counter(
-    "mmfuse_jobs_submitted", "Job submissions (POST /v1/jobs) by outcome; reason is the API error code of a "
-    "rejection, 'none' when accepted.", ["outcome", "reason"])
+    "mmfuse_jobs_submitted", "Job submissions (POST /v1/jobs) by outcome (accepted, replayed: an "
+    "Idempotency-Key answered with its earlier job, rejected); reason is the API error code of a rejection, "
+    "'none' otherwise.", ["outcome", "reason"])
 
 # --- encoder pools (image, text) -------------------------------------------------------------------
 
