@@ -1,0 +1,184 @@
+"""The limit: the bare model, no HTTP or queue, on the pipeline's own code path.
+
+Every measurement runs in a fresh process that loads the encoders with ``shared.models.get_encoder`` exactly
+as a worker does (so ``torch.set_num_threads(threads)``) and runs ``prepare`` (image decode + CLIP
+preprocessing; texts are tokenised inside ``encode``) and ``encode`` for every item, like the workers.
+
+Layouts measured for a job (the best one is the limit; which one won is reported):
+- ``seq``: one process runs both towers one after the other, with 1 or with 2 torch threads;
+- ``split``: two processes with 1 thread each, one per tower, running at the same time: the pipeline's own
+  layout (image pool + text pool) with zero overhead. Jobs/s is the slower tower's items/s.
+- ``dp``: two processes with 1 thread each, each running whole jobs (data parallel): what the machine's
+  cores can do at most; not "one process", so reported for reference, never picked as the limit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Workload:
+    """What one job holds: ``towers`` (each needs one item per job) and the models they run."""
+
+    towers: tuple[str, ...]  # ("image", "text") or ("text",)
+    models: dict[str, str]  # tower -> checkpoint
+    images: list[bytes] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def raw(self, tower: str) -> list:
+        return self.images if tower == "image" else self.texts
+
+
+@dataclass
+class LayoutResult:
+    layout: str  # seq or split
+    threads: int  # torch threads per process
+    processes: int
+    jobs_per_s: dict[int, float]  # batch size -> jobs/s
+    latency_b1_ms: float  # one job at batch 1 (split: the slower tower, both running at once)
+    tower_latency_b1_ms: dict[str, float]
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.jobs_per_s, key=self.jobs_per_s.get)
+
+    @property
+    def best_jobs_per_s(self) -> float:
+        return self.jobs_per_s[self.best_batch]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(best_batch=self.best_batch, best_jobs_per_s=self.best_jobs_per_s,
+                   name=self.name)
+        return out
+
+    @property
+    def name(self) -> str:
+        if self.layout == "split":
+            return f"split: {self.processes} processes x {self.threads} thread, one tower each, in parallel"
+        if self.layout == "dp":
+            return f"dp: {self.processes} processes x {self.threads} thread, whole jobs each (data parallel)"
+        return f"seq: 1 process x {self.threads} thread{'s' if self.threads > 1 else ''}, towers in turn"
+
+
+def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as LocalStack sets for the workers
+    from shared.models import get_encoder
+    from shared.settings import Settings
+
+    max_pixels = Settings().max_image_pixels
+    encoders = {t: get_encoder(t, workload.models[t], "cpu", "float32", threads, max_pixels) for t in towers}
+    import torch
+
+    assert torch.get_num_threads() == threads, (torch.get_num_threads(), threads)
+    return encoders
+
+
+def _run_batch(encoders: dict, workload: Workload, batch: int, offset: int) -> None:
+    """One batch of ``batch`` jobs through every tower of ``encoders``: prepare each item, one forward per tower."""
+    for tower, encoder in encoders.items():
+        raw = workload.raw(tower)
+        items = [raw[(offset + i) % len(raw)] for i in range(batch)]
+        encoder.encode([encoder.prepare(item) for item in items])
+
+
+def _rate(encoders: dict, workload: Workload, batch: int, min_time_s: float, min_batches: int = 2) -> float:
+    _run_batch(encoders, workload, batch, 0)  # warm-up at this shape
+    done, offset = 0, 1
+    started = time.perf_counter()
+    while True:
+        _run_batch(encoders, workload, batch, offset)
+        done += 1
+        offset += batch
+        elapsed = time.perf_counter() - started
+        if done >= min_batches and elapsed >= min_time_s:
+            return done * batch / elapsed
+
+
+def _latency_ms(encoders: dict, workload: Workload, reps: int) -> float:
+    _run_batch(encoders, workload, 1, 0)
+    times = []
+    for rep in range(reps):
+        started = time.perf_counter()
+        _run_batch(encoders, workload, 1, rep + 1)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def _worker(workload: Workload, towers: tuple[str, ...], threads: int, batches: list[int], min_time_s: float,
+            latency_reps: int, barrier, results) -> None:
+    """One measuring process; ``barrier`` (split layout) keeps the processes in step, phase by phase."""
+    encoders = _load(workload, towers, threads)
+
+    def sync() -> None:
+        if barrier is not None:
+            barrier.wait(timeout=600)
+
+    sync()
+    rates = {}
+    for batch in batches:
+        sync()
+        rates[batch] = _rate(encoders, workload, batch, min_time_s)
+    sync()
+    latency = _latency_ms(encoders, workload, latency_reps)
+    results.put((towers, rates, latency))
+
+
+def measure_layout(workload: Workload, layout: str, threads: int, batches: list[int], min_time_s: float,
+                   latency_reps: int) -> LayoutResult:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    if layout == "seq":
+        groups = [workload.towers]
+    elif layout == "split":
+        groups = [(tower,) for tower in workload.towers]
+    elif layout == "dp":
+        groups = [workload.towers, workload.towers]
+    else:
+        raise ValueError(layout)
+    barrier = ctx.Barrier(len(groups)) if len(groups) > 1 else None
+    processes = [ctx.Process(target=_worker, args=(workload, group, threads, batches, min_time_s, latency_reps,
+                                                   barrier, results), daemon=True) for group in groups]
+    for process in processes:
+        process.start()
+    try:
+        answers = [results.get(timeout=900) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    if layout == "dp":  # processes share the jobs
+        jobs_per_s = {b: sum(rates[b] for _, rates, _ in answers) for b in batches}
+    else:  # every job needs each process's towers once: the slowest process sets the pace
+        jobs_per_s = {b: min(rates[b] for _, rates, _ in answers) for b in batches}
+    tower_latency = {}
+    for towers, _, latency in answers:
+        name = "+".join(towers)
+        tower_latency[name] = max(latency, tower_latency.get(name, 0.0))
+    return LayoutResult(layout=layout, threads=threads, processes=len(groups), jobs_per_s=jobs_per_s,
+                        latency_b1_ms=max(tower_latency.values()), tower_latency_b1_ms=tower_latency)
+
+
+ONE_PROCESS = ("seq",)
+
+
+def layouts_for(workload: Workload, cores: int) -> list[tuple[str, int]]:
+    layouts: list[tuple[str, int]] = [("seq", 1)]
+    if cores >= 2:
+        layouts.append(("seq", 2))
+        if len(workload.towers) > 1:
+            layouts.append(("split", 1))
+        layouts.append(("dp", 1))
+    return layouts
+
+
+def pick_limit(measured: list[LayoutResult]) -> LayoutResult:
+    """The limit as the issue defines it: the bare model in one process, at its best thread count and batch."""
+    return max((r for r in measured if r.layout in ONE_PROCESS), key=lambda r: r.best_jobs_per_s)
