@@ -67,7 +67,14 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            # The task of a worker that died is pushed back by a consumer's sweep for messages unacked
+            # longer than the timeout; kombu sweeps every interval x throttle s (100 s by default, whatever
+            # the timeout): sweep every tenth of it (1..60 s), so the task is back within ~1.1 timeouts.
+            "unacked_restore_interval": min(60, max(1, settings.broker_visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         # A submit must fail fast (503) when the broker is down, not retry for a minute.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
