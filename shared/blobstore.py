@@ -30,11 +30,13 @@ def job_prefix(job_id: str) -> str:
 
 class BlobStore:
     def __init__(self, settings: Settings):
-        # Short connect timeout and few retries: a submit must fail fast (503) when S3 is down.
+        # Short timeouts and few retries: a submit must fail fast (503) when S3 is down or hangs. The read
+        # timeout bounds each wait for bytes, not a whole transfer; a read timeout is not retried, so a hung
+        # S3 costs one of them (three 60 s ones held a submit for 3 minutes).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            timeout=urllib3.Timeout(connect=3.0, read=10.0),
             maxsize=32,
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
         )
         self.client = Minio(
             settings.s3_endpoint,
