@@ -61,6 +61,16 @@ _QUEUED_KEY = "mmfuse:jobs:queued"
 _RUNNING_KEY = "mmfuse:jobs:running"
 
 
+# A stage's end time (first one kept) and formed batch size, only while the job has not ended.
+_FINISH_STAGE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'succeeded' or status == 'failed' or status == 'canceled' then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[1] .. '_finished_at', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[1] .. '_batch_size', ARGV[3]) end
+return 1
+"""
+
+
 def _job_key(job_id: str) -> str:
     return f"mmfuse:job:{job_id}"
 
@@ -101,6 +111,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._finish = client.register_script(_FINISH_LUA)
         self._start_stage = client.register_script(_START_STAGE_LUA)
+        self._finish_stage = client.register_script(_FINISH_STAGE_LUA)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> JobStore:
@@ -196,12 +207,9 @@ class JobStore:
                                      args=[stage, repr(time.time()), job_id]))
 
     def finish_stage(self, job_id: str, stage: str, batch_size: int | None = None) -> None:
-        key = _job_key(job_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, f"{stage}_finished_at", repr(time.time()))
-            if batch_size is not None:
-                pipe.hset(key, f"{stage}_batch_size", batch_size)
-            pipe.execute()
+        """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put."""
+        self._finish_stage(keys=[_job_key(job_id)],
+                           args=[stage, repr(time.time()), "" if batch_size is None else str(batch_size)])
 
     def save_vectors(self, job_id: str, kind: str, vectors: np.ndarray) -> None:
         key = f"{_job_key(job_id)}:vectors"
