@@ -165,6 +165,9 @@ def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
         # Reads the header only: the pixel count is checked before anything is decoded.
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+    except Image.DecompressionBombError:  # Pillow's own cap (~179 M pixels), checked when it opens one
+        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE, f"{loc}: too many pixels, limit is {settings.max_image_pixels}",
+                       [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}]) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ApiError(422, ErrorCode.IMAGE_DECODE_FAILED, f"{loc}: unreadable image header: {exc}",
                        [{"loc": loc, "message": "unreadable image header"}]) from None

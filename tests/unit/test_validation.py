@@ -71,6 +71,13 @@ def test_pixel_bomb_is_refused_before_decoding():
     assert "limit is 100" in error.message
 
 
+def test_an_image_past_pillows_own_pixel_cap_is_413_not_500():
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 10_000)).save(buffer, "PNG")  # 200 M pixels in 24 KB; Pillow refuses > 179 M
+    error = error_of(json={"images": [base64.b64encode(buffer.getvalue()).decode()]})
+    assert (error.status, error.code) == (413, "image_too_large")
+
+
 def test_limits_name_themselves():
     settings = Settings(max_images=1, max_image_bytes=10)
     too_many = error_of(settings, json={"images": [base64.b64encode(png()).decode()] * 2})
