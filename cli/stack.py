@@ -39,6 +39,22 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def redis_answers(host: str, port: int) -> bool:
+    """Redis answers PING: it listens and has loaded its data (a restart replays its append-only file
+    first, answering LOADING until then)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
     """The Celery command of one pool: threads pool, so one process owns the model (and the GPU)."""
     if pool not in POOLS:
@@ -119,8 +135,17 @@ class LocalStack:
         # appendonly: queued jobs survive a Redis restart.
         self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "yes", "--dir", str(data_dir)])
-        self._wait(lambda: port_open(host, port), "redis", 15)
+        self._wait(lambda: redis_answers(host, port), "redis", 30)
         return True
+
+    def restart_redis(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+        """Stop the Redis this stack started (``sig``: SIGTERM shuts down cleanly, SIGKILL crashes it) and
+        start it again on the same port and data directory, so it reloads its append-only file."""
+        if "redis" not in self.processes:
+            raise RuntimeError("this stack did not start Redis; cannot restart it")
+        self.stop_process("redis", timeout_s, sig)
+        if not self.ensure_redis():
+            raise RuntimeError("something else answers on the Redis port; not restarted")
 
     def ensure_s3(self) -> bool:
         """Start moto's S3 server for ``MMFUSE_S3_ENDPOINT`` unless one answers there; True if started.
