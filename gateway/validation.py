@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flask import Request
 from pydantic import BaseModel, ValidationError
 
+from shared.models import aspect_ratio
 from shared.schema import ApiError, ErrorCode, FusionStrategy, JobOptions, JobRequest, Output
 from shared.settings import Settings
 
@@ -175,6 +176,11 @@ def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
         raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE,
                        f"{loc}: {width}x{height} pixels, limit is {settings.max_image_pixels}",
                        [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}])
+    if aspect_ratio(width, height) > settings.max_image_aspect_ratio:
+        raise ApiError(422, ErrorCode.IMAGE_TOO_ELONGATED,
+                       f"{loc}: {width}x{height} is more elongated than the limit "
+                       f"{settings.max_image_aspect_ratio:g}:1 (MMFUSE_MAX_IMAGE_ASPECT_RATIO)",
+                       [{"loc": loc, "message": "too elongated", "limit": settings.max_image_aspect_ratio}])
     return ImageInput(data=data, format=sniffed[0], content_type=sniffed[1], width=width, height=height)
 
 

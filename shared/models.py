@@ -87,19 +87,21 @@ class ClipImageEncoder:
 
     modality = "image"
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32", max_pixels: int = 0):
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32", max_pixels: int = 0,
+                 max_aspect_ratio: float = 0):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.model_id = model_id
         self.device = device
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.processor = CLIPImageProcessor.from_pretrained(model_id)
         self.model = _prepare_model(CLIPVisionModelWithProjection.from_pretrained(model_id), device, dtype)
         self.dim = self.model.config.projection_dim
         self._dtype = _torch_dtype(dtype)
 
     def prepare(self, raw: bytes):
-        image = decode_image(raw, self.max_pixels)
+        image = decode_image(raw, self.max_pixels, self.max_aspect_ratio)
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def encode(self, prepared: list) -> np.ndarray:
@@ -171,7 +173,7 @@ class SentenceEncoder(_TextEncoder):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def decode_image(raw: bytes, max_pixels: int = 0):
+def decode_image(raw: bytes, max_pixels: int = 0, max_aspect_ratio: float = 0):
     """Decode image bytes to RGB, refusing corrupt data and (before the full decode) pixel bombs."""
     from PIL import Image, UnidentifiedImageError
 
@@ -180,6 +182,11 @@ def decode_image(raw: bytes, max_pixels: int = 0):
             width, height = image.size
             if max_pixels and width * height > max_pixels:
                 raise InputError("image_too_large", f"image has {width * height} pixels, limit {max_pixels}")
+            if max_aspect_ratio and aspect_ratio(width, height) > max_aspect_ratio:
+                # Preprocessing scales the short side up to the model's input: a 4,000,000 x 1 image of
+                # 12 KB would need tens of GB.
+                raise InputError("image_too_elongated",
+                                 f"image is {width}x{height}, aspect ratio limit {max_aspect_ratio:g}")
             image.load()
             return image.convert("RGB")
     except InputError:
@@ -188,12 +195,16 @@ def decode_image(raw: bytes, max_pixels: int = 0):
         raise InputError("image_decode_failed", f"cannot decode image: {exc}") from None
 
 
+def aspect_ratio(width: int, height: int) -> float:
+    return max(width, height) / max(1, min(width, height))
+
+
 def load_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
-                 max_pixels: int = 0) -> Encoder:
+                 max_pixels: int = 0, max_aspect_ratio: float = 0) -> Encoder:
     """Build the encoder for ``modality`` from a checkpoint id or directory."""
     _quiet_transformers()
     if modality == "image":
-        return ClipImageEncoder(model_id, device, dtype, max_pixels)
+        return ClipImageEncoder(model_id, device, dtype, max_pixels, max_aspect_ratio)
     if modality == "text":
         if _model_type(model_id) == "clip":
             return ClipTextEncoder(model_id, device, dtype)
@@ -206,16 +217,16 @@ _cache_lock = threading.Lock()
 
 
 def get_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
-                threads: int = 1, max_pixels: int = 0) -> Encoder:
+                threads: int = 1, max_pixels: int = 0, max_aspect_ratio: float = 0) -> Encoder:
     """The process's encoder for these arguments, loaded once (workers call this at start)."""
-    key = (modality, model_id, device, dtype, max_pixels)
+    key = (modality, model_id, device, dtype, max_pixels, max_aspect_ratio)
     with _cache_lock:
         if key not in _cache:
             torch = _torch()
             if device == "cpu":
                 torch.set_num_threads(threads)
             log.info("loading %s encoder %s on %s (%s)", modality, model_id, device, dtype)
-            _cache[key] = load_encoder(modality, model_id, device, dtype, max_pixels)
+            _cache[key] = load_encoder(modality, model_id, device, dtype, max_pixels, max_aspect_ratio)
         return _cache[key]
 
 

@@ -57,6 +57,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_ITEMS = "too_many_items"
     TEXT_TOO_LONG = "text_too_long"
     IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_ELONGATED = "image_too_elongated"
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
     INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
     WEBHOOK_URL_REJECTED = "webhook_url_rejected"

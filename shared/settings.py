@@ -63,6 +63,7 @@ class Settings:
     max_text_chars: int = 4096
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect_ratio: float = 20.0  # long side / short side; preprocessing upscales the short side
     image_formats: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "bmp")
     max_wait_s: float = 30.0  # cap for GET /v1/jobs/<id>?wait=
 
@@ -133,6 +134,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
+        if self.max_image_aspect_ratio < 1:
+            raise bad("max_image_aspect_ratio", "must be >= 1")
         for name in ("image_max_wait_ms", "text_max_wait_ms", "max_wait_s", "rate_limit_per_s"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")

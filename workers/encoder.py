@@ -59,7 +59,7 @@ class EncoderWorker:
         s = self.settings
         with metrics.Timer() as load:
             self.encoder = get_encoder(self.modality, self.model_id, s.device, s.dtype, s.torch_threads,
-                                       s.max_image_pixels)
+                                       s.max_image_pixels, s.max_image_aspect_ratio)
         metrics.ENCODER_MODEL_LOAD.labels(self.modality).set(load.seconds)
         if self.modality == "image":
             max_batch, max_wait = s.image_max_batch_size, s.image_max_wait_ms

@@ -54,8 +54,11 @@ def fstack(checkpoint_dir, tmp_path_factory):
     """Redis, S3, gateway, text and fusion pools; the image pool is each test's to start and kill."""
     from cli.stack import LocalStack
 
+    # The aspect-ratio limit is lifted here so that an elongated image reaches the worker as a poison input
+    # (by default the gateway refuses it: 422 image_too_elongated).
     env = stack_env(checkpoint_dir, MMFUSE_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
-                    MMFUSE_WORKER_CONCURRENCY="4", MMFUSE_RATE_LIMIT_PER_S="0")
+                    MMFUSE_WORKER_CONCURRENCY="4", MMFUSE_RATE_LIMIT_PER_S="0",
+                    MMFUSE_MAX_IMAGE_ASPECT_RATIO="1e9")
     local = LocalStack(var_dir=tmp_path_factory.mktemp("faults"), env=env)
     try:
         local.start(pools=("text", "fusion"), timeout_s=240)
@@ -230,7 +233,8 @@ def test_poison_inputs_fail_their_job_with_the_reason_and_the_queue_keeps_flowin
 
     - a PNG cut off inside its image data: the header is fine (the gateway reads only that), the decode
       in the worker fails: ``image_decode_failed``;
-    - a 4,000,000 x 1 PNG (12 KB, 4 M pixels, within every limit): CLIP's preprocessing scales its short
+    - a 4,000,000 x 1 PNG (12 KB, 4 M pixels, within every limit of this stack, whose aspect-ratio limit is
+      lifted): CLIP's preprocessing scales its short
       side up to the model's input size, so it needs tens of GB. This worker runs under a 4 GB address
       space limit (``prlimit --as``), so the allocation fails with ``MemoryError``: ``encoder_error``.
       (Without such a limit, the kernel's OOM killer ends the worker instead: the crash loop below.)

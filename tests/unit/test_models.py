@@ -73,3 +73,12 @@ def test_decode_image_refuses_corrupt_and_oversized():
     with pytest.raises(InputError) as big:
         decode_image(data, max_pixels=9_999)
     assert big.value.code == "image_too_large"
+
+
+def test_decode_image_refuses_elongated_images():
+    png = io.BytesIO()
+    Image.new("RGB", (400, 4)).save(png, "PNG")
+    with pytest.raises(InputError) as elongated:
+        decode_image(png.getvalue(), max_aspect_ratio=50)
+    assert elongated.value.code == "image_too_elongated"
+    assert decode_image(png.getvalue(), max_aspect_ratio=100).size == (400, 4)

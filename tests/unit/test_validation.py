@@ -112,3 +112,11 @@ def test_zero_weights_and_stray_labels_are_refused():
     assert error_of(json={"texts": ["a"], "weights": {"text": 0}}).details[0]["loc"] == "weights"
     assert error_of(json={"texts": ["a"], "labels": ["x"]}).details[0]["loc"] == "labels"
     assert error_of(json={"texts": [" "]}).details[0]["loc"] == "texts.0"
+
+
+def test_elongated_images_are_refused_before_decoding():
+    wide = base64.b64encode(png((210, 10))).decode()
+    error = error_of(json={"images": [wide]})
+    assert (error.status, error.code) == (422, "image_too_elongated")
+    assert error.details[0]["limit"] == 20
+    assert parse(Settings(max_image_aspect_ratio=25), json={"images": [wide]}).images[0].width == 210
