@@ -9,6 +9,7 @@ so acks_late still covers a crash, and the fan-in to fusion is a set in the job 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import wait
 
@@ -36,6 +37,12 @@ GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence]]]
 TRANSIENT_ERRORS = (redis.RedisError, *BLOB_STORE_ERRORS)
 MAX_ATTEMPTS = 5  # deliveries of one stage's task before the job fails (poison input, crash loops)
 RETRY_DELAYS_S = (1, 4, 15)
+# The inference thread needs the GIL between torch ops; with Python's default 5 ms switch interval it
+# waits behind task threads (decode, preprocessing, Redis) and the Celery consumer for up to 5 ms per op,
+# while its other torch threads idle. On 2 CPU cores with MMFUSE_TORCH_THREADS=2 for the image pool, 0.2 ms
+# took B/32 image+text jobs from 4.5-6.4 to 7.5-9.4 jobs/s (3 A/B pairs); at 1 thread the difference was
+# within the noise (docs/performance.md).
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 class EncoderWorker:
@@ -170,6 +177,7 @@ def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Cel
 
     @worker_init.connect(weak=False)
     def _load_model(**_kwargs) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is the worker: set it here, not at import
         worker.start()
 
     @worker_shutdown.connect(weak=False)
