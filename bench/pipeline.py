@@ -52,7 +52,7 @@ class Plan:
     warmup_jobs: int
     accept_s: float
     accept_connections: int
-    variant_jobs: int = 0  # B/32 at concurrency 32 with 2 image worker processes (0: skipped)
+    variant_jobs: dict | None = None  # concurrency -> B/32 jobs with the image pool at 2 torch threads
 
 
 FULL = Plan(
@@ -60,7 +60,8 @@ FULL = Plan(
     layouts=("seq1", "seq2", "split1", "dp1"), recheck_limit=True,
     b32_concurrency=(1, 8, 32, 64), text_concurrency=(1, 8, 32),
     b32_jobs={1: 25, 8: 48, 32: 128, 64: 256}, text_jobs={1: 150, 8: 400, 32: 800},
-    warmup_jobs=32, accept_s=10.0, accept_connections=32, variant_jobs=128,
+    warmup_jobs=32, accept_s=10.0, accept_connections=32,
+    variant_jobs={1: 25, 32: 128},
 )
 QUICK = Plan(
     b32_batches=(4,), text_batches=(16,), min_time_s=0.3, latency_reps=3, layouts=("seq1", "split1"),
@@ -198,13 +199,19 @@ def start_gateway(stack, workers: int) -> None:
     stack.wait_ready(())
 
 
-def start_second_image_worker(stack) -> None:
-    from cli.stack import worker_command
-
-    command = worker_command("image", int(stack.env.get("MMFUSE_WORKER_CONCURRENCY", "32")))
-    command[command.index("-n") + 1] = "image2@%h"
-    stack.spawn("worker-image2", command)
-    stack.wait_workers(("image", "image2"), 300)
+def restart_image_worker(stack, torch_threads: int) -> None:
+    """Restart the image pool's worker with ``MMFUSE_TORCH_THREADS=torch_threads`` (it alone)."""
+    stack.stop_process("worker-image")
+    previous = stack.env.get("MMFUSE_TORCH_THREADS")
+    stack.env["MMFUSE_TORCH_THREADS"] = str(torch_threads)  # read when the process is spawned
+    try:
+        stack.start_worker("image")
+    finally:
+        if previous is None:
+            stack.env.pop("MMFUSE_TORCH_THREADS")
+        else:
+            stack.env["MMFUSE_TORCH_THREADS"] = previous
+    stack.wait_workers(("image",), 300)
 
 
 def flush_redis(stack) -> None:
@@ -277,6 +284,9 @@ def summarise(results: dict) -> dict:
         own = b32["same_layout"]
         if c32:
             out["ratio_b32_c32"] = c32["jobs_per_s"] / limit.best_jobs_per_s
+        variant = at(b32.get("variant_image_threads_2", []), 32)
+        if variant:
+            out["ratio_b32_c32_image_threads_2"] = variant["jobs_per_s"] / limit.best_jobs_per_s
         if c1:
             out["overhead_c1_ms"] = c1["p50_ms"] - (own.latency_b1_ms if own else limit.latency_b1_ms)
             out["p50_c1_minus_limit_latency_ms"] = c1["p50_ms"] - limit.latency_b1_ms
@@ -314,8 +324,8 @@ def report(results: dict) -> str:
         if b32["limit"]:
             lines += ["## 1. Limit: B/32 image+text jobs (1 image + 1 text), bare model", "",
                       limit_table(b32["limit"]), ""]
-        runs = b32["pipeline"] + [dict(r, label=f"{r['concurrency']}, 2 image workers")
-                                  for r in b32.get("variant_2_image_workers", [])]
+        runs = b32["pipeline"] + [dict(r, label=f"{r['concurrency']}, image pool 2 threads")
+                                  for r in b32.get("variant_image_threads_2", [])]
         lines += ["## 2. Pipeline: B/32 image+text jobs, closed loop, submit -> result via long-poll", "",
                   pipeline_table(runs, b32["limit"] and b32["limit"]["limit"], b32["same_layout"]), ""]
         c1 = at(b32["pipeline"], 1)
@@ -345,6 +355,7 @@ def report(results: dict) -> str:
     rows = []
     labels = {
         "ratio_b32_c32": ("3. throughput ratio pipeline/limit, B/32 image+text, concurrency 32", ">=", 2),
+        "ratio_b32_c32_image_threads_2": ("3. the same, image pool at MMFUSE_TORCH_THREADS=2", None, 2),
         "overhead_c1_ms": ("3. p50 overhead at concurrency 1 vs the same layout's bare batch-1 latency (ms)", "<=", 1),
         "p50_c1_minus_limit_latency_ms": ("3. p50 at concurrency 1 minus the limit's batch-1 latency (ms)", None, 1),
         "ratio_minilm_c32": ("4. throughput ratio pipeline/limit, MiniLM text-only, concurrency 32", ">=", 2),
@@ -506,13 +517,13 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("b32", {})["pipeline"] = run_pipeline(
                 stack, api_key, plan.b32_concurrency, plan.b32_jobs, b32_job, plan.warmup_jobs, log)
             if plan.variant_jobs:
-                # The same at concurrency 32 with a second image worker process: is the limit the layout
-                # (one single-threaded image process = one core for the vision tower) or the overhead?
-                log("pipeline variant: B/32 image+text jobs, 2 image worker processes")
-                start_second_image_worker(stack)
-                run_pipeline(stack, api_key, (), {}, b32_job, 16, log)  # let the new worker warm up
-                results["b32"]["variant_2_image_workers"] = run_pipeline(
-                    stack, api_key, (32,), {32: plan.variant_jobs}, b32_job, 0, log)
+                # The same with the image pool at 2 torch threads: the default layout pins the vision tower
+                # (most of a job's compute) to one core, while the text pool and the overhead leave the
+                # other one half idle.
+                log("pipeline variant: B/32 image+text jobs, image pool at MMFUSE_TORCH_THREADS=2")
+                restart_image_worker(stack, torch_threads=2)
+                results["b32"]["variant_image_threads_2"] = run_pipeline(
+                    stack, api_key, (1, 32), plan.variant_jobs, b32_job, plan.warmup_jobs, log)
             for name in [n for n in stack.processes if n.startswith(("worker-image", "worker-text"))]:
                 stack.stop_process(name)
 

@@ -101,7 +101,7 @@ def test_report_and_json_from_synthetic_results():
         "torch": {"torch": "2.x"}, "inputs": "test inputs", "settings": {"torch_threads": 1},
         "b32": {"limit": {"layouts": [seq1, split], "limit": seq1, "recheck_jobs_per_s": 5.9}, "same_layout": split,
                 "pipeline": [_run(1, 4.0, 180.0), _run(32, 5.4, 3000.0)],
-                "variant_2_image_workers": [_run(32, 5.7, 2900.0)]},
+                "variant_image_threads_2": [_run(32, 5.7, 2900.0)]},
         "minilm": {"limit": {"layouts": [text], "limit": text}, "same_layout": text,
                    "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0)]},
         "accept": {2: {"gateway_workers": 2, "connections": 32, "duration_s": 10.0, "accepted_per_s": 600.0,
@@ -112,8 +112,10 @@ def test_report_and_json_from_synthetic_results():
     assert results["summary"]["overhead_c1_ms"] == pytest.approx(20.0)  # vs the split layout's latency
     assert results["summary"]["ratio_minilm_c32"] == pytest.approx(0.5)
     assert results["summary"]["accept_per_s"] == 600.0
+    assert results["summary"]["ratio_b32_c32_image_threads_2"] == pytest.approx(0.95)
     text_report = report(results)
-    for expected in ("## 1. Limit", "(limit)", "32, 2 image workers", "## 5. Gateway accept rate", "| yes", "| NO"):
+    for expected in ("## 1. Limit", "(limit)", "32, image pool 2 threads", "## 5. Gateway accept rate", "| yes",
+                     "| NO"):
         assert expected in text_report
     encoded = json.loads(json.dumps(to_json(results)))
     assert encoded["b32"]["limit"]["limit"]["best_jobs_per_s"] == 6.0
