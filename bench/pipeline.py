@@ -68,7 +68,7 @@ QUICK = Plan(
     recheck_limit=False,
     b32_concurrency=(1, 8, 32, 64), text_concurrency=(1, 8, 32),
     b32_jobs={1: 4, 8: 16, 32: 32, 64: 64}, text_jobs={1: 20, 8: 64, 32: 128},
-    warmup_jobs=8, accept_s=3.0, accept_connections=32,
+    warmup_jobs=8, accept_s=3.0, accept_connections=32, variant_jobs={1: 2, 32: 32},
 )
 
 PIPELINE_SETTINGS = ("image_max_batch_size", "image_max_wait_ms", "text_max_batch_size", "text_max_wait_ms",
