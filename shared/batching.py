@@ -1,7 +1,8 @@
 """A dynamic batcher: many producer threads, one inference thread that owns the model.
 
 Items are collected until ``max_batch_size`` are waiting or ``max_wait_ms`` have passed since the first
-one arrived, whichever comes first; then one call of ``fn(items)`` answers them all through futures.
+one arrived, whichever comes first — or at once when ``expecting_more`` says no producer is about to
+submit; then one call of ``fn(items)`` answers them all through futures.
 While the model runs, new items queue up, so a busy model forms full batches without waiting.
 """
 
@@ -52,6 +53,7 @@ class DynamicBatcher(Generic[Item, Result]):
         max_wait_ms: float,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
+        expecting_more: Callable[[], bool] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -59,6 +61,8 @@ class DynamicBatcher(Generic[Item, Result]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
+        # Whether a producer is about to submit: when nobody is, waiting for max_wait_ms only adds latency.
+        self.expecting_more = expecting_more
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
@@ -97,6 +101,8 @@ class DynamicBatcher(Generic[Item, Result]):
             deadline = first.enqueued_at + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 remaining = deadline - time.monotonic()
+                if remaining > 0 and self._queue.empty() and not self._more_coming():
+                    remaining = 0  # take what is queued, don't wait for items nobody is preparing
                 try:
                     pending = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
@@ -117,6 +123,9 @@ class DynamicBatcher(Generic[Item, Result]):
                 rest.append(pending)
         for start in range(0, len(rest), self.max_batch_size):
             self._run(rest[start:start + self.max_batch_size])
+
+    def _more_coming(self) -> bool:
+        return self.expecting_more is None or self.expecting_more()
 
     def _run(self, batch: list[_Pending]) -> None:
         batch = [p for p in batch if p.future.set_running_or_notify_cancel()]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import wait
+from contextlib import contextmanager
 
 import numpy as np
 import redis
@@ -55,6 +57,10 @@ class EncoderWorker:
         self.blobs = BlobStore(settings)
         self.encoder: Encoder | None = None
         self.batcher: DynamicBatcher | None = None
+        # Tasks running, and those of them whose items are already in the batcher (see _expecting_more).
+        self._count_lock = threading.Lock()
+        self._active_tasks = 0
+        self._submitted_tasks = 0
 
     @property
     def model_id(self) -> str:
@@ -73,7 +79,8 @@ class EncoderWorker:
         else:
             max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
         self.batcher = DynamicBatcher(self.encoder.encode, max_batch, max_wait,
-                                      name=f"{self.modality}-inference", on_batch=self._on_batch)
+                                      name=f"{self.modality}-inference", on_batch=self._on_batch,
+                                      expecting_more=self._expecting_more)
         log.info("%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
                  self.modality, self.model_id, self.encoder.dim, max_batch, max_wait)
 
@@ -102,15 +109,44 @@ class EncoderWorker:
         Returns the vectors and the largest batch any of them ran in (recorded on the job).
         """
         prepared = [self._prepare(raw) for raw in raw_items]
-        futures = self.batcher.submit_many(prepared)
-        wait(futures)
+        with self._submitting():
+            futures = self.batcher.submit_many(prepared)
+            wait(futures)
         if not futures:
             return np.zeros((0, self.encoder.dim), "f4"), 0
         vectors = np.stack([f.result() for f in futures])
         return vectors, max(getattr(f, "batch_size", 1) for f in futures)
 
+    @contextmanager
+    def _active(self):
+        with self._count_lock:
+            self._active_tasks += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._active_tasks -= 1
+
+    @contextmanager
+    def _submitting(self):
+        with self._count_lock:
+            self._submitted_tasks += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._submitted_tasks -= 1
+
+    def _expecting_more(self) -> bool:
+        """Some task is fetching or preparing items it will submit: worth waiting for, up to max_wait_ms."""
+        return self._active_tasks > self._submitted_tasks
+
     def run(self, job_id: str) -> None:
         """The task body: encode this pool's part of the job; enqueue fusion when it completes the job."""
+        with self._active():
+            self._run(job_id)
+
+    def _run(self, job_id: str) -> None:
         attempt = self.jobs.start_stage(job_id, self.modality)
         record = self.jobs.get(job_id) if attempt > 0 else None
         if record is None or record.status.terminal:

@@ -114,3 +114,19 @@ def test_stats_callback_reports_batches():
     batcher.close()
     assert [s.size for s in seen] == [2, 2]
     assert all(s.inference_s >= 0 and s.max_queue_wait_s >= 0 and s.failed == 0 for s in seen)
+
+
+def test_no_wait_when_no_producer_is_preparing_items():
+    fn = Recorder()
+    expecting = {"more": False}
+    batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=2_000, expecting_more=lambda: expecting["more"])
+    started = time.monotonic()
+    assert batcher.submit(1).result(timeout=5) == 10
+    assert time.monotonic() - started < 1  # not the 2 s deadline
+    expecting["more"] = True  # someone is preparing: the batcher waits for them, up to the deadline
+    first = batcher.submit(2)
+    time.sleep(0.2)
+    second = batcher.submit(3)
+    assert [first.result(timeout=5), second.result(timeout=5)] == [20, 30]
+    assert fn.batches == [[1], [2, 3]]
+    batcher.close()
