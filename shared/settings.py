@@ -54,6 +54,9 @@ class Settings:
     text_max_batch_size: int = 32
     text_max_wait_ms: float = 2.0
     worker_concurrency: int = 32  # threads per encoder worker: items waiting to join a batch
+    # Wait max_wait_ms for a batch to fill even when no task is preparing items: bigger batches under a
+    # steady trickle of arrivals (GPU), at the cost of max_wait_ms latency for a lone job.
+    batch_wait_always: bool = False
 
     # --- API limits ---
     max_body_bytes: int = 64 * 1024 * 1024

@@ -80,7 +80,7 @@ class EncoderWorker:
             max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
         self.batcher = DynamicBatcher(self.encoder.encode, max_batch, max_wait,
                                       name=f"{self.modality}-inference", on_batch=self._on_batch,
-                                      expecting_more=self._expecting_more)
+                                      expecting_more=None if s.batch_wait_always else self._expecting_more)
         log.info("%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
                  self.modality, self.model_id, self.encoder.dim, max_batch, max_wait)
 

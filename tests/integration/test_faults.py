@@ -5,10 +5,11 @@ never touch the session ``stack``: the module starts its own ``LocalStack`` (own
 ``appendonly yes``, own moto S3 server) and stops every child it started.
 
 The image pool is not started with the stack: each test starts (and kills) its own image workers. A
-*holding* worker gets ``HOLD_ENV``, a 60 s ``MMFUSE_IMAGE_MAX_WAIT_MS`` (a real setting: how long the
-batcher waits to fill a batch), so a one-image job sits in its batcher, its task received and unacked, for
-a minute after ``start_stage`` recorded the attempt: a window wide enough to SIGKILL the worker while it
-holds the task, without stubbing anything in the pipeline.
+*holding* worker gets ``HOLD_ENV``: a 60 s ``MMFUSE_IMAGE_MAX_WAIT_MS`` with ``MMFUSE_BATCH_WAIT_ALWAYS``
+(real settings: how long the batcher waits to fill a batch, even for a lone job), so a one-image job sits
+in its batcher, its task received and unacked, for a minute after ``start_stage`` recorded the attempt: a
+window wide enough to SIGKILL the worker while it holds the task, without stubbing anything in the
+pipeline.
 
 How a task held by a dead worker comes back (kombu's Redis transport, ``kombu/transport/redis.py``): a
 delivered message is moved to the ``unacked`` hash, its delivery time in the ``unacked_index`` sorted set;
@@ -42,7 +43,8 @@ from tests.conftest import make_png, stack_env
 from tests.integration.test_pipeline import TOL, ref_vectors
 
 VISIBILITY_S = 5
-HOLD_ENV = {"MMFUSE_IMAGE_MAX_WAIT_MS": "60000"}  # a one-image job waits in the batcher for a minute
+# A one-image job waits in the batcher for a minute (by default a lone job runs at once).
+HOLD_ENV = {"MMFUSE_IMAGE_MAX_WAIT_MS": "60000", "MMFUSE_BATCH_WAIT_ALWAYS": "true"}
 QUEUES = ("image", "text", "fusion", "webhooks")
 
 
