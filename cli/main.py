@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         env["MMFUSE_WEBHOOK_SECRETS"] = generate_secret()
         print(f"webhook signing secret for this run: {env['MMFUSE_WEBHOOK_SECRETS']}")
     stack = LocalStack(var_dir=var_dir, env=env)
+    # Stop the stack on SIGTERM too (and on Ctrl-C even where the shell started us with SIGINT ignored).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print("starting redis (if absent), S3 (if absent), gateway, workers and beat ...", flush=True)
         started = time.monotonic()
