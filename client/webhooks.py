@@ -48,7 +48,7 @@ def sign(secrets: Sequence[str] | str, msg_id: str, timestamp: int, body: bytes)
     pace during a rotation: whichever one they hold matches one of the signatures.
     """
     content = _signed_content(msg_id, timestamp, body)
-    return " ".join(f"{SIGNATURE_VERSION},{_digest(key, content)}" for key in _keys(secrets))
+    return " ".join(f"{SIGNATURE_VERSION},{_digest(key, content)}" for key in decode_secrets(secrets))
 
 
 def verify_webhook(
@@ -69,7 +69,7 @@ def verify_webhook(
     Raises :class:`WebhookVerificationError` for anything a sender or an attacker controls, and
     ``ValueError`` for a malformed secret, which is the receiver's own configuration error.
     """
-    keys = _keys(secrets)
+    keys = decode_secrets(secrets)
     lowered = {name.lower(): value for name, value in headers.items()}
     msg_id, raw_timestamp, signatures = (
         _required(lowered, name) for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
@@ -101,7 +101,7 @@ def verify_webhook(
     return payload
 
 
-def _keys(secrets: Sequence[str] | str) -> list[bytes]:
+def decode_secrets(secrets: Sequence[str] | str) -> list[bytes]:
     """Decode ``whsec_`` secrets to HMAC keys; a lone string counts as one secret, not as characters."""
     items = [secrets] if isinstance(secrets, str) else list(secrets)
     if not items:

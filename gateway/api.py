@@ -6,27 +6,25 @@ from __future__ import annotations
 import logging
 import time
 
-import kombu.exceptions
 import redis
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
 from gateway import idempotency
 from gateway.auth import authenticate, enforce_rate_limit, owns
 from gateway.validation import ValidatedJob, parse_job_request
-from shared.blobstore import BLOB_STORE_ERRORS, image_key
+from shared import lifecycle
+from shared.backends import BACKEND_ERRORS
+from shared.blobstore import image_key
 from shared.celery_app import ENCODE_TASKS, stage_task_id
 from shared.jobview import ENCODING_FORMATS, public_job
 from shared.schema import ApiError, ErrorCode, JobSpec, Status, new_job_id
 from shared.webhooks import WebhookURLRejected, check_url
-from workers import lifecycle
 
 log = logging.getLogger(__name__)
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
 api.before_request(authenticate)
 
-# Failures of Redis, S3 or the broker during a submit: the client may retry, nothing was kept.
-BACKEND_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, *BLOB_STORE_ERRORS)
 
 
 def _services():

@@ -78,6 +78,10 @@ class KeyStore:
 
     def create(self, name: str, rate_per_s: float | None = None, burst: int | None = None) -> tuple[str, ApiKey]:
         """A new key; the plaintext is returned once and never stored."""
+        if rate_per_s is not None and rate_per_s < 0:
+            raise ValueError("rate_per_s must be >= 0 (0: no limit)")
+        if burst is not None and burst < 1:
+            raise ValueError("burst must be >= 1")
         key_id = secrets.token_hex(6)
         plaintext = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         record = ApiKey(id=key_id, name=name, created_at=time.time(), rate_per_s=rate_per_s, burst=burst)

@@ -71,6 +71,14 @@ return 1
 """
 
 
+# Keep the first webhook body; return the kept one (nil if the record is gone).
+_FREEZE_BODY_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'webhook_body', ARGV[1])
+return redis.call('HGET', KEYS[1], 'webhook_body')
+"""
+
+
 def _job_key(job_id: str) -> str:
     return f"mmfuse:job:{job_id}"
 
@@ -112,6 +120,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH_LUA)
         self._start_stage = client.register_script(_START_STAGE_LUA)
         self._finish_stage = client.register_script(_FINISH_STAGE_LUA)
+        self._freeze_body = client.register_script(_FREEZE_BODY_LUA)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> JobStore:
@@ -269,20 +278,33 @@ class JobStore:
     # --- webhooks ---
 
     def record_webhook_attempt(self, job_id: str, event: str, attempt: dict, state: str) -> None:
-        """Append an attempt and set the delivery state; attempts of one job are sequential (one writer)."""
-        key = _job_key(job_id)
-        raw = self.redis.hget(key, "webhook_delivery")
-        delivery = json.loads(raw) if raw else {"attempts": []}
-        delivery.update(event=event, state=state)
-        delivery["attempts"].append(attempt)
-        self.redis.hset(key, "webhook_delivery", json.dumps(delivery))
+        """Append an attempt and set the delivery state; nothing if the record is gone."""
+        self._update_delivery(job_id, event, state, attempt)
 
     def set_webhook_state(self, job_id: str, state: str, event: str | None = None) -> None:
+        self._update_delivery(job_id, event, state, None)
+
+    def _update_delivery(self, job_id: str, event: str | None, state: str, attempt: dict | None) -> None:
+        # Read-modify-write under WATCH, and only on an existing record: a write after expiry would leave
+        # a hash that never expires.
         key = _job_key(job_id)
-        raw = self.redis.hget(key, "webhook_delivery")
-        delivery = json.loads(raw) if raw else {"attempts": []}
-        delivery.update(event=event, state=state)
-        self.redis.hset(key, "webhook_delivery", json.dumps(delivery))
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if not pipe.exists(key):
+                        return
+                    raw = pipe.hget(key, "webhook_delivery")
+                    delivery = json.loads(raw) if raw else {"attempts": []}
+                    delivery.update(event=event, state=state)
+                    if attempt is not None:
+                        delivery["attempts"].append(attempt)
+                    pipe.multi()
+                    pipe.hset(key, "webhook_delivery", json.dumps(delivery))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def claim_webhook_attempt(self, job_id: str, attempt_number: int, lease_s: float) -> bool:
         """True for the one caller that may make attempt ``attempt_number``; copies of its task get False.
@@ -297,11 +319,8 @@ class JobStore:
 
     def freeze_webhook_body(self, job_id: str, body: bytes) -> bytes:
         """Keep the first attempt's body and return what is kept: every retry sends identical bytes."""
-        key = _job_key(job_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "webhook_body", body)
-            pipe.hget(key, "webhook_body")
-            return pipe.execute()[1]
+        kept = self._freeze_body(keys=[_job_key(job_id)], args=[body])
+        return kept if kept is not None else body  # the record expired: nothing to keep it in
 
     def keep_for(self, job_id: str, seconds: float) -> None:
         """Make the record live at least ``seconds`` longer (never shorter): retries outlast ``job_ttl_s``."""

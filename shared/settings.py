@@ -148,9 +148,13 @@ class Settings:
             raise bad("dtype", f"expected float32, float16 or bfloat16, got {self.dtype!r}")
         if self.dtype != "float32" and self.device == "cpu":
             raise bad("dtype", "half precision needs a CUDA device")
-        for secret in self.webhook_secrets:
-            if not secret.startswith("whsec_"):
-                raise bad("webhook_secrets", "each secret must start with 'whsec_'")
+        if self.webhook_secrets:
+            from client.webhooks import decode_secrets  # the one home of the secret format
+
+            try:
+                decode_secrets(self.webhook_secrets)
+            except ValueError as exc:
+                raise bad("webhook_secrets", str(exc)) from None
         for net in self.webhook_allow_networks:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -16,19 +16,19 @@ from concurrent.futures import wait
 from contextlib import contextmanager
 
 import numpy as np
-import redis
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 
 from shared import metrics
+from shared.backends import BACKEND_ERRORS
 from shared.batching import BatchStats, DynamicBatcher
-from shared.blobstore import BLOB_STORE_ERRORS, BlobMissing, BlobStore
+from shared.blobstore import BlobMissing, BlobStore
 from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery, stage_task_id
 from shared.jobstore import JobStore
+from shared.lifecycle import fail_job
 from shared.models import Encoder, InputError, get_encoder
 from shared.schema import ErrorCode, JobSpec
 from shared.settings import Settings, get_settings
-from workers.lifecycle import fail_job
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence]]]
 
 # Errors of the stores and broker: worth a retry, the job itself is fine.
-TRANSIENT_ERRORS = (redis.RedisError, *BLOB_STORE_ERRORS)
 MAX_ATTEMPTS = 5  # deliveries of one stage's task before the job fails (poison input, crash loops)
 RETRY_DELAYS_S = (1, 4, 15)
 # The inference thread needs the GIL between torch ops; with Python's default 5 ms switch interval it
@@ -197,7 +196,7 @@ def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Cel
     def encode(task, job_id: str) -> None:
         try:
             worker.run(job_id)
-        except TRANSIENT_ERRORS as exc:
+        except BACKEND_ERRORS as exc:
             if task.request.retries >= task.max_retries:
                 worker.fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
                 return

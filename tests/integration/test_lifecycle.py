@@ -22,10 +22,10 @@ import requests
 from shared.blobstore import BlobStore, image_key
 from shared.celery_app import create_celery
 from shared.jobstore import JobStore
+from shared.lifecycle import succeed_job
 from shared.schema import JobSpec, Status, new_job_id
 from shared.settings import Settings
 from tests.conftest import make_png
-from workers.lifecycle import succeed_job
 from workers.maintenance import tasks
 
 DEADLINE_S = 600  # MMFUSE_JOB_DEADLINE_S of the test stack
@@ -222,13 +222,13 @@ class MmfuseJob:
         self.session, self.url = session, f"{stack.gateway_url}/v1/jobs/{job_id}"
 
     def get(self) -> requests.Response:
-        return self.session.get(self.url, timeout=10)
+        return self.session.get(self.url, timeout=30)
 
     def wait(self, timeout_s: float = 60) -> dict:
         return self.session.get(self.url, params={"wait": timeout_s}, timeout=timeout_s + 10).json()
 
     def cancel(self) -> requests.Response:
-        return self.session.delete(self.url, timeout=10)
+        return self.session.delete(self.url, timeout=30)
 
 
 def requests_session(stack) -> requests.Session:

@@ -18,7 +18,7 @@ def test_parses_types_from_environment():
         "MMFUSE_IMAGE_MAX_BATCH_SIZE": "8",
         "MMFUSE_IMAGE_MAX_WAIT_MS": "2.5",
         "MMFUSE_TEXT_MODEL": "sentence-transformers/all-MiniLM-L6-v2",
-        "MMFUSE_WEBHOOK_SECRETS": "whsec_a whsec_b",
+        "MMFUSE_WEBHOOK_SECRETS": "whsec_c2VjcmV0LWE= whsec_c2VjcmV0LWI=",
         "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "1, 2.5 10",
         "MMFUSE_IMAGE_FORMATS": "png,jpeg",
         "UNRELATED": "ignored",
@@ -26,7 +26,7 @@ def test_parses_types_from_environment():
     assert s.s3_secure is True
     assert s.image_max_batch_size == 8 and s.image_max_wait_ms == 2.5
     assert not s.shared_embedding_space
-    assert s.webhook_secrets == ("whsec_a", "whsec_b")
+    assert s.webhook_secrets == ("whsec_c2VjcmV0LWE=", "whsec_c2VjcmV0LWI=")
     assert s.webhook_retry_schedule_s == (1.0, 2.5, 10.0)
     assert s.image_formats == ("png", "jpeg")
 
@@ -38,6 +38,7 @@ def test_parses_types_from_environment():
     ("MMFUSE_DEVICE", "tpu", "cpu, cuda or cuda:N"),
     ("MMFUSE_DTYPE", "float16", "CUDA"),
     ("MMFUSE_WEBHOOK_SECRETS", "plainsecret", "whsec_"),
+    ("MMFUSE_WEBHOOK_SECRETS", "whsec_not*base64", "base64"),
     ("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "10.0.0.0/33", "MMFUSE_WEBHOOK_ALLOW_NETWORKS"),
 ])
 def test_invalid_values_name_the_variable(name, value, message):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 
-import redis
-
 from shared import metrics
+from shared.backends import BACKEND_ERRORS
 from shared.celery_app import TASK_FUSE, create_celery
 from shared.jobstore import JobStore
+from shared.lifecycle import fail_job, succeed_job
 from shared.schema import ErrorCode
 from shared.settings import get_settings
 from workers.fusion.fusion import FusionError, build_result
-from workers.lifecycle import fail_job, succeed_job
 
 log = logging.getLogger(__name__)
 
@@ -57,5 +56,17 @@ def fuse_job(task, job_id: str) -> None:
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
         jobs.finish_stage(job_id, "fusion")
         succeed_job(jobs, app, spec, result)
-    except redis.RedisError as exc:
+    except BACKEND_ERRORS as exc:
+        if task.request.retries >= task.max_retries:
+            _fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
+            return
         raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
+    except Exception as exc:  # a bug or bad data: fail the job with the reason, never leave it running
+        log.exception("job %s: fusion failed", job_id)
+        _fail_by_id(job_id, ErrorCode.FUSION_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _fail_by_id(job_id: str, code: ErrorCode, message: str) -> None:
+    record = jobs.get(job_id)
+    if record is not None:
+        fail_job(jobs, app, record.spec, "fusion", code, message)

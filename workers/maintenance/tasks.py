@@ -15,8 +15,8 @@ from celery import Celery
 
 from shared.blobstore import BlobStore, job_prefix
 from shared.jobstore import JobRecord, JobStore
+from shared.lifecycle import fail_job
 from shared.schema import ErrorCode, Status
-from workers.lifecycle import fail_job
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,12 @@ def reap_overdue(jobs: JobStore, celery: Celery, deadline_s: float, now: float |
     now = time.time() if now is None else now
     reaped = []
     for job_id in jobs.overdue(now - deadline_s, limit):
-        record = jobs.get(job_id)
+        try:
+            record = jobs.get(job_id)
+        except (ValueError, TypeError) as exc:  # an unreadable record must not block the jobs behind it
+            log.error("reaper: cannot read job %s, dropping it from the in-flight index: %s", job_id, exc)
+            jobs.forget_in_flight(job_id)
+            continue
         if record is None:  # expired unnoticed: only the index entry is left
             jobs.forget_in_flight(job_id)
             continue

@@ -63,6 +63,11 @@ def deliver_webhook(task, job_id: str, event: str, attempt_number: int = 1, not_
         log.warning("webhook %s for job %s attempt %d: job store error, retrying: %s", event, job_id,
                     attempt_number, exc)
         raise task.retry(exc=exc, countdown=attempt_lease_s()) from exc
+    except Exception as exc:  # never leave a delivery "pending" for ever: record why it failed
+        log.exception("webhook %s for job %s attempt %d failed", event, job_id, attempt_number)
+        attempt = Attempt(at=time.time(), status=None, error=f"internal error: {type(exc).__name__}: {exc}"[:300],
+                          duration_s=0.0)
+        jobs.record_webhook_attempt(job_id, event, attempt.to_dict(), "failed")
 
 
 def _deliver(task, job_id: str, event: str, attempt_number: int, not_before: float | None) -> None:
