@@ -113,10 +113,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cli.stack import worker_command
+    from cli.stack import default_concurrency, worker_command
     from shared.settings import get_settings
 
-    concurrency = args.concurrency or (get_settings().worker_concurrency if args.pool in ("image", "text") else 8)
+    concurrency = args.concurrency or default_concurrency(args.pool, get_settings())
     command = worker_command(args.pool, concurrency, args.loglevel)
     os.execvp(command[0], command)
 
@@ -166,12 +166,14 @@ def cmd_make_test(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shared.models import TEST_SIZES  # no torch import: models loads torch lazily
+
     parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the local stack and a demo job")
     up.add_argument("--var-dir", default=str(DEFAULT_VAR_DIR), help="logs, Redis data, test checkpoints")
-    up.add_argument("--test-size", default="tiny", choices=("tiny", "b32"),
+    up.add_argument("--test-size", default="tiny", choices=sorted(TEST_SIZES),
                     help="test checkpoint size when MMFUSE_MODEL is unset")
     up.add_argument("--exit-after-demo", action="store_true", help="stop the stack after the demo job")
     up.set_defaults(func=cmd_up)
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     make_test = model_commands.add_parser("make-test", help="write a deterministic CLIP test checkpoint")
-    make_test.add_argument("--size", default="tiny", choices=("tiny", "b32"))
+    make_test.add_argument("--size", default="tiny", choices=sorted(TEST_SIZES))
     make_test.add_argument("--seed", type=int, default=0)
     make_test.add_argument("directory")
     make_test.set_defaults(func=cmd_make_test)

@@ -55,6 +55,11 @@ def redis_answers(host: str, port: int) -> bool:
         client.close()
 
 
+def default_concurrency(pool: str, settings) -> int:
+    """Task threads of a pool: encoder pools need many (items waiting to join a batch), others few."""
+    return settings.worker_concurrency if pool in ("image", "text") else 8
+
+
 def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
     """The Celery command of one pool: threads pool, so one process owns the model (and the GPU)."""
     if pool not in POOLS:
@@ -172,7 +177,9 @@ class LocalStack:
 
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
         if concurrency is None:
-            concurrency = int(self.env.get("MMFUSE_WORKER_CONCURRENCY", "32")) if pool in ("image", "text") else 8
+            from shared.settings import Settings
+
+            concurrency = default_concurrency(pool, Settings.from_env(self._child_env()))
         extra_env = {}
         if self.env.get("MMFUSE_METRICS_PORT", "0").strip() not in ("", "0"):
             # Metrics on: one port per worker process, so several pools can share this host.

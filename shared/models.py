@@ -21,7 +21,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TEST_CHECKPOINT_SIZES = ("tiny", "b32")
 
 
 class InputError(ValueError):
@@ -246,7 +245,7 @@ class TestCheckpointSize:
     projection_dim: int
 
 
-TEST_SIZES = {
+TEST_SIZES = {  # also the choices of `mmfuse models make-test --size`
     "tiny": TestCheckpointSize(32, 2, 2, 32, 2, 2, 32, 8, 32),
     # ViT-B/32 CLIP's shapes: the same compute as openai/clip-vit-base-patch32, random weights.
     "b32": TestCheckpointSize(512, 12, 8, 768, 12, 12, 224, 32, 512),
