@@ -543,8 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("minilm", {})["pipeline"] = run_pipeline(
                 stack, api_key, plan.text_concurrency, plan.text_jobs, text_job, plan.warmup_jobs * 4, log)
     except BaseException:
-        for name in list(stack.processes):
-            log(f"--- {name} log (tail) ---\n{stack.tail(name, 20)}")
+        log(stack.log_tails(20))
         raise
     finally:
         stack.stop()

@@ -254,6 +254,11 @@ class LocalStack:
         finally:
             client.close()
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The end of every log of this stack (running and stopped processes), for failure reports."""
+        names = sorted(path.stem for path in self.log_dir.glob("*.log"))
+        return "\n".join(f"--- {name} log ---\n{self.tail(name, lines)}" for name in names)
+
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
         if not path.exists():

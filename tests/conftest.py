@@ -71,8 +71,7 @@ def stack(checkpoint_dir, tmp_path_factory):
         local.api_key = local.create_api_key("tests")
         yield local
     except BaseException:
-        for name in list(local.processes):
-            print(f"--- {name} log ---\n{local.tail(name, 60)}")
+        print(local.log_tails(60))
         raise
     finally:
         local.stop()

@@ -74,8 +74,7 @@ def fstack(checkpoint_dir, tmp_path_factory):
 
 
 def dump_logs(stack, lines: int = 60) -> None:
-    for name in sorted(os.listdir(stack.log_dir)):
-        print(f"--- {name} ---\n{stack.tail(name.removesuffix('.log'), lines)}")
+    print(stack.log_tails(lines))
 
 
 @pytest.fixture
