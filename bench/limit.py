@@ -69,8 +69,8 @@ class LayoutResult:
 def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as LocalStack sets for the workers
-    from shared.models import get_encoder
-    from shared.settings import Settings
+    from mmfuse.shared.models import get_encoder
+    from mmfuse.shared.settings import Settings
 
     max_pixels = Settings().max_image_pixels
     encoders = {t: get_encoder(t, workload.models[t], "cpu", "float32", threads, max_pixels) for t in towers}

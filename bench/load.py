@@ -84,7 +84,7 @@ def closed_loop(gateway_url: str, concurrency: int, jobs: int, make_job: Callabl
 
     Latency is submit -> result: the POST, then long-polls (``GET ?wait=``) until the job has ended.
     """
-    from client.http import MmfuseClient
+    from mmfuse_client.http import MmfuseClient
 
     lock = threading.Lock()
     next_index = [0]

@@ -108,7 +108,7 @@ def _flag(args: list[str], name: str) -> str | None:
 
 def stack_settings(stack) -> dict:
     """The settings the stack's processes run with: MMFUSE_* values and their actual command lines."""
-    from shared.settings import Settings
+    from mmfuse.shared.settings import Settings
 
     settings = Settings.from_env(stack._child_env())
     out = {name: getattr(settings, name) for name in PIPELINE_SETTINGS}
@@ -394,7 +394,7 @@ def default_minilm() -> str:
 
 
 def ensure_b32(var_dir: Path) -> str:
-    from shared.models import make_test_checkpoint
+    from mmfuse.shared.models import make_test_checkpoint
 
     checkpoint = var_dir / "models" / "clip-test-b32"
     if not (checkpoint / "config.json").exists():
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     text_work = Workload(("text",), {"text": text_model}, [], texts)
     log(f"mmfuse pipeline benchmark ({'quick' if args.quick else 'full'}), {cores} cores")
 
-    from shared.settings import Settings
+    from mmfuse.shared.settings import Settings
 
     env = {k: v for k, v in os.environ.items() if k.startswith("MMFUSE_")}
     pipeline_threads = Settings.from_env(env).torch_threads
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         log("limit: MiniLM text-only jobs")
         results["minilm"] = {"limit": run_limit(text_work, plan.text_batches, plan, cores, log)}
 
-    from cli.stack import LocalStack, free_port
+    from mmfuse.cli.stack import LocalStack, free_port
 
     env.update({
         "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",

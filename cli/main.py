@@ -26,7 +26,7 @@ def demo_image() -> bytes:
 
 
 def run_demo(gateway_url: str, api_key: str) -> dict:
-    from client.http import MmfuseClient
+    from mmfuse_client.http import MmfuseClient
 
     client = MmfuseClient(gateway_url, api_key=api_key)
     texts = ["a red circle on a white background", "a photo of a dog"]
@@ -54,8 +54,8 @@ def run_demo(gateway_url: str, api_key: str) -> dict:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cli.stack import LocalStack
-    from shared.models import make_test_checkpoint
+    from mmfuse.cli.stack import LocalStack
+    from mmfuse.shared.models import make_test_checkpoint
 
     env = {key: value for key, value in os.environ.items() if key.startswith("MMFUSE_")}
     var_dir = Path(args.var_dir).resolve()
@@ -71,7 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # The local stack delivers webhooks to receivers on this machine; production admits none by default.
     env.setdefault("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8 ::1/128")
     if "MMFUSE_WEBHOOK_SECRETS" not in env:
-        from client.webhooks import generate_secret
+        from mmfuse_client.webhooks import generate_secret
 
         env["MMFUSE_WEBHOOK_SECRETS"] = generate_secret()
         print(f"webhook signing secret for this run: {env['MMFUSE_WEBHOOK_SECRETS']}")
@@ -105,7 +105,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from cli.stack import gateway_command
+    from mmfuse.cli.stack import gateway_command
 
     command = gateway_command(args.bind or os.environ.get("MMFUSE_GATEWAY_BIND", "0.0.0.0:8080"),
                               args.workers, args.threads)
@@ -113,8 +113,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cli.stack import default_concurrency, worker_command
-    from shared.settings import get_settings
+    from mmfuse.cli.stack import default_concurrency, worker_command
+    from mmfuse.shared.settings import get_settings
 
     concurrency = args.concurrency or default_concurrency(args.pool, get_settings())
     command = worker_command(args.pool, concurrency, args.loglevel)
@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from cli.stack import beat_command
+    from mmfuse.cli.stack import beat_command
 
     command = beat_command(args.loglevel)
     os.execvp(command[0], command)
@@ -131,8 +131,8 @@ def cmd_beat(args: argparse.Namespace) -> int:
 def _key_store():
     import redis
 
-    from shared.apikeys import KeyStore
-    from shared.settings import get_settings
+    from mmfuse.shared.apikeys import KeyStore
+    from mmfuse.shared.settings import get_settings
 
     return KeyStore(redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3))
 
@@ -158,7 +158,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_make_test(args: argparse.Namespace) -> int:
-    from shared.models import make_test_checkpoint
+    from mmfuse.shared.models import make_test_checkpoint
 
     path = make_test_checkpoint(args.directory, args.size, args.seed)
     print(path)
@@ -166,7 +166,7 @@ def cmd_make_test(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.models import TEST_SIZES  # no torch import: models loads torch lazily
+    from mmfuse.shared.models import TEST_SIZES  # no torch import: models loads torch lazily
 
     parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -85,8 +85,8 @@ def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]
         "--threads", str(threads), "--bind", bind, "--graceful-timeout", "10", "--timeout", "120",
         "--no-control-socket",
         # Prometheus multiprocess mode: /metrics sums every gunicorn worker's values.
-        "-c", "python:gateway.gunicorn_conf",
-        "gateway.app:create_app()",
+        "-c", "python:mmfuse.gateway.gunicorn_conf",
+        "mmfuse.gateway.app:create_app()",
     ]
 
 
@@ -177,7 +177,7 @@ class LocalStack:
 
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
         if concurrency is None:
-            from shared.settings import Settings
+            from mmfuse.shared.settings import Settings
 
             concurrency = default_concurrency(pool, Settings.from_env(self._child_env()))
         extra_env = {}
@@ -246,7 +246,7 @@ class LocalStack:
         """A new API key in this stack's Redis (the plaintext, shown once)."""
         import redis
 
-        from shared.apikeys import KeyStore
+        from mmfuse.shared.apikeys import KeyStore
 
         client = redis.Redis.from_url(self.env["MMFUSE_REDIS_URL"])
         try:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from flask import Flask, request
 
-from client.webhooks import WebhookVerificationError, verify_webhook
+from mmfuse_client.webhooks import WebhookVerificationError, verify_webhook
 
 log = logging.getLogger("webhook_receiver")
 

@@ -9,16 +9,16 @@ import time
 import redis
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
-from gateway import idempotency
-from gateway.auth import authenticate, enforce_rate_limit, owns
-from gateway.validation import ValidatedJob, parse_job_request
-from shared import lifecycle
-from shared.backends import BACKEND_ERRORS
-from shared.blobstore import image_key
-from shared.celery_app import ENCODE_TASKS, stage_task_id
-from shared.jobview import ENCODING_FORMATS, public_job
-from shared.schema import ApiError, ErrorCode, JobSpec, Status, new_job_id
-from shared.webhooks import WebhookURLRejected, check_url
+from mmfuse.gateway import idempotency
+from mmfuse.gateway.auth import authenticate, enforce_rate_limit, owns
+from mmfuse.gateway.validation import ValidatedJob, parse_job_request
+from mmfuse.shared import lifecycle
+from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.blobstore import image_key
+from mmfuse.shared.celery_app import ENCODE_TASKS, stage_task_id
+from mmfuse.shared.jobview import ENCODING_FORMATS, public_job
+from mmfuse.shared.schema import ApiError, ErrorCode, JobSpec, Status, new_job_id
+from mmfuse.shared.webhooks import WebhookURLRejected, check_url
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The gateway's app factory: ``gunicorn 'gateway.app:create_app()'``."""
+"""The gateway's app factory: ``gunicorn 'mmfuse.gateway.app:create_app()'``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from celery import Celery
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from gateway.api import api
-from gateway.health import health
-from gateway.metrics import init_metrics
-from gateway.openapi import docs
-from shared.apikeys import KeyStore
-from shared.blobstore import BlobStore
-from shared.celery_app import create_celery
-from shared.jobstore import JobStore
-from shared.schema import ApiError, ErrorCode
-from shared.settings import Settings, get_settings
+from mmfuse.gateway.api import api
+from mmfuse.gateway.health import health
+from mmfuse.gateway.metrics import init_metrics
+from mmfuse.gateway.openapi import docs
+from mmfuse.shared.apikeys import KeyStore
+from mmfuse.shared.blobstore import BlobStore
+from mmfuse.shared.celery_app import create_celery
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.schema import ApiError, ErrorCode
+from mmfuse.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import math
 import redis
 from flask import current_app, g, request
 
-from shared.apikeys import ApiKey
-from shared.schema import ApiError, ErrorCode
+from mmfuse.shared.apikeys import ApiKey
+from mmfuse.shared.schema import ApiError, ErrorCode
 
 ANONYMOUS = ApiKey(id="", name="anonymous", created_at=0.0)
 

@@ -1,4 +1,4 @@
-"""gunicorn settings for the gateway (``-c python:gateway.gunicorn_conf``): Prometheus multiprocess mode.
+"""gunicorn settings for the gateway (``-c python:mmfuse.gateway.gunicorn_conf``): Prometheus multiprocess mode.
 
 Each gunicorn worker is a process with its own metric values; prometheus-client's multiprocess mode
 keeps them in files under ``PROMETHEUS_MULTIPROC_DIR`` so that ``/metrics``, answered by any one worker,
@@ -22,13 +22,13 @@ if not os.environ.get(_ENV):
 
 
 def on_starting(server) -> None:
-    from shared.metrics import wipe_multiprocess_dir
+    from mmfuse.shared.metrics import wipe_multiprocess_dir
 
     wipe_multiprocess_dir(os.environ[_ENV])
 
 
 def child_exit(server, worker) -> None:
-    from shared.metrics import mark_process_dead
+    from mmfuse.shared.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from flask import Request
 
-from gateway.validation import ValidatedJob
-from shared.schema import ApiError, ErrorCode
+from mmfuse.gateway.validation import ValidatedJob
+from mmfuse.shared.schema import ApiError, ErrorCode
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255

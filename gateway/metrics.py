@@ -14,8 +14,8 @@ import redis
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client.exposition import choose_encoder
 
-from shared import metrics
-from shared.celery_app import QUEUES
+from mmfuse.shared import metrics
+from mmfuse.shared.celery_app import QUEUES
 
 blueprint = Blueprint("metrics", __name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic.json_schema import models_json_schema
 
-from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
-from gateway.idempotency import MAX_KEY_LENGTH
-from shared import responses
-from shared.jobview import ENCODING_FORMATS
-from shared.schema import JobOptions, JobRequest
-from shared.settings import Settings
+from mmfuse.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
+from mmfuse.gateway.idempotency import MAX_KEY_LENGTH
+from mmfuse.shared import responses
+from mmfuse.shared.jobview import ENCODING_FORMATS
+from mmfuse.shared.schema import JobOptions, JobRequest
+from mmfuse.shared.settings import Settings
 
 docs = Blueprint("docs", __name__)
 

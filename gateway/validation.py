@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from flask import Request
 from pydantic import BaseModel, ValidationError
 
-from shared.models import aspect_ratio
-from shared.schema import ApiError, ErrorCode, FusionStrategy, JobOptions, JobRequest, Output
-from shared.settings import Settings
+from mmfuse.shared.models import aspect_ratio
+from mmfuse.shared.schema import ApiError, ErrorCode, FusionStrategy, JobOptions, JobRequest, Output
+from mmfuse.shared.settings import Settings
 
 IMAGE_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image/png"),

@@ -17,8 +17,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first and pinned: a CPU build where one is offered (a local wheel, or TORCH_INDEX_URL, e.g.
-# https://download.pytorch.org/whl/cpu); an unpinned torch would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-.venv/bin/python -m pip install -q -e '.[test]'
+# torch first, at the version constraints.txt pins: a CPU build where one is offered (a local wheel, or
+# TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/cpu); an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q -c constraints.txt torch ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# The client is a distribution of its own that the server depends on: install it from this checkout first.
+.venv/bin/python -m pip install -q -c constraints.txt -e ./client -e '.[test]'
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"

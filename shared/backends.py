@@ -3,6 +3,6 @@
 import kombu.exceptions
 import redis
 
-from shared.blobstore import BLOB_STORE_ERRORS
+from mmfuse.shared.blobstore import BLOB_STORE_ERRORS
 
 BACKEND_ERRORS = (redis.RedisError, kombu.exceptions.OperationalError, *BLOB_STORE_ERRORS)

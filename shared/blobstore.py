@@ -10,7 +10,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error
 
-from shared.settings import Settings
+from mmfuse.shared.settings import Settings
 
 # Errors that mean "the store is unreachable or failing", as opposed to a missing object.
 BLOB_STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)

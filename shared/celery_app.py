@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from shared.settings import Settings, get_settings
+from mmfuse.shared.settings import Settings, get_settings
 
 TASK_ENCODE_IMAGE = "mmfuse.encode.image"
 TASK_ENCODE_TEXT = "mmfuse.encode.text"

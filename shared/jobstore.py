@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from shared.schema import JobSpec, Status
+from mmfuse.shared.schema import JobSpec, Status
 
 # Move to a terminal status unless the job already ended; publish the wake-up. Returns 1 if it moved.
 _FINISH_LUA = """

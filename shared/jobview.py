@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from shared.jobstore import JobRecord
-from shared.schema import STAGES, vector_from_b64
+from mmfuse.shared.jobstore import JobRecord
+from mmfuse.shared.schema import STAGES, vector_from_b64
 
 ENCODING_FORMATS = ("float", "base64")
 

@@ -17,10 +17,10 @@ import time
 
 from celery import Celery
 
-from shared import metrics
-from shared.celery_app import TASK_DELIVER_WEBHOOK, TASK_RELEASE_BLOBS, stage_task_id
-from shared.jobstore import JobStore
-from shared.schema import ErrorCode, JobSpec
+from mmfuse.shared import metrics
+from mmfuse.shared.celery_app import TASK_DELIVER_WEBHOOK, TASK_RELEASE_BLOBS, stage_task_id
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.schema import ErrorCode, JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.schema import ErrorCode, FusionStrategy, Output, Status, WebhookEvent
+from mmfuse.shared.schema import ErrorCode, FusionStrategy, Output, Status, WebhookEvent
 
 _ERROR_CODES = ", ".join(f"`{code.value}`" for code in ErrorCode)
 

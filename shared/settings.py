@@ -149,7 +149,7 @@ class Settings:
         if self.dtype != "float32" and self.device == "cpu":
             raise bad("dtype", "half precision needs a CUDA device")
         if self.webhook_secrets:
-            from client.webhooks import decode_secrets  # the one home of the secret format
+            from mmfuse_client.webhooks import decode_secrets  # the one home of the secret format
 
             try:
                 decode_secrets(self.webhook_secrets)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from client.webhooks import sign
+from mmfuse_client.webhooks import sign
 
 EVENTS = ("job.succeeded", "job.failed", "job.canceled")
 USER_AGENT = "mmfuse-webhooks/1"

@@ -27,13 +27,13 @@ def make_png(color: tuple[int, int, int], size: tuple[int, int] = (48, 40), fmt:
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory) -> Path:
-    from shared.models import make_test_checkpoint
+    from mmfuse.shared.models import make_test_checkpoint
 
     return make_test_checkpoint(tmp_path_factory.mktemp("models") / "clip-tiny", "tiny")
 
 
 def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
-    from cli.stack import free_port
+    from mmfuse.cli.stack import free_port
 
     env = {
         "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
@@ -62,7 +62,7 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stack(checkpoint_dir, tmp_path_factory):
-    from cli.stack import LocalStack
+    from mmfuse.cli.stack import LocalStack
 
     var_dir = tmp_path_factory.mktemp("stack")
     local = LocalStack(var_dir=var_dir, env=stack_env(checkpoint_dir))
@@ -79,7 +79,7 @@ def stack(checkpoint_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(stack):
-    from client.http import MmfuseClient
+    from mmfuse_client.http import MmfuseClient
 
     return MmfuseClient(stack.gateway_url, api_key=stack.api_key)
 
@@ -104,7 +104,7 @@ def redis_client(stack):
 @pytest.fixture(scope="session")
 def reference(checkpoint_dir):
     """The same checkpoint run in-process, without HTTP or queues: what the pipeline must reproduce."""
-    from shared.models import get_encoder
+    from mmfuse.shared.models import get_encoder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return {

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # import the working tree's settings, not an installed copy
     sys.path.insert(0, str(REPO))
 
-from shared.settings import Settings, SettingsError  # noqa: E402
+from mmfuse.shared.settings import Settings, SettingsError  # noqa: E402
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -501,7 +501,10 @@ def test_dockerfile():
     runs = " ".join(args for k, args in instructions if k == "RUN")
     assert re.search(r'--index-url "?\$\{TORCH_INDEX_URL\}"?', runs)
     assert re.search(r'"?torch==\$\{TORCH_VERSION\}"?', runs)
-    assert re.search(r"pip install [^&]*--constraint \S+ \.(\s|$)", runs), "pip install . with torch pinned"
+    pip_install = r"pip install [^&]*--constraint \S+ (\./client )?\.(\s|$)"
+    assert re.search(pip_install, runs), "pip install . with torch pinned"
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), re.M)
+    assert pinned and pinned.group(1) == dockerfile_arg_default("TORCH_VERSION"), "one torch pin"
     # Runtime (last) stage: non-root user, mmfuse entrypoint, no image-level healthcheck.
     last_from = max(i for i, k in enumerate(keywords) if k == "FROM")
     users = [args for k, args in instructions[last_from:] if k == "USER"]
@@ -520,5 +523,6 @@ def test_dockerignore_excludes_local_state_but_not_sources():
     for required in (".venv", ".git", "var", "**/__pycache__", ".pytest_cache", ".ruff_cache"):
         assert required in patterns, required
     assert not any(p.startswith("!") for p in patterns)  # no re-includes to reason about
-    for needed in ("pyproject.toml", "README.md", "shared", "cli", "gateway", "workers", "client", "bench"):
+    for needed in ("pyproject.toml", "README.md", "shared", "cli", "gateway", "workers", "client", "mmfuse",
+                   "constraints.txt"):
         assert needed not in patterns, f"{needed} is needed by `pip install .`"

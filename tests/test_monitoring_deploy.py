@@ -175,7 +175,7 @@ def test_docs_describe_every_panel_and_alert(dashboard, rules):
         assert f"### {panel['title']}" in text, f"docs/monitoring.md: no section for panel {panel['title']!r}"
     for name in {rule["alert"] for rule in rules}:
         assert f"`{name}`" in text, f"docs/monitoring.md: alert {name} is not described"
-    from shared import metrics
+    from mmfuse.shared import metrics
 
     for name in _metric_names(metrics):
         assert f"`{name}`" in text, f"docs/monitoring.md: metric {name} is not listed"

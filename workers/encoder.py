@@ -19,16 +19,16 @@ import numpy as np
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 
-from shared import metrics
-from shared.backends import BACKEND_ERRORS
-from shared.batching import BatchStats, DynamicBatcher
-from shared.blobstore import BlobMissing, BlobStore
-from shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery, stage_task_id
-from shared.jobstore import JobStore
-from shared.lifecycle import fail_job
-from shared.models import Encoder, InputError, get_encoder
-from shared.schema import ErrorCode, JobSpec
-from shared.settings import Settings, get_settings
+from mmfuse.shared import metrics
+from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.batching import BatchStats, DynamicBatcher
+from mmfuse.shared.blobstore import BlobMissing, BlobStore
+from mmfuse.shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery, stage_task_id
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.lifecycle import fail_job
+from mmfuse.shared.models import Encoder, InputError, get_encoder
+from mmfuse.shared.schema import ErrorCode, JobSpec
+from mmfuse.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import sys
 
 import requests
 
-from client.http import MmfuseClient, MmfuseError
+from mmfuse_client.http import MmfuseClient, MmfuseError
 
 
 def test_v1_needs_a_valid_key_and_health_does_not(stack):
@@ -56,7 +56,7 @@ def test_keys_cli_create_list_revoke(stack):
     env = dict(os.environ, MMFUSE_REDIS_URL=stack.env["MMFUSE_REDIS_URL"])
 
     def mmfuse(*args):
-        return subprocess.run([sys.executable, "-m", "cli.main", "keys", *args], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "mmfuse.cli.main", "keys", *args], env=env, capture_output=True,
                               text=True, timeout=60, check=True).stdout
 
     created = mmfuse("create", "--name", "cli-made")

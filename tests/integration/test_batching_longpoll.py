@@ -8,8 +8,8 @@ from datetime import datetime
 
 import numpy as np
 
-from shared.jobstore import JobStore
-from shared.schema import JobSpec, new_job_id
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.schema import JobSpec, new_job_id
 from tests.conftest import make_png
 from tests.integration.test_pipeline import TOL, ref_vectors
 

@@ -54,7 +54,7 @@ QUEUES = ("image", "text", "fusion", "webhooks")
 @pytest.fixture(scope="module")
 def fstack(checkpoint_dir, tmp_path_factory):
     """Redis, S3, gateway, text and fusion pools; the image pool is each test's to start and kill."""
-    from cli.stack import LocalStack
+    from mmfuse.cli.stack import LocalStack
 
     # The aspect-ratio limit is lifted here so that an elongated image reaches the worker as a poison input
     # (by default the gateway refuses it: 422 image_too_elongated).
@@ -166,8 +166,8 @@ def job_keys(rds) -> set[bytes]:
 
 
 def blob_keys(stack) -> set[str]:
-    from shared.blobstore import BlobStore
-    from shared.settings import Settings
+    from mmfuse.shared.blobstore import BlobStore
+    from mmfuse.shared.settings import Settings
 
     return set(BlobStore(Settings.from_env(stack.env)).list_keys("jobs/"))
 
@@ -184,7 +184,7 @@ def unacked_task_id(rds, job_id: str) -> str:
 def spawn_standby_image_worker(stack, name: str) -> str:
     """A normal image worker (``worker-image``) that consumes nothing until ``activate``: it starts and
     warms up next to holding workers without taking their deliveries. Returns its Celery node name."""
-    from cli.stack import worker_command
+    from mmfuse.cli.stack import worker_command
 
     node = f"{name}@{socket.gethostname()}"
     command = worker_command("image", 4)
@@ -244,7 +244,7 @@ def test_poison_inputs_fail_their_job_with_the_reason_and_the_queue_keeps_flowin
     """
     from PIL import Image
 
-    from cli.stack import worker_command
+    from mmfuse.cli.stack import worker_command
 
     stack.stop_process("worker-image")
     worker = stack.spawn("worker-image", ["prlimit", f"--as={WORKER_ADDRESS_SPACE}",
@@ -301,9 +301,9 @@ def test_a_pickled_message_is_refused_and_never_executed(stack, api, rds, tmp_pa
 
     from kombu import Connection
 
-    from shared.celery_app import TASK_ENCODE_IMAGE
-    from shared.jobstore import JobStore
-    from shared.schema import JobSpec, new_job_id
+    from mmfuse.shared.celery_app import TASK_ENCODE_IMAGE
+    from mmfuse.shared.jobstore import JobStore
+    from mmfuse.shared.schema import JobSpec, new_job_id
 
     ensure_image_worker(stack)
     job_id = new_job_id()
@@ -382,7 +382,7 @@ def test_redis_down_submit_gets_a_quick_503_leaves_nothing_and_new_jobs_succeed_
         stack, api, rds):
     """Redis killed (-9): with auth on, the key lookup fails first; a gateway without auth gets as far as
     writing the image blob, fails on the job record, and must remove the blob again."""
-    from cli.stack import free_port, gateway_command
+    from mmfuse.cli.stack import free_port, gateway_command
 
     ensure_image_worker(stack)
     ensure_pool(stack, "text")
@@ -453,7 +453,7 @@ def test_queued_jobs_survive_a_redis_restart(stack, api, rds, reference):
 
 @pytest.mark.timeout(240)
 def test_kill_9_image_worker_holding_a_task_the_job_still_completes_once(stack, api, rds, reference):
-    from cli.stack import worker_command
+    from mmfuse.cli.stack import worker_command
 
     stack.stop_process("worker-image")
     stack.spawn("worker-image-hold", worker_command("image", 2), extra_env=HOLD_ENV)
@@ -514,8 +514,8 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_max_attempts_and_ot
     killed (found by the task id in its log). A normal worker starts with them on a stand-by queue and is
     told to consume ``image`` once the last death is due: it gets the final delivery and the jobs after.
     """
-    from cli.stack import worker_command
-    from workers.encoder import MAX_ATTEMPTS
+    from mmfuse.cli.stack import worker_command
+    from mmfuse.workers.encoder import MAX_ATTEMPTS
 
     stack.stop_process("worker-image")
     holding = [f"worker-image-hold{n}" for n in range(1, MAX_ATTEMPTS + 1)]

@@ -19,14 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from shared.blobstore import BlobStore, image_key
-from shared.celery_app import create_celery
-from shared.jobstore import JobStore
-from shared.lifecycle import succeed_job
-from shared.schema import JobSpec, Status, new_job_id
-from shared.settings import Settings
+from mmfuse.shared.blobstore import BlobStore, image_key
+from mmfuse.shared.celery_app import create_celery
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.lifecycle import succeed_job
+from mmfuse.shared.schema import JobSpec, Status, new_job_id
+from mmfuse.shared.settings import Settings
+from mmfuse.workers.maintenance import tasks
 from tests.conftest import make_png
-from workers.maintenance import tasks
 
 DEADLINE_S = 600  # MMFUSE_JOB_DEADLINE_S of the test stack
 
@@ -191,8 +191,8 @@ def test_concurrent_identical_submits_make_one_job(stack, api, redis_client):
 
 def test_a_failed_submit_leaves_no_idempotency_entry(stack, settings, redis_client):
     """The broker is down: 503, and neither the record nor the key is kept, so a retry makes the job."""
-    from cli.stack import free_port
-    from gateway.app import create_app
+    from mmfuse.cli.stack import free_port
+    from mmfuse.gateway.app import create_app
 
     broken = create_app(Settings.from_env({**stack.env, "MMFUSE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}))
     working = create_app(settings)

@@ -34,12 +34,12 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.stack import free_port, gateway_command, port_open
-from shared import metrics
-from shared.celery_app import QUEUES
-from shared.jobstore import JobStore
-from shared.schema import JobSpec, new_job_id
-from shared.settings import Settings
+from mmfuse.cli.stack import free_port, gateway_command, port_open
+from mmfuse.shared import metrics
+from mmfuse.shared.celery_app import QUEUES
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.schema import JobSpec, new_job_id
+from mmfuse.shared.settings import Settings
 from tests.conftest import make_png
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import requests
 
+from mmfuse.workers.fusion.fusion import fuse, zero_shot
 from tests.conftest import make_png
-from workers.fusion.fusion import fuse, zero_shot
 
 TOL = 1e-5
 

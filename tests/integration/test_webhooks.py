@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from client.webhooks import WebhookVerificationError, generate_secret, verify_webhook
+from mmfuse_client.webhooks import WebhookVerificationError, generate_secret, verify_webhook
 from tests.conftest import TEST_WEBHOOK_SECRETS, make_png
 
 SCHEDULE = (0.2, 0.2, 0.2)  # MMFUSE_WEBHOOK_RETRY_SCHEDULE_S of the test stack
@@ -327,7 +327,7 @@ def test_redelivered_task_messages_make_no_second_attempt(stack, client, receive
     """Copies of a delivery task (a broker redelivery) while the attempt is in flight and after it."""
     from celery import Celery
 
-    from shared.celery_app import ROUTES, TASK_DELIVER_WEBHOOK
+    from mmfuse.shared.celery_app import ROUTES, TASK_DELIVER_WEBHOOK
 
     job_id = client.submit(texts=["delivered once"], webhook={"url": receiver.url("dupes", Step(200, delay_s=0.5))})
     assert client.wait(job_id, timeout_s=WAIT_S)["status"] == "succeeded"
@@ -356,7 +356,7 @@ def strict_gateways(stack, tmp_path_factory) -> Iterator[dict[str, str]]:
     Only gateways: a refused submission must never reach a worker. API keys live in Redis, so the
     stack's key works on them too.
     """
-    from cli.stack import LocalStack
+    from mmfuse.cli.stack import LocalStack
 
     variants = {"strict": {"MMFUSE_WEBHOOK_ALLOW_NETWORKS": ""}, "no_secrets": {"MMFUSE_WEBHOOK_SECRETS": ""}}
     gateways = {name: LocalStack(var_dir=tmp_path_factory.mktemp(f"gateway-{name}"), env={**stack.env, **env})

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared.batching import BatcherClosed, DynamicBatcher
+from mmfuse.shared.batching import BatcherClosed, DynamicBatcher
 
 
 class Recorder:

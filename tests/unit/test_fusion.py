@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from shared.schema import JobSpec, vector_from_b64
-from workers.fusion.fusion import FusionError, build_result, centroid, fuse, similarity, zero_shot
+from mmfuse.shared.schema import JobSpec, vector_from_b64
+from mmfuse.workers.fusion.fusion import FusionError, build_result, centroid, fuse, similarity, zero_shot
 
 
 def unit(*values):

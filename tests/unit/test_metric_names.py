@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics
+from mmfuse.shared import metrics
 
 NAME = re.compile(r"^mmfuse_[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 LABEL = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")

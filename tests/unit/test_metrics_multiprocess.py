@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import os, sys, urllib.request
 from prometheus_client.parser import text_string_to_metric_families
-from shared import metrics
-from cli.stack import free_port
+from mmfuse.shared import metrics
+from mmfuse.cli.stack import free_port
 
 port = free_port()
 metrics.start_metrics_server(port, addr="127.0.0.1")  # in the parent, as at worker_init
@@ -37,7 +37,7 @@ print(values.get(("mmfuse_http_requests_in_progress", (("method", "GET"), ("rout
 """
 
 STALE = r"""
-from shared import metrics
+from mmfuse.shared import metrics
 metrics.ENCODER_ITEMS.labels("image").inc(1000)
 """
 

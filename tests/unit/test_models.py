@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.models import InputError, decode_image, get_encoder, make_test_checkpoint
+from mmfuse.shared.models import InputError, decode_image, get_encoder, make_test_checkpoint
 
 
 def digest(directory) -> dict[str, str]:

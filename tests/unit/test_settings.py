@@ -1,6 +1,6 @@
 import pytest
 
-from shared.settings import Settings, SettingsError
+from mmfuse.shared.settings import Settings, SettingsError
 
 
 def test_defaults_are_production_defaults():

@@ -8,9 +8,9 @@ import pytest
 from flask import Flask
 from PIL import Image
 
-from gateway.validation import parse_job_request
-from shared.schema import ApiError
-from shared.settings import Settings
+from mmfuse.gateway.validation import parse_job_request
+from mmfuse.shared.schema import ApiError
+from mmfuse.shared.settings import Settings
 
 app = Flask(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.webhooks import generate_secret, sign
+from mmfuse_client.webhooks import generate_secret, sign
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "webhook_receiver.py"
 

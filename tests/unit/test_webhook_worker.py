@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from shared.jobstore import JobRecord
-from shared.schema import JobSpec, Status
-from shared.webhooks import Attempt, DeliveryOutcome
-from workers.webhooks import worker
+from mmfuse.shared.jobstore import JobRecord
+from mmfuse.shared.schema import JobSpec, Status
+from mmfuse.shared.webhooks import Attempt, DeliveryOutcome
+from mmfuse.workers.webhooks import worker
 
 SECRETS = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",)
 
@@ -164,7 +164,7 @@ def test_unsubscribed_events_and_unfinished_jobs_are_not_delivered(monkeypatch):
 
 
 def test_the_public_delivery_state_before_and_after_the_job_ends():
-    from shared.jobview import webhook_view
+    from mmfuse.shared.jobview import webhook_view
 
     def view(status: Status, events: list[str], delivery: dict | None = None) -> dict:
         spec = JobSpec(id="j1", created_at=0.0, texts=["x"], webhook={"url": "http://h/", "events": events})

@@ -16,13 +16,7 @@ from typing import ClassVar
 
 import pytest
 
-from client.webhooks import (
-    WebhookVerificationError,
-    generate_secret,
-    sign,
-    verify_webhook,
-)
-from shared.webhooks import (
+from mmfuse.shared.webhooks import (
     EVENTS,
     MAX_RETRY_AFTER_S,
     USER_AGENT,
@@ -35,6 +29,12 @@ from shared.webhooks import (
     deliver_once,
     next_delay,
     parse_retry_after,
+)
+from mmfuse_client.webhooks import (
+    WebhookVerificationError,
+    generate_secret,
+    sign,
+    verify_webhook,
 )
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

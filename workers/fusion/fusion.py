@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.schema import FusionStrategy, JobSpec, Output, vector_to_b64
+from mmfuse.shared.schema import FusionStrategy, JobSpec, Output, vector_to_b64
 
 
 class FusionError(ValueError):

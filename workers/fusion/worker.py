@@ -1,4 +1,4 @@
-"""The fusion pool: ``celery -A workers.fusion.worker worker -Q fusion -P threads``.
+"""The fusion pool: ``celery -A mmfuse.workers.fusion.worker worker -Q fusion -P threads``.
 
 Runs once every encoder pool of a job is done: combines the vectors, writes the result and the final
 status, and hands the webhook (if any) to the ``webhooks`` queue.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from shared import metrics
-from shared.backends import BACKEND_ERRORS
-from shared.celery_app import TASK_FUSE, create_celery
-from shared.jobstore import JobStore
-from shared.lifecycle import fail_job, succeed_job
-from shared.schema import ErrorCode
-from shared.settings import get_settings
-from workers.fusion.fusion import FusionError, build_result
+from mmfuse.shared import metrics
+from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.celery_app import TASK_FUSE, create_celery
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.lifecycle import fail_job, succeed_job
+from mmfuse.shared.schema import ErrorCode
+from mmfuse.shared.settings import get_settings
+from mmfuse.workers.fusion.fusion import FusionError, build_result
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The image encoder pool: ``celery -A workers.image.worker worker -Q image -P threads``."""
+"""The image encoder pool: ``celery -A mmfuse.workers.image.worker worker -Q image -P threads``."""
 
-from shared.blobstore import BlobStore
-from shared.schema import JobSpec
-from workers.encoder import create_encoder_worker_app
+from mmfuse.shared.blobstore import BlobStore
+from mmfuse.shared.schema import JobSpec
+from mmfuse.workers.encoder import create_encoder_worker_app
 
 
 def gather_image_inputs(spec: JobSpec, blobs: BlobStore):

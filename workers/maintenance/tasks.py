@@ -13,10 +13,10 @@ from collections.abc import Iterable
 
 from celery import Celery
 
-from shared.blobstore import BlobStore, job_prefix
-from shared.jobstore import JobRecord, JobStore
-from shared.lifecycle import fail_job
-from shared.schema import ErrorCode, Status
+from mmfuse.shared.blobstore import BlobStore, job_prefix
+from mmfuse.shared.jobstore import JobRecord, JobStore
+from mmfuse.shared.lifecycle import fail_job
+from mmfuse.shared.schema import ErrorCode, Status
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The maintenance pool and its scheduler.
 
-- pool: ``celery -A workers.maintenance.worker worker -Q maintenance -P threads`` (``mmfuse worker
+- pool: ``celery -A mmfuse.workers.maintenance.worker worker -Q maintenance -P threads`` (``mmfuse worker
   maintenance``): releases the blobs of jobs that ended, and runs the periodic tasks;
-- scheduler: ``celery -A workers.maintenance.worker beat`` (``mmfuse beat``), exactly one per deployment;
+- scheduler: ``celery -A mmfuse.workers.maintenance.worker beat`` (``mmfuse beat``), exactly one per deployment;
   it sends ``reap_jobs`` every ``MMFUSE_REAPER_INTERVAL_S`` and ``sweep_blobs`` every
   ``MMFUSE_CLEANUP_INTERVAL_S`` (``shared.celery_app.beat_schedule``). A second beat by mistake only runs
   them twice as often: they are idempotent.
@@ -14,12 +14,12 @@ import logging
 
 import redis
 
-from shared import metrics
-from shared.blobstore import BLOB_STORE_ERRORS, BlobStore
-from shared.celery_app import TASK_REAP_JOBS, TASK_RELEASE_BLOBS, TASK_SWEEP_BLOBS, create_celery
-from shared.jobstore import JobStore
-from shared.settings import get_settings
-from workers.maintenance import tasks
+from mmfuse.shared import metrics
+from mmfuse.shared.blobstore import BLOB_STORE_ERRORS, BlobStore
+from mmfuse.shared.celery_app import TASK_REAP_JOBS, TASK_RELEASE_BLOBS, TASK_SWEEP_BLOBS, create_celery
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.settings import get_settings
+from mmfuse.workers.maintenance import tasks
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""The text encoder pool: ``celery -A workers.text.worker worker -Q text -P threads``.
+"""The text encoder pool: ``celery -A mmfuse.workers.text.worker worker -Q text -P threads``.
 
 It also encodes a job's zero-shot labels, with the same text tower as its texts.
 """
 
-from shared.blobstore import BlobStore
-from shared.schema import JobSpec
-from workers.encoder import create_encoder_worker_app
+from mmfuse.shared.blobstore import BlobStore
+from mmfuse.shared.schema import JobSpec
+from mmfuse.workers.encoder import create_encoder_worker_app
 
 
 def gather_text_inputs(spec: JobSpec, blobs: BlobStore):

@@ -1,4 +1,4 @@
-"""The webhook pool: ``celery -A workers.webhooks.worker worker -Q webhooks -P threads``.
+"""The webhook pool: ``celery -A mmfuse.workers.webhooks.worker worker -Q webhooks -P threads``.
 
 One task per attempt. A failed attempt that may succeed later schedules the next attempt as a new task
 with a countdown, so a slow or dead receiver never holds a worker thread and never slows encoding.
@@ -22,12 +22,12 @@ import time
 
 import redis
 
-from shared import metrics
-from shared.celery_app import TASK_DELIVER_WEBHOOK, create_celery
-from shared.jobstore import JobStore
-from shared.jobview import public_job
-from shared.settings import get_settings
-from shared.webhooks import Attempt, build_headers, build_payload, deliver_once, next_delay
+from mmfuse.shared import metrics
+from mmfuse.shared.celery_app import TASK_DELIVER_WEBHOOK, create_celery
+from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.jobview import public_job
+from mmfuse.shared.settings import get_settings
+from mmfuse.shared.webhooks import Attempt, build_headers, build_payload, deliver_once, next_delay
 
 log = logging.getLogger(__name__)
 

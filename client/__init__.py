@@ -1,1 +1,0 @@
-"""Client-side helpers for mmfuse; ``client.webhooks`` verifies callbacks and depends on the stdlib only."""
