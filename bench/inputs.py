@@ -37,8 +37,9 @@ def make_images(count: int, size: tuple[int, int] = (640, 480), quality: int = 9
         draw = ImageDraw.Draw(image)
         for j in range(6):
             x0, y0 = int(rng.integers(0, width - 120)), int(rng.integers(0, height - 120))
-            draw.ellipse((x0, y0, x0 + 60 + 10 * j, y0 + 50 + 8 * j),
-                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw.ellipse(
+                (x0, y0, x0 + 60 + 10 * j, y0 + 50 + 8 * j), fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+            )
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
         images.append(buffer.getvalue())

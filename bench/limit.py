@@ -53,8 +53,7 @@ class LayoutResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(best_batch=self.best_batch, best_jobs_per_s=self.best_jobs_per_s,
-                   name=self.name)
+        out.update(best_batch=self.best_batch, best_jobs_per_s=self.best_jobs_per_s, name=self.name)
         return out
 
     @property
@@ -111,8 +110,16 @@ def _latency_ms(encoders: dict, workload: Workload, reps: int) -> float:
     return statistics.median(times)
 
 
-def _worker(workload: Workload, towers: tuple[str, ...], threads: int, batches: list[int], min_time_s: float,
-            latency_reps: int, barrier, results) -> None:
+def _worker(
+    workload: Workload,
+    towers: tuple[str, ...],
+    threads: int,
+    batches: list[int],
+    min_time_s: float,
+    latency_reps: int,
+    barrier,
+    results,
+) -> None:
     """One measuring process; ``barrier`` (split layout) keeps the processes in step, phase by phase."""
     encoders = _load(workload, towers, threads)
 
@@ -130,8 +137,9 @@ def _worker(workload: Workload, towers: tuple[str, ...], threads: int, batches: 
     results.put((towers, rates, latency))
 
 
-def measure_layout(workload: Workload, layout: str, threads: int, batches: list[int], min_time_s: float,
-                   latency_reps: int) -> LayoutResult:
+def measure_layout(
+    workload: Workload, layout: str, threads: int, batches: list[int], min_time_s: float, latency_reps: int
+) -> LayoutResult:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     if layout == "seq":
@@ -143,8 +151,14 @@ def measure_layout(workload: Workload, layout: str, threads: int, batches: list[
     else:
         raise ValueError(layout)
     barrier = ctx.Barrier(len(groups)) if len(groups) > 1 else None
-    processes = [ctx.Process(target=_worker, args=(workload, group, threads, batches, min_time_s, latency_reps,
-                                                   barrier, results), daemon=True) for group in groups]
+    processes = [
+        ctx.Process(
+            target=_worker,
+            args=(workload, group, threads, batches, min_time_s, latency_reps, barrier, results),
+            daemon=True,
+        )
+        for group in groups
+    ]
     for process in processes:
         process.start()
     try:
@@ -162,8 +176,14 @@ def measure_layout(workload: Workload, layout: str, threads: int, batches: list[
     for towers, _, latency in answers:
         name = "+".join(towers)
         tower_latency[name] = max(latency, tower_latency.get(name, 0.0))
-    return LayoutResult(layout=layout, threads=threads, processes=len(groups), jobs_per_s=jobs_per_s,
-                        latency_b1_ms=max(tower_latency.values()), tower_latency_b1_ms=tower_latency)
+    return LayoutResult(
+        layout=layout,
+        threads=threads,
+        processes=len(groups),
+        jobs_per_s=jobs_per_s,
+        latency_b1_ms=max(tower_latency.values()),
+        tower_latency_b1_ms=tower_latency,
+    )
 
 
 ONE_PROCESS = ("seq",)

@@ -43,7 +43,7 @@ class ClosedLoopResult:
         ok = [s for s in self.samples if s.status == "succeeded"]
         done = sorted(s.finished_at for s in ok)
         i, j = stats.steady_window(done, self.concurrency) if done else (0, 0)
-        window = set(done[i:j + 1]) if done else set()
+        window = set(done[i : j + 1]) if done else set()
         steady = [s for s in ok if s.finished_at in window] or ok
         stages = sorted({stage for s in ok for stage in s.batch_size})
         return {
@@ -55,11 +55,14 @@ class ClosedLoopResult:
             "jobs_per_s": stats.throughput(self.started_at, [s.finished_at for s in ok], self.concurrency),
             "steady_jobs": len(steady),
             **stats.latency_summary([s.latency_s for s in steady]),
-            "server_total_p50_ms": stats.percentile([s.server_total_s * 1e3 for s in steady
-                                                     if s.server_total_s is not None], 50),
+            "server_total_p50_ms": stats.percentile(
+                [s.server_total_s * 1e3 for s in steady if s.server_total_s is not None], 50
+            ),
             "mean_batch_size": {st: stats.mean([s.batch_size.get(st) for s in steady]) for st in stages},
-            "mean_stage_ms": {st: stats.mean([s.stage_s[st] * 1e3 for s in steady if st in s.stage_s])
-                              for st in sorted({st for s in ok for st in s.stage_s})},
+            "mean_stage_ms": {
+                st: stats.mean([s.stage_s[st] * 1e3 for s in steady if st in s.stage_s])
+                for st in sorted({st for s in ok for st in s.stage_s})
+            },
             "client_cpu_s": self.client_cpu_s,
             "wall_s": self.wall_s,
         }
@@ -78,8 +81,14 @@ def _sample(submitted_at: float, job: dict) -> JobSample:
     )
 
 
-def closed_loop(gateway_url: str, concurrency: int, jobs: int, make_job: Callable[[int], dict],
-                api_key: str | None = None, timeout_s: float = 300.0) -> ClosedLoopResult:
+def closed_loop(
+    gateway_url: str,
+    concurrency: int,
+    jobs: int,
+    make_job: Callable[[int], dict],
+    api_key: str | None = None,
+    timeout_s: float = 300.0,
+) -> ClosedLoopResult:
     """``concurrency`` clients, each with its own HTTP session, run ``jobs`` jobs in all, one at a time each.
 
     Latency is submit -> result: the POST, then long-polls (``GET ?wait=``) until the job has ended.
@@ -117,8 +126,9 @@ def closed_loop(gateway_url: str, concurrency: int, jobs: int, make_job: Callabl
         thread.start()
     for thread in threads:
         thread.join()
-    return ClosedLoopResult(concurrency, started_at, samples, errors, time.process_time() - cpu_before,
-                            time.monotonic() - started_at)
+    return ClosedLoopResult(
+        concurrency, started_at, samples, errors, time.process_time() - cpu_before, time.monotonic() - started_at
+    )
 
 
 # --- the accept-rate flood: a separate process so the client's CPU is visible apart from the gateway's ---
@@ -170,8 +180,12 @@ def _flood_process(url: str, body: bytes, headers: dict, connections: int, durat
     request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     stop_at = time.monotonic() + duration_s
     outs: list[list] = [[] for _ in range(connections)]
-    threads = [threading.Thread(target=_http_post_loop, args=(parsed.hostname, parsed.port, request, stop_at, out),
-                                daemon=True) for out in outs]
+    threads = [
+        threading.Thread(
+            target=_http_post_loop, args=(parsed.hostname, parsed.port, request, stop_at, out), daemon=True
+        )
+        for out in outs
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -180,9 +194,15 @@ def _flood_process(url: str, body: bytes, headers: dict, connections: int, durat
     results.put(([r for out in outs for r in out], usage.ru_utime + usage.ru_stime))
 
 
-def accept_flood(gateway_url: str, connections: int, duration_s: float, api_key: str | None = None,
-                 warmup_s: float = 1.0, texts: tuple[str, ...] = ("a photo of a dog",),
-                 watch_pids: dict[str, int] | None = None) -> dict:
+def accept_flood(
+    gateway_url: str,
+    connections: int,
+    duration_s: float,
+    api_key: str | None = None,
+    warmup_s: float = 1.0,
+    texts: tuple[str, ...] = ("a photo of a dog",),
+    watch_pids: dict[str, int] | None = None,
+) -> dict:
     """POST small text jobs as fast as the gateway answers, from a separate process; 202s per second.
 
     Requests ending in the first ``warmup_s`` are not counted. ``watch_pids``: processes whose CPU use over
@@ -192,8 +212,9 @@ def accept_flood(gateway_url: str, connections: int, duration_s: float, api_key:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    process = ctx.Process(target=_flood_process,
-                          args=(gateway_url, body, headers, connections, duration_s, results), daemon=True)
+    process = ctx.Process(
+        target=_flood_process, args=(gateway_url, body, headers, connections, duration_s, results), daemon=True
+    )
     cpu_before = {name: stats.process_tree_cpu_s(pid) for name, pid in (watch_pids or {}).items()}
     started = time.monotonic()
     process.start()

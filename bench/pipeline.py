@@ -56,24 +56,51 @@ class Plan:
 
 
 FULL = Plan(
-    b32_batches=(1, 4, 16), text_batches=(1, 8, 32, 64), min_time_s=2.0, latency_reps=15,
-    layouts=("seq1", "seq2", "split1", "dp1"), recheck_limit=True,
-    b32_concurrency=(1, 8, 32, 64), text_concurrency=(1, 8, 32),
-    b32_jobs={1: 25, 8: 48, 32: 128, 64: 256}, text_jobs={1: 150, 8: 400, 32: 800},
-    warmup_jobs=32, accept_s=10.0, accept_connections=32,
+    b32_batches=(1, 4, 16),
+    text_batches=(1, 8, 32, 64),
+    min_time_s=2.0,
+    latency_reps=15,
+    layouts=("seq1", "seq2", "split1", "dp1"),
+    recheck_limit=True,
+    b32_concurrency=(1, 8, 32, 64),
+    text_concurrency=(1, 8, 32),
+    b32_jobs={1: 25, 8: 48, 32: 128, 64: 256},
+    text_jobs={1: 150, 8: 400, 32: 800},
+    warmup_jobs=32,
+    accept_s=10.0,
+    accept_connections=32,
     variant_jobs={1: 25, 32: 128},
 )
 QUICK = Plan(
-    b32_batches=(4,), text_batches=(16,), min_time_s=0.3, latency_reps=3, layouts=("seq1", "split1"),
+    b32_batches=(4,),
+    text_batches=(16,),
+    min_time_s=0.3,
+    latency_reps=3,
+    layouts=("seq1", "split1"),
     recheck_limit=False,
-    b32_concurrency=(1, 8, 32, 64), text_concurrency=(1, 8, 32),
-    b32_jobs={1: 4, 8: 16, 32: 32, 64: 64}, text_jobs={1: 20, 8: 64, 32: 128},
-    warmup_jobs=8, accept_s=3.0, accept_connections=32, variant_jobs={1: 2, 32: 32},
+    b32_concurrency=(1, 8, 32, 64),
+    text_concurrency=(1, 8, 32),
+    b32_jobs={1: 4, 8: 16, 32: 32, 64: 64},
+    text_jobs={1: 20, 8: 64, 32: 128},
+    warmup_jobs=8,
+    accept_s=3.0,
+    accept_connections=32,
+    variant_jobs={1: 2, 32: 32},
 )
 
-PIPELINE_SETTINGS = ("image_max_batch_size", "image_max_wait_ms", "text_max_batch_size", "text_max_wait_ms",
-                     "worker_concurrency", "torch_threads", "device", "dtype", "max_wait_s", "auth_required",
-                     "metrics_port")
+PIPELINE_SETTINGS = (
+    "image_max_batch_size",
+    "image_max_wait_ms",
+    "text_max_batch_size",
+    "text_max_wait_ms",
+    "worker_concurrency",
+    "torch_threads",
+    "device",
+    "dtype",
+    "max_wait_s",
+    "auth_required",
+    "metrics_port",
+)
 
 
 # --- machine and settings ----------------------------------------------------------------------------
@@ -133,8 +160,10 @@ def run_limit(workload: Workload, batches: tuple[int, ...], plan: Plan, cores: i
             continue
         log(f"  limit layout {layout} x{threads} thread(s), batches {list(batches)} ...")
         result = measure_layout(workload, layout, threads, list(batches), plan.min_time_s, plan.latency_reps)
-        log(f"    {result.best_jobs_per_s:.2f} jobs/s at batch {result.best_batch}; "
-            f"batch-1 latency {result.latency_b1_ms:.1f} ms {result.tower_latency_b1_ms}")
+        log(
+            f"    {result.best_jobs_per_s:.2f} jobs/s at batch {result.best_batch}; "
+            f"batch-1 latency {result.latency_b1_ms:.1f} ms {result.tower_latency_b1_ms}"
+        )
         measured.append(result)
     limit = pick_limit(measured)
     return {"layouts": measured, "limit": limit}
@@ -158,9 +187,12 @@ class CpuWatch:
         wall = time.monotonic() - self.started
         used = {name: stats.process_tree_cpu_s(pid) - self.before[name] for name, pid in self.pids.items()}
         used["client (bench)"] = client_cpu_s
-        return {"wall_s": wall, "cores": {k: v / wall for k, v in used.items()},
-                "cpu_ms_per_job": {k: v * 1e3 / max(jobs, 1) for k, v in used.items()},
-                "cores_total": sum(used.values()) / wall}
+        return {
+            "wall_s": wall,
+            "cores": {k: v / wall for k, v in used.items()},
+            "cpu_ms_per_job": {k: v * 1e3 / max(jobs, 1) for k, v in used.items()},
+            "cores_total": sum(used.values()) / wall,
+        }
 
 
 def bench_api_key(stack) -> str:
@@ -168,8 +200,9 @@ def bench_api_key(stack) -> str:
     return stack.create_api_key("bench", rate_per_s=1e9, burst=10**9)
 
 
-def run_pipeline(stack, api_key: str, concurrencies: tuple[int, ...], jobs: dict, make_job, warmup_jobs: int,
-                 log) -> list[dict]:
+def run_pipeline(
+    stack, api_key: str, concurrencies: tuple[int, ...], jobs: dict, make_job, warmup_jobs: int, log
+) -> list[dict]:
     if warmup_jobs:
         log(f"  warm-up: {warmup_jobs} jobs at concurrency {min(16, warmup_jobs)}")
         warm = closed_loop(stack.gateway_url, min(16, warmup_jobs), warmup_jobs, make_job, api_key)
@@ -181,9 +214,11 @@ def run_pipeline(stack, api_key: str, concurrencies: tuple[int, ...], jobs: dict
         run = closed_loop(stack.gateway_url, concurrency, jobs[concurrency], make_job, api_key)
         summary = run.summary()
         summary["cpu"] = watch.done(len(run.samples), run.client_cpu_s)
-        log(f"  concurrency {concurrency:3d}: {summary['jobs_per_s']:.2f} jobs/s, p50 {summary['p50_ms']:.0f} ms, "
+        log(
+            f"  concurrency {concurrency:3d}: {summary['jobs_per_s']:.2f} jobs/s, p50 {summary['p50_ms']:.0f} ms, "
             f"p99 {summary['p99_ms']:.0f} ms, batches {_fmt_batches(summary['mean_batch_size'])}, "
-            f"errors {summary['errors']}, cores used {summary['cpu']['cores_total']:.2f}")
+            f"errors {summary['errors']}, cores used {summary['cpu']['cores_total']:.2f}"
+        )
         results.append(summary)
     return results
 
@@ -231,32 +266,74 @@ def limit_table(limit: dict) -> str:
     rows = []
     for r in limit["layouts"]:
         mark = " (limit)" if r is limit["limit"] else ""
-        rows.append([r.name + mark, r.best_batch, r.best_jobs_per_s,
-                     " ".join(f"{b}:{v:.1f}" for b, v in r.jobs_per_s.items()), r.latency_b1_ms])
+        rows.append(
+            [
+                r.name + mark,
+                r.best_batch,
+                r.best_jobs_per_s,
+                " ".join(f"{b}:{v:.1f}" for b, v in r.jobs_per_s.items()),
+                r.latency_b1_ms,
+            ]
+        )
     if "recheck_jobs_per_s" in limit:
         best = limit["limit"]
-        rows.append([f"the limit again, after the pipeline phases ({best.layout} x{best.threads})", best.best_batch,
-                     limit["recheck_jobs_per_s"], "", None])
-    return stats.format_table(["bare model layout", "best batch", "jobs/s", "jobs/s by batch", "batch-1 latency ms"],
-                              rows)
+        rows.append(
+            [
+                f"the limit again, after the pipeline phases ({best.layout} x{best.threads})",
+                best.best_batch,
+                limit["recheck_jobs_per_s"],
+                "",
+                None,
+            ]
+        )
+    return stats.format_table(
+        ["bare model layout", "best batch", "jobs/s", "jobs/s by batch", "batch-1 latency ms"], rows
+    )
 
 
 def pipeline_table(runs: list[dict], limit: LayoutResult | None, own: LayoutResult | None) -> str:
     rows = []
     for run in runs:
         batches = run["mean_batch_size"]
-        rows.append([run.get("label", run["concurrency"]), run["steady_jobs"], run["jobs_per_s"],
-                     run["jobs_per_s"] / limit.best_jobs_per_s if limit else None,
-                     run["jobs_per_s"] / own.best_jobs_per_s if own else None,
-                     run["p50_ms"], run["p95_ms"], run["p99_ms"],
-                     _fmt_batches(batches), run["errors"], run["cpu"]["cores_total"]])
-    return stats.format_table(["concurrency", "jobs", "jobs/s", "ratio/limit", "ratio/same layout",
-                               "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors", "cores used"], rows, digits=2)
+        rows.append(
+            [
+                run.get("label", run["concurrency"]),
+                run["steady_jobs"],
+                run["jobs_per_s"],
+                run["jobs_per_s"] / limit.best_jobs_per_s if limit else None,
+                run["jobs_per_s"] / own.best_jobs_per_s if own else None,
+                run["p50_ms"],
+                run["p95_ms"],
+                run["p99_ms"],
+                _fmt_batches(batches),
+                run["errors"],
+                run["cpu"]["cores_total"],
+            ]
+        )
+    return stats.format_table(
+        [
+            "concurrency",
+            "jobs",
+            "jobs/s",
+            "ratio/limit",
+            "ratio/same layout",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "mean batch",
+            "errors",
+            "cores used",
+        ],
+        rows,
+        digits=2,
+    )
 
 
 def breakdown_table(run: dict, own: LayoutResult | None) -> str:
-    rows = [["client: submit -> result (p50)", run["p50_ms"]],
-            ["server: created -> finished (p50)", run["server_total_p50_ms"]]]
+    rows = [
+        ["client: submit -> result (p50)", run["p50_ms"]],
+        ["server: created -> finished (p50)", run["server_total_p50_ms"]],
+    ]
     rows += [[f"stage {name} (mean)", ms] for name, ms in run["mean_stage_ms"].items()]
     if own:
         rows += [[f"bare {name}, batch 1 ({own.layout} layout)", ms] for name, ms in own.tower_latency_b1_ms.items()]
@@ -322,16 +399,29 @@ def report(results: dict) -> str:
     b32 = results.get("b32")
     if b32:
         if b32["limit"]:
-            lines += ["## 1. Limit: B/32 image+text jobs (1 image + 1 text), bare model", "",
-                      limit_table(b32["limit"]), ""]
-        runs = b32["pipeline"] + [dict(r, label=f"{r['concurrency']}, image pool 2 threads")
-                                  for r in b32.get("variant_image_threads_2", [])]
-        lines += ["## 2. Pipeline: B/32 image+text jobs, closed loop, submit -> result via long-poll", "",
-                  pipeline_table(runs, b32["limit"] and b32["limit"]["limit"], b32["same_layout"]), ""]
+            lines += [
+                "## 1. Limit: B/32 image+text jobs (1 image + 1 text), bare model",
+                "",
+                limit_table(b32["limit"]),
+                "",
+            ]
+        runs = b32["pipeline"] + [
+            dict(r, label=f"{r['concurrency']}, image pool 2 threads") for r in b32.get("variant_image_threads_2", [])
+        ]
+        lines += [
+            "## 2. Pipeline: B/32 image+text jobs, closed loop, submit -> result via long-poll",
+            "",
+            pipeline_table(runs, b32["limit"] and b32["limit"]["limit"], b32["same_layout"]),
+            "",
+        ]
         c1 = at(b32["pipeline"], 1)
         if c1:
-            lines += ["Where the time goes at concurrency 1 (B/32), means over the steady jobs:", "",
-                      breakdown_table(c1, b32["same_layout"]), ""]
+            lines += [
+                "Where the time goes at concurrency 1 (B/32), means over the steady jobs:",
+                "",
+                breakdown_table(c1, b32["same_layout"]),
+                "",
+            ]
         c32 = at(b32["pipeline"], 32)
         if c32:
             lines += ["CPU by process at concurrency 32 (B/32 image+text):", "", cpu_table(c32), ""]
@@ -345,13 +435,29 @@ def report(results: dict) -> str:
         if c32:
             lines += ["CPU by process at concurrency 32 (MiniLM text-only):", "", cpu_table(c32), ""]
     if results.get("accept"):
-        rows = [[a["gateway_workers"], a["connections"], a["duration_s"], a["accepted_per_s"], a["p50_ms"], a["p99_ms"],
-                 a["not_accepted"], ", ".join(f"{k} {v:.2f}" for k, v in a["cores_used"].items())]
-                for a in results["accept"].values()]
-        lines += ["## 5. Gateway accept rate: workers stopped, `{\"texts\": [\"a photo of a dog\"]}` jobs, raw "
-                  "keep-alive HTTP from a separate load-generator process", "",
-                  stats.format_table(["gunicorn workers", "connections", "seconds", "202/s", "p50 ms", "p99 ms",
-                                      "not 202", "cores used"], rows), ""]
+        rows = [
+            [
+                a["gateway_workers"],
+                a["connections"],
+                a["duration_s"],
+                a["accepted_per_s"],
+                a["p50_ms"],
+                a["p99_ms"],
+                a["not_accepted"],
+                ", ".join(f"{k} {v:.2f}" for k, v in a["cores_used"].items()),
+            ]
+            for a in results["accept"].values()
+        ]
+        lines += [
+            '## 5. Gateway accept rate: workers stopped, `{"texts": ["a photo of a dog"]}` jobs, raw '
+            "keep-alive HTTP from a separate load-generator process",
+            "",
+            stats.format_table(
+                ["gunicorn workers", "connections", "seconds", "202/s", "p50 ms", "p99 ms", "not 202", "cores used"],
+                rows,
+            ),
+            "",
+        ]
     rows = []
     labels = {
         "ratio_b32_c32": ("3. throughput ratio pipeline/limit, B/32 image+text, concurrency 32", ">=", 2),
@@ -410,20 +516,30 @@ def mean_tokens(model: str, texts: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (fewer jobs, one batch size)")
     parser.add_argument("--json", metavar="PATH", help="write every result and setting as JSON")
     parser.add_argument("--report", metavar="PATH", help="write the Markdown report")
     parser.add_argument("--var-dir", default="var/bench", help="stack logs and data (default var/bench)")
-    parser.add_argument("--model", help="image+text CLIP checkpoint (default: the b32 test checkpoint, made "
-                                        "under var/models if missing)")
+    parser.add_argument(
+        "--model",
+        help="image+text CLIP checkpoint (default: the b32 test checkpoint, made under var/models if missing)",
+    )
     parser.add_argument("--text-model", help="text-only model (default: the installed all-MiniLM-L6-v2)")
-    parser.add_argument("--gateway-workers", type=int, default=int(os.environ.get("MMFUSE_GATEWAY_WORKERS", "2")),
-                        help="gunicorn worker processes of the gateway (default: MMFUSE_GATEWAY_WORKERS or 2, "
-                             "as `mmfuse gateway` runs it)")
-    parser.add_argument("--phases", default="limit,accept,b32,minilm",
-                        help="comma-separated subset of limit,accept,b32,minilm (default: all)")
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=int(os.environ.get("MMFUSE_GATEWAY_WORKERS", "2")),
+        help="gunicorn worker processes of the gateway (default: MMFUSE_GATEWAY_WORKERS or 2, "
+        "as `mmfuse gateway` runs it)",
+    )
+    parser.add_argument(
+        "--phases",
+        default="limit,accept,b32,minilm",
+        help="comma-separated subset of limit,accept,b32,minilm (default: all)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     phases = set(args.phases.split(","))
@@ -445,11 +561,16 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_workers": args.gateway_workers,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "quick": args.quick, "machine": machine, "torch": torch_info(), "plan": plan.__dict__,
+        "quick": args.quick,
+        "machine": machine,
+        "torch": torch_info(),
+        "plan": plan.__dict__,
         "models": {"b32": b32_model, "minilm": text_model},
-        "inputs": (f"{len(images)} distinct 640x480 JPEGs (~{sum(map(len, images)) // len(images) // 1000} kB), "
-                   f"captions like {texts[0]!r} ({mean_tokens(b32_model, texts):.0f} CLIP test-tokenizer tokens, "
-                   f"{mean_tokens(text_model, texts):.0f} MiniLM tokens on average)"),
+        "inputs": (
+            f"{len(images)} distinct 640x480 JPEGs (~{sum(map(len, images)) // len(images) // 1000} kB), "
+            f"captions like {texts[0]!r} ({mean_tokens(b32_model, texts):.0f} CLIP test-tokenizer tokens, "
+            f"{mean_tokens(text_model, texts):.0f} MiniLM tokens on average)"
+        ),
     }
     b32_work = Workload(("image", "text"), {"image": b32_model, "text": b32_model}, images, texts)
     text_work = Workload(("text",), {"text": text_model}, [], texts)
@@ -470,13 +591,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfuse.cli.stack import LocalStack, free_port
 
-    env.update({
-        "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-        "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "MMFUSE_S3_BUCKET": "mmfuse-bench",
-        "MMFUSE_MODEL": b32_model,
-        "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
-    })
+    env.update(
+        {
+            "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "MMFUSE_S3_BUCKET": "mmfuse-bench",
+            "MMFUSE_MODEL": b32_model,
+            "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
+        }
+    )
     stack = LocalStack(var_dir=var_dir / f"stack-{int(time.time())}", env=env)
     try:
         log(f"stack: redis, s3, gateway ({args.gateway_workers} gunicorn workers), no encoder workers yet")
@@ -489,16 +612,21 @@ def main(argv: list[str] | None = None) -> int:
             counts = (args.gateway_workers,) if args.quick else tuple(dict.fromkeys((1, args.gateway_workers)))
             for workers in counts:
                 start_gateway(stack, workers)
-                log(f"accept rate, {workers} gateway worker(s): {plan.accept_connections} connections for "
-                    f"{plan.accept_s:.0f} s")
+                log(
+                    f"accept rate, {workers} gateway worker(s): {plan.accept_connections} connections for "
+                    f"{plan.accept_s:.0f} s"
+                )
                 watch = {name: stack.processes[name].pid for name in ("gateway", "redis", "s3")}
-                accept = accept_flood(stack.gateway_url, plan.accept_connections, plan.accept_s,
-                                      bench_api_key(stack), watch_pids=watch)
+                accept = accept_flood(
+                    stack.gateway_url, plan.accept_connections, plan.accept_s, bench_api_key(stack), watch_pids=watch
+                )
                 accept["gateway_workers"] = workers
                 results["accept"][workers] = accept
-                log(f"  {accept['accepted_per_s']:.0f} jobs/s answered 202 (p50 {accept['p50_ms']:.1f} ms); "
+                log(
+                    f"  {accept['accepted_per_s']:.0f} jobs/s answered 202 (p50 {accept['p50_ms']:.1f} ms); "
                     f"not 202: {accept['not_accepted']} {accept['other_status']}; cores "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in accept["cores_used"].items()))
+                    + ", ".join(f"{k} {v:.2f}" for k, v in accept["cores_used"].items())
+                )
                 flush_redis(stack)  # the accepted jobs must never reach a worker
         start_gateway(stack, args.gateway_workers)
         api_key = bench_api_key(stack)
@@ -515,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                 return {"images": [images[i % len(images)]], "texts": [texts[i % len(texts)]]}
 
             results.setdefault("b32", {})["pipeline"] = run_pipeline(
-                stack, api_key, plan.b32_concurrency, plan.b32_jobs, b32_job, plan.warmup_jobs, log)
+                stack, api_key, plan.b32_concurrency, plan.b32_jobs, b32_job, plan.warmup_jobs, log
+            )
             if plan.variant_jobs:
                 # The same with the image pool at 2 torch threads: the default layout pins the vision tower
                 # (most of a job's compute) to one core, while the text pool and the overhead leave the
@@ -523,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                 log("pipeline variant: B/32 image+text jobs, image pool at MMFUSE_TORCH_THREADS=2")
                 restart_image_worker(stack, torch_threads=2)
                 results["b32"]["variant_image_threads_2"] = run_pipeline(
-                    stack, api_key, (1, 32), plan.variant_jobs, b32_job, plan.warmup_jobs, log)
+                    stack, api_key, (1, 32), plan.variant_jobs, b32_job, plan.warmup_jobs, log
+                )
             for name in [n for n in stack.processes if n.startswith(("worker-image", "worker-text"))]:
                 stack.stop_process(name)
 
@@ -541,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
                 return {"texts": [texts[i % len(texts)]]}
 
             results.setdefault("minilm", {})["pipeline"] = run_pipeline(
-                stack, api_key, plan.text_concurrency, plan.text_jobs, text_job, plan.warmup_jobs * 4, log)
+                stack, api_key, plan.text_concurrency, plan.text_jobs, text_job, plan.warmup_jobs * 4, log
+            )
     except BaseException:
         log(stack.log_tails(20))
         raise

@@ -24,8 +24,11 @@ def latency_summary(latencies_s: Sequence[float]) -> dict:
     """p50/p95/p99/mean/max in milliseconds."""
     ms = [x * 1e3 for x in latencies_s]
     return {
-        "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99),
-        "mean_ms": sum(ms) / len(ms) if ms else math.nan, "max_ms": max(ms) if ms else math.nan,
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": sum(ms) / len(ms) if ms else math.nan,
+        "max_ms": max(ms) if ms else math.nan,
     }
 
 
@@ -68,7 +71,7 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def _parse_stat(text: str) -> tuple[int, float]:
     """(ppid, utime+stime seconds) from a /proc/<pid>/stat line; the comm field may hold spaces."""
-    rest = text[text.rindex(")") + 2:].split()
+    rest = text[text.rindex(")") + 2 :].split()
     return int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICKS
 
 
@@ -119,8 +122,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], digit
         padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
-                          for w, num in zip(widths, numeric, strict=True)) + "|"
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric, strict=True))
+        + "|"
+    )
     return "\n".join([line(list(headers)), rule] + [line(row) for row in cells])
 
 

@@ -31,8 +31,13 @@ def run_demo(gateway_url: str, api_key: str) -> dict:
     client = MmfuseClient(gateway_url, api_key=api_key)
     texts = ["a red circle on a white background", "a photo of a dog"]
     started = time.monotonic()
-    job = client.run([demo_image()], texts, labels=["red circle", "dog", "car"],
-                     outputs=["embeddings", "similarity", "classify"], timeout_s=120)
+    job = client.run(
+        [demo_image()],
+        texts,
+        labels=["red circle", "dog", "car"],
+        outputs=["embeddings", "similarity", "classify"],
+        timeout_s=120,
+    )
     elapsed = time.monotonic() - started
     print(f"\ndemo job {job['id']}: {job['status']} in {elapsed * 1000:.0f} ms (submit -> result)")
     if job["status"] != "succeeded":
@@ -40,16 +45,22 @@ def run_demo(gateway_url: str, api_key: str) -> dict:
         return job
     result = job["result"]
     embeddings = result["embeddings"]
-    print("  stages: " + ", ".join(f"{name} {stage['duration_s'] * 1000:.1f} ms"
-                                    for name, stage in job["timings"]["stages"].items()))
-    print(f"  image embedding: dim {len(embeddings['images'][0])}, first values "
-          f"{[round(x, 4) for x in embeddings['images'][0][:4]]}")
+    print(
+        "  stages: "
+        + ", ".join(f"{name} {stage['duration_s'] * 1000:.1f} ms" for name, stage in job["timings"]["stages"].items())
+    )
+    print(
+        f"  image embedding: dim {len(embeddings['images'][0])}, first values "
+        f"{[round(x, 4) for x in embeddings['images'][0][:4]]}"
+    )
     print(f"  fused ({embeddings['fusion']}): dim {len(embeddings['fused'])}")
     for text, score in zip(texts, result["similarity"][0], strict=False):
         print(f"  cosine(image, {text!r}) = {score:.4f}")
     top = result["classify"]["images"][0]
-    print(f"  zero-shot: {top['label']!r} "
-          f"{dict(zip(result['classify']['labels'], [round(s, 4) for s in top['scores']], strict=False))}")
+    print(
+        f"  zero-shot: {top['label']!r} "
+        f"{dict(zip(result['classify']['labels'], [round(s, 4) for s in top['scores']], strict=False))}"
+    )
     return job
 
 
@@ -64,9 +75,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not (checkpoint / "config.json").exists():
             make_test_checkpoint(checkpoint, args.test_size)
         env["MMFUSE_MODEL"] = str(checkpoint)
-        print(f"No MMFUSE_MODEL set: using the local test checkpoint {checkpoint} "
-              f"(CLIP-shaped, size {args.test_size}, random weights: scores are not meaningful).\n"
-              f"Set MMFUSE_MODEL=openai/clip-vit-base-patch32 where the Hugging Face hub is reachable.")
+        print(
+            f"No MMFUSE_MODEL set: using the local test checkpoint {checkpoint} "
+            f"(CLIP-shaped, size {args.test_size}, random weights: scores are not meaningful).\n"
+            f"Set MMFUSE_MODEL=openai/clip-vit-base-patch32 where the Hugging Face hub is reachable."
+        )
     env.setdefault("MMFUSE_GATEWAY_BIND", "127.0.0.1:8080")
     # The local stack delivers webhooks to receivers on this machine; production admits none by default.
     env.setdefault("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8 ::1/128")
@@ -83,17 +96,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("starting redis (if absent), S3 (if absent), gateway, workers and beat ...", flush=True)
         started = time.monotonic()
         stack.start()
-        print(f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, "
-              f"logs in {stack.log_dir}")
+        print(
+            f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, logs in {stack.log_dir}"
+        )
         api_key = stack.create_api_key("local")
         print(f"API key for this stack (send 'Authorization: Bearer <key>'): {api_key}")
         job = run_demo(stack.gateway_url, api_key)
         if args.exit_after_demo:
             return 0 if job["status"] == "succeeded" else 1
-        print(f"\nmmfuse is up at {stack.gateway_url} (Ctrl-C to stop). Try:\n"
-              f"  curl -s -X POST {stack.gateway_url}/v1/jobs -H 'authorization: Bearer {api_key}' "
-              f"-H 'content-type: application/json' "
-              f"-d '{{\"texts\": [\"hello\"]}}'")
+        print(
+            f"\nmmfuse is up at {stack.gateway_url} (Ctrl-C to stop). Try:\n"
+            f"  curl -s -X POST {stack.gateway_url}/v1/jobs -H 'authorization: Bearer {api_key}' "
+            f"-H 'content-type: application/json' "
+            f'-d \'{{"texts": ["hello"]}}\''
+        )
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(1)
         print("a stack process exited; stopping", file=sys.stderr)
@@ -107,8 +123,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import gateway_command
 
-    command = gateway_command(args.bind or os.environ.get("MMFUSE_GATEWAY_BIND", "0.0.0.0:8080"),
-                              args.workers, args.threads)
+    command = gateway_command(
+        args.bind or os.environ.get("MMFUSE_GATEWAY_BIND", "0.0.0.0:8080"), args.workers, args.threads
+    )
     os.execvp(command[0], command)
 
 
@@ -173,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the local stack and a demo job")
     up.add_argument("--var-dir", default=str(DEFAULT_VAR_DIR), help="logs, Redis data, test checkpoints")
-    up.add_argument("--test-size", default="tiny", choices=sorted(TEST_SIZES),
-                    help="test checkpoint size when MMFUSE_MODEL is unset")
+    up.add_argument(
+        "--test-size",
+        default="tiny",
+        choices=sorted(TEST_SIZES),
+        help="test checkpoint size when MMFUSE_MODEL is unset",
+    )
     up.add_argument("--exit-after-demo", action="store_true", help="stop the stack after the demo job")
     up.set_defaults(func=cmd_up)
 

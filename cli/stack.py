@@ -65,27 +65,66 @@ def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; one of {POOLS}")
     return [
-        sys.executable, "-m", "celery", "-A", POOL_MODULES[pool], "worker",
-        "-Q", pool, "-P", "threads", "-c", str(concurrency), "-n", f"{pool}@%h",
-        "--without-gossip", "--without-mingle", "--loglevel", loglevel,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        POOL_MODULES[pool],
+        "worker",
+        "-Q",
+        pool,
+        "-P",
+        "threads",
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{pool}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
     ]
 
 
 def beat_command(loglevel: str = "INFO") -> list[str]:
     """Celery beat, the one scheduler of the periodic maintenance tasks. Its schedule is in memory (every
     entry is an interval from settings): nothing to persist, no file to write in a read-only container."""
-    return [sys.executable, "-m", "celery", "-A", BEAT_MODULE, "beat", "--scheduler", "celery.beat:Scheduler",
-            "--loglevel", loglevel]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        BEAT_MODULE,
+        "beat",
+        "--scheduler",
+        "celery.beat:Scheduler",
+        "--loglevel",
+        loglevel,
+    ]
 
 
 def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]:
     # gthread: long-polls hold a thread each, not a process.
     return [
-        sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", str(workers),
-        "--threads", str(threads), "--bind", bind, "--graceful-timeout", "10", "--timeout", "120",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--bind",
+        bind,
+        "--graceful-timeout",
+        "10",
+        "--timeout",
+        "120",
         "--no-control-socket",
         # Prometheus multiprocess mode: /metrics sums every gunicorn worker's values.
-        "-c", "python:mmfuse.gateway.gunicorn_conf",
+        "-c",
+        "python:mmfuse.gateway.gunicorn_conf",
         "mmfuse.gateway.app:create_app()",
     ]
 
@@ -118,8 +157,14 @@ class LocalStack:
 
     def spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, env=self._child_env(extra_env), stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                env=self._child_env(extra_env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.processes[name] = process
         return process
 
@@ -138,8 +183,22 @@ class LocalStack:
         data_dir = self.var_dir / f"redis-{port}"
         data_dir.mkdir(parents=True, exist_ok=True)
         # appendonly: queued jobs survive a Redis restart.
-        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "yes", "--dir", str(data_dir)])
+        self.spawn(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(data_dir),
+            ],
+        )
         self._wait(lambda: redis_answers(host, port), "redis", 30)
         return True
 
@@ -209,8 +268,9 @@ class LocalStack:
         while time.monotonic() < deadline:
             for name, process in self.processes.items():
                 if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log_dir / name}.log\n"
-                                       + self.tail(name))
+                    raise RuntimeError(
+                        f"{name} exited with {process.returncode}; see {self.log_dir / name}.log\n" + self.tail(name)
+                    )
             try:
                 if check():
                     return
@@ -220,8 +280,9 @@ class LocalStack:
         raise TimeoutError(f"{what} not ready after {timeout_s}s; logs in {self.log_dir}")
 
     def wait_ready(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> None:
-        self._wait(lambda: requests.get(f"{self.gateway_url}/readyz", timeout=2).status_code == 200,
-                   "gateway", timeout_s)
+        self._wait(
+            lambda: requests.get(f"{self.gateway_url}/readyz", timeout=2).status_code == 200, "gateway", timeout_s
+        )
         self.wait_workers(pools, timeout_s)
 
     def wait_workers(self, pools: tuple[str, ...], timeout_s: float = 180) -> None:

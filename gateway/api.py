@@ -26,7 +26,6 @@ api = Blueprint("v1", __name__, url_prefix="/v1")
 api.before_request(authenticate)
 
 
-
 def _services():
     return current_app.extensions["mmfuse"]
 
@@ -64,14 +63,21 @@ def submit_job():
             return _replay(idem, existing)
     if job.options.webhook is not None:
         if not services.settings.webhook_secrets:
-            raise ApiError(422, ErrorCode.WEBHOOK_URL_REJECTED,
-                           "webhooks are not enabled on this server (no MMFUSE_WEBHOOK_SECRETS configured)",
-                           [{"loc": "webhook", "message": "webhooks disabled", "reason": "webhooks_disabled"}])
+            raise ApiError(
+                422,
+                ErrorCode.WEBHOOK_URL_REJECTED,
+                "webhooks are not enabled on this server (no MMFUSE_WEBHOOK_SECRETS configured)",
+                [{"loc": "webhook", "message": "webhooks disabled", "reason": "webhooks_disabled"}],
+            )
         try:
             check_url(job.options.webhook.url, services.settings.webhook_allow_networks)
         except WebhookURLRejected as exc:
-            raise ApiError(422, ErrorCode.WEBHOOK_URL_REJECTED, f"webhook.url: {exc}",
-                           [{"loc": "webhook.url", "message": str(exc), "reason": exc.reason}]) from None
+            raise ApiError(
+                422,
+                ErrorCode.WEBHOOK_URL_REJECTED,
+                f"webhook.url: {exc}",
+                [{"loc": "webhook.url", "message": str(exc), "reason": exc.reason}],
+            ) from None
     job_id = new_job_id()
     spec = _spec_for(job_id, job, url_for("v1.get_job", job_id=job_id, _external=True))
     # Blobs, then the record (with the idempotency entry, atomically), then the tasks: a task never points
@@ -88,13 +94,15 @@ def submit_job():
             record_written = True
             for modality in spec.modalities:
                 # Known task ids: a cancel revokes them.
-                services.celery.send_task(ENCODE_TASKS[modality], args=[spec.id],
-                                          task_id=stage_task_id(spec.id, modality))
+                services.celery.send_task(
+                    ENCODE_TASKS[modality], args=[spec.id], task_id=stage_task_id(spec.id, modality)
+                )
     except BACKEND_ERRORS as exc:
         log.warning("submit failed, rolling back job %s: %s", spec.id, exc)
         _roll_back(spec.id, written, record_written, idem_key)
-        raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE,
-                       f"a backing service is unavailable ({type(exc).__name__}); retry later") from None
+        raise ApiError(
+            503, ErrorCode.SERVICE_UNAVAILABLE, f"a backing service is unavailable ({type(exc).__name__}); retry later"
+        ) from None
     if existing is not None:  # a concurrent request with this key made its job first: answer with that one
         _roll_back(spec.id, written, False, None)
         return _replay(idem, existing)
@@ -140,8 +148,12 @@ def get_job(job_id: str):
     services = _services()
     encoding_format = request.args.get("encoding_format", "float")
     if encoding_format not in ENCODING_FORMATS:
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"encoding_format must be one of {ENCODING_FORMATS}",
-                       [{"loc": "encoding_format", "message": "unknown value"}])
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            f"encoding_format must be one of {ENCODING_FORMATS}",
+            [{"loc": "encoding_format", "message": "unknown value"}],
+        )
     wait_s = _wait_seconds(request.args.get("wait"), services.settings.max_wait_s)
     try:
         record = services.jobs.get(job_id)
@@ -163,8 +175,12 @@ def _wait_seconds(raw: str | None, cap: float) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "wait must be a number of seconds >= 0",
-                       [{"loc": "wait", "message": "expected seconds >= 0"}])
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "wait must be a number of seconds >= 0",
+            [{"loc": "wait", "message": "expected seconds >= 0"}],
+        )
     return min(value, cap)
 
 
@@ -182,6 +198,10 @@ def cancel_job(job_id: str):
     except redis.RedisError as exc:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
     if not canceled:
-        raise ApiError(409, ErrorCode.JOB_ALREADY_ENDED, f"job {job_id} already ended: {record.status.value}",
-                       [{"loc": "status", "message": "the job already ended", "status": record.status.value}])
+        raise ApiError(
+            409,
+            ErrorCode.JOB_ALREADY_ENDED,
+            f"job {job_id} already ended: {record.status.value}",
+            [{"loc": "status", "message": "the job already ended", "status": record.status.value}],
+        )
     return jsonify(public_job(record))

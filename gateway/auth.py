@@ -46,8 +46,11 @@ def enforce_rate_limit() -> None:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"rate limiter unavailable: {exc}") from None
     if not allowed:
         retry_after = max(1, math.ceil(wait_s))
-        error = ApiError(429, ErrorCode.RATE_LIMITED,
-                         f"rate limit of {rate:g} jobs/s (burst {burst}) exceeded; retry in {retry_after} s")
+        error = ApiError(
+            429,
+            ErrorCode.RATE_LIMITED,
+            f"rate limit of {rate:g} jobs/s (burst {burst}) exceeded; retry in {retry_after} s",
+        )
         error.headers = {"Retry-After": str(retry_after)}
         raise error
 

@@ -42,9 +42,12 @@ def header_value(request: Request) -> str | None:
     if value is None:
         return None
     if not 0 < len(value) <= MAX_KEY_LENGTH or not all(" " <= ch <= "~" for ch in value):
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR,
-                       f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
-                       [{"loc": f"header.{HEADER}", "message": "invalid idempotency key"}])
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+            [{"loc": f"header.{HEADER}", "message": "invalid idempotency key"}],
+        )
     return value
 
 
@@ -66,9 +69,11 @@ def original_job_id(idem: Idempotency, raw_entry: bytes) -> str:
     """The job id an existing entry names, or 422 when it was made by a different request."""
     entry = json.loads(raw_entry)
     if entry["request_sha256"] != idem.request_sha256:
-        raise ApiError(422, ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                       f"this {HEADER} was already used for a different request (job {entry['job_id']}); "
-                       "use a new key for a new job",
-                       [{"loc": f"header.{HEADER}", "message": "key used with another request body",
-                         "job_id": entry["job_id"]}])
+        raise ApiError(
+            422,
+            ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            f"this {HEADER} was already used for a different request (job {entry['job_id']}); "
+            "use a new key for a new job",
+            [{"loc": f"header.{HEADER}", "message": "key used with another request body", "job_id": entry["job_id"]}],
+        )
     return entry["job_id"]

@@ -25,8 +25,15 @@ from mmfuse.shared.settings import Settings
 
 docs = Blueprint("docs", __name__)
 
-_MODELS = (JobRequest, JobOptions, responses.SubmitAnswer, responses.JobView, responses.ErrorBody,
-           responses.Liveness, responses.Readiness)
+_MODELS = (
+    JobRequest,
+    JobOptions,
+    responses.SubmitAnswer,
+    responses.JobView,
+    responses.ErrorBody,
+    responses.Liveness,
+    responses.Readiness,
+)
 
 
 def _ref(model) -> dict:
@@ -55,25 +62,42 @@ _JOB_LINKS = {
 
 def build_spec(app: Flask) -> dict:
     settings: Settings = app.extensions["mmfuse"].settings
-    _, schemas = models_json_schema([(model, "validation") for model in _MODELS],
-                                    ref_template="#/components/schemas/{model}")
+    _, schemas = models_json_schema(
+        [(model, "validation") for model in _MODELS], ref_template="#/components/schemas/{model}"
+    )
     components: dict[str, Any] = {"schemas": _with_limits(schemas["$defs"], settings)}
     security: list[dict] = []
     unauthorized: dict[str, Any] = {}
     if settings.auth_required:
-        components["securitySchemes"] = {"bearerAuth": {
-            "type": "http", "scheme": "bearer", "bearerFormat": "mmfuse API key",
-            "description": "An API key made with `mmfuse keys create`, sent as `Authorization: Bearer <key>`."}}
+        components["securitySchemes"] = {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "mmfuse API key",
+                "description": "An API key made with `mmfuse keys create`, sent as `Authorization: Bearer <key>`.",
+            }
+        }
         security = [{"bearerAuth": []}]
-        unauthorized = {"401": _error("Missing, unknown or revoked API key.", {
-            "WWW-Authenticate": {"description": "`Bearer realm=\"mmfuse\"`", "schema": {"type": "string"}}})}
+        unauthorized = {
+            "401": _error(
+                "Missing, unknown or revoked API key.",
+                {"WWW-Authenticate": {"description": '`Bearer realm="mmfuse"`', "schema": {"type": "string"}}},
+            )
+        }
     unavailable = {"503": _error("Redis, S3 or the broker is unavailable; nothing was kept: retry later.")}
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"},
-              "description": "The id the submit answered with."}
-    limits = (f"Limits: {settings.max_images} images of at most {settings.max_image_bytes} bytes and "
-              f"{settings.max_image_pixels} pixels each ({', '.join(settings.image_formats)}); "
-              f"{settings.max_texts} texts and {settings.max_labels} labels of at most {settings.max_text_chars} "
-              f"characters; a body of at most {settings.max_body_bytes} bytes.")
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "The id the submit answered with.",
+    }
+    limits = (
+        f"Limits: {settings.max_images} images of at most {settings.max_image_bytes} bytes and "
+        f"{settings.max_image_pixels} pixels each ({', '.join(settings.image_formats)}); "
+        f"{settings.max_texts} texts and {settings.max_labels} labels of at most {settings.max_text_chars} "
+        f"characters; a body of at most {settings.max_body_bytes} bytes."
+    )
 
     submit = {
         "operationId": "submitJob",
@@ -86,41 +110,62 @@ def build_spec(app: Flask) -> dict:
             f"{limits}\n\n"
             f"With an `{IDEMPOTENCY_HEADER}` header a retried submit returns the job the first one made (200), "
             "for as long as the job is kept; the same key with a different request is refused (422 "
-            "`idempotency_key_reused`). Keys are scoped to the API key."),
-        "parameters": [{
-            "name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-            "description": "Any unique string per logical request, e.g. a UUID.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},
-        }],
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": _ref(JobRequest)},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                   "description": "Image files, in order."},
-                        "texts": {"type": "array", "items": {"type": "string"}},
-                        "options": _ref(JobOptions),
+            "`idempotency_key_reused`). Keys are scoped to the API key."
+        ),
+        "parameters": [
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "Any unique string per logical request, e.g. a UUID.",
+                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _ref(JobRequest)},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "Image files, in order.",
+                            },
+                            "texts": {"type": "array", "items": {"type": "string"}},
+                            "options": _ref(JobOptions),
+                        },
+                        "additionalProperties": False,
                     },
-                    "additionalProperties": False,
+                    "encoding": {
+                        "options": {"contentType": "application/json"},
+                        "images": {"contentType": "application/octet-stream"},
+                    },
                 },
-                "encoding": {"options": {"contentType": "application/json"},
-                             "images": {"contentType": "application/octet-stream"}},
             },
-        }},
+        },
         "responses": {
-            "202": {**_json(responses.SubmitAnswer, "Accepted: the job is queued.", _LOCATION),
-                    "links": _JOB_LINKS},
-            "200": {**_json(responses.SubmitAnswer, f"The job an earlier request with this {IDEMPOTENCY_HEADER} "
-                            "made (header `Idempotent-Replayed: true`).", _LOCATION), "links": _JOB_LINKS},
+            "202": {**_json(responses.SubmitAnswer, "Accepted: the job is queued.", _LOCATION), "links": _JOB_LINKS},
+            "200": {
+                **_json(
+                    responses.SubmitAnswer,
+                    f"The job an earlier request with this {IDEMPOTENCY_HEADER} "
+                    "made (header `Idempotent-Replayed: true`).",
+                    _LOCATION,
+                ),
+                "links": _JOB_LINKS,
+            },
             "400": _error("The body is not valid JSON, or not a readable multipart body."),
             **unauthorized,
             "413": _error("The body, an image's bytes or an image's pixels exceed a limit."),
             "415": _error("Not JSON or multipart, or an image in a format that is not accepted."),
             "422": _error("The request is well-formed but invalid: see `error.details`."),
-            "429": _error("This API key's rate limit is exceeded.", {
-                "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}),
+            "429": _error(
+                "This API key's rate limit is exceeded.",
+                {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+            ),
             **unavailable,
         },
     }
@@ -128,18 +173,28 @@ def build_spec(app: Flask) -> dict:
         "operationId": "getJob",
         "tags": ["jobs"],
         "summary": "Read a job",
-        "description": ("The job's status, timings, and its result or error once it ended. With `wait`, the "
-                        "answer comes as soon as the job ends or after that many seconds (long-poll). "
-                        f"Records expire {settings.job_ttl_s} s after submission; after that, and for "
-                        "another key's jobs, the answer is 404 `not_found` (unknown or expired)."),
+        "description": (
+            "The job's status, timings, and its result or error once it ended. With `wait`, the "
+            "answer comes as soon as the job ends or after that many seconds (long-poll). "
+            f"Records expire {settings.job_ttl_s} s after submission; after that, and for "
+            "another key's jobs, the answer is 404 `not_found` (unknown or expired)."
+        ),
         "parameters": [
             job_id,
-            {"name": "wait", "in": "query", "required": False,
-             "schema": {"type": "number", "minimum": 0},
-             "description": f"Seconds to wait for the job to end; capped at {settings.max_wait_s:g}."},
-            {"name": "encoding_format", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": list(ENCODING_FORMATS), "default": "float"},
-             "description": "Vectors as JSON floats, or as base64 of little-endian float32."},
+            {
+                "name": "wait",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "number", "minimum": 0},
+                "description": f"Seconds to wait for the job to end; capped at {settings.max_wait_s:g}.",
+            },
+            {
+                "name": "encoding_format",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": list(ENCODING_FORMATS), "default": "float"},
+                "description": "Vectors as JSON floats, or as base64 of little-endian float32.",
+            },
         ],
         "responses": {
             "200": _json(responses.JobView, "The job."),
@@ -153,9 +208,11 @@ def build_spec(app: Flask) -> dict:
         "operationId": "cancelJob",
         "tags": ["jobs"],
         "summary": "Cancel a job",
-        "description": ("Ends a job that is still queued or running: its status becomes `canceled` at once, its "
-                        "pending tasks are revoked, and work already under way is discarded. Its webhook "
-                        "gets `job.canceled` only if it subscribed to that event."),
+        "description": (
+            "Ends a job that is still queued or running: its status becomes `canceled` at once, its "
+            "pending tasks are revoked, and work already under way is discarded. Its webhook "
+            "gets `job.canceled` only if it subscribed to that event."
+        ),
         "parameters": [job_id],
         "responses": {
             "200": _json(responses.JobView, "The canceled job."),
@@ -172,37 +229,69 @@ def build_spec(app: Flask) -> dict:
     paths: dict[str, dict] = {
         "/v1/jobs": {"post": submit},
         "/v1/jobs/{job_id}": {"get": read, "delete": cancel},
-        "/healthz": {"get": {
-            "operationId": "liveness", "tags": ["operations"], "summary": "Liveness",
-            "description": "The process answers; checks nothing else.",
-            "responses": {"200": _json(responses.Liveness, "Alive.")}}},
-        "/readyz": {"get": {
-            "operationId": "readiness", "tags": ["operations"], "summary": "Readiness",
-            "description": "Redis and S3 (with the bucket) answer.",
-            "responses": {"200": _json(responses.Readiness, "Ready."),
-                          "503": _json(responses.Readiness, "A store is unavailable; `checks` says which.")}}},
-        "/openapi.json": {"get": {
-            "operationId": "openapi", "tags": ["operations"], "summary": "This document",
-            "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")}}},
-        "/docs": {"get": {
-            "operationId": "docs", "tags": ["operations"], "summary": "This document, as a web page",
-            "responses": {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/healthz": {
+            "get": {
+                "operationId": "liveness",
+                "tags": ["operations"],
+                "summary": "Liveness",
+                "description": "The process answers; checks nothing else.",
+                "responses": {"200": _json(responses.Liveness, "Alive.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readiness",
+                "tags": ["operations"],
+                "summary": "Readiness",
+                "description": "Redis and S3 (with the bucket) answer.",
+                "responses": {
+                    "200": _json(responses.Readiness, "Ready."),
+                    "503": _json(responses.Readiness, "A store is unavailable; `checks` says which."),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["operations"],
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
+            }
+        },
+        "/docs": {
+            "get": {
+                "operationId": "docs",
+                "tags": ["operations"],
+                "summary": "This document, as a web page",
+                "responses": {
+                    "200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}
+                },
+            }
+        },
     }
     if any(rule.rule == "/metrics" for rule in app.url_map.iter_rules()):
-        paths["/metrics"] = {"get": {
-            "operationId": "metrics", "tags": ["operations"], "summary": "Prometheus metrics",
-            "description": "The Prometheus text exposition format; no authentication (scrapers on the internal "
-                           "network).",
-            "responses": {"200": {"description": "Metrics.",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+        paths["/metrics"] = {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["operations"],
+                "summary": "Prometheus metrics",
+                "description": "The Prometheus text exposition format; no authentication (scrapers on the internal "
+                "network).",
+                "responses": {
+                    "200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                },
+            }
+        }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "mmfuse",
             "version": _version(),
-            "description": ("Multimodal embeddings behind an asynchronous API: submit images and texts, then read "
-                            "the job or receive a signed webhook. Errors always have the body "
-                            "`{\"error\": {\"code\", \"message\", \"details\"?}}`."),
+            "description": (
+                "Multimodal embeddings behind an asynchronous API: submit images and texts, then read "
+                "the job or receive a signed webhook. Errors always have the body "
+                '`{"error": {"code", "message", "details"?}}`.'
+            ),
         },
         "paths": paths,
         "components": components,
@@ -212,8 +301,13 @@ def build_spec(app: Flask) -> dict:
 
 def _with_limits(schemas: dict, settings: Settings) -> dict:
     """The request models' schemas with this gateway's configured limits (``MMFUSE_MAX_*``) written in."""
-    text = {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars, "pattern": r"\S",
-            "description": "Not blank."}
+    text = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_text_chars,
+        "pattern": r"\S",
+        "description": "Not blank.",
+    }
     for name in ("JobRequest", "JobOptions"):
         properties = schemas[name]["properties"]
         properties["labels"].update(items=dict(text), maxItems=settings.max_labels)
@@ -278,12 +372,16 @@ def render_html(spec: dict) -> str:
     ]
     operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
     for path, method, op in operations:
-        out.append(f'<li><a href="#{e(op["operationId"])}"><span class=m>{e(method)}</span> {e(path)}</a>'
-                   f" — {e(op.get('summary', ''))}</li>")
+        out.append(
+            f'<li><a href="#{e(op["operationId"])}"><span class=m>{e(method)}</span> {e(path)}</a>'
+            f" — {e(op.get('summary', ''))}</li>"
+        )
     out.append("</ul>")
     for path, method, op in operations:
-        out.append(f'<section id="{e(op["operationId"])}"><h3><span class=m>{e(method)}</span> '
-                   f"<code>{e(path)}</code> — {e(op.get('summary', ''))}</h3>")
+        out.append(
+            f'<section id="{e(op["operationId"])}"><h3><span class=m>{e(method)}</span> '
+            f"<code>{e(path)}</code> — {e(op.get('summary', ''))}</h3>"
+        )
         if op.get("description"):
             out += [f"<p>{e(paragraph)}</p>" for paragraph in op["description"].split("\n\n")]
         if op.get("security"):
@@ -291,23 +389,33 @@ def render_html(spec: dict) -> str:
         if op.get("parameters"):
             out.append("<table><tr><th>parameter</th><th>in</th><th>schema</th><th>description</th></tr>")
             for param in op["parameters"]:
-                out.append(f"<tr><td><code>{e(param['name'])}</code>{' (required)' if param.get('required') else ''}"
-                           f"</td><td>{e(param['in'])}</td><td><code>{e(json.dumps(param['schema']))}</code></td>"
-                           f"<td>{e(param.get('description', ''))}</td></tr>")
+                out.append(
+                    f"<tr><td><code>{e(param['name'])}</code>{' (required)' if param.get('required') else ''}"
+                    f"</td><td>{e(param['in'])}</td><td><code>{e(json.dumps(param['schema']))}</code></td>"
+                    f"<td>{e(param.get('description', ''))}</td></tr>"
+                )
             out.append("</table>")
         if op.get("requestBody"):
-            out.append("<p>Body: " + ", ".join(
-                f"<code>{e(media)}</code> ({_schema_label(content['schema'])})"
-                for media, content in op["requestBody"]["content"].items()) + "</p>")
+            out.append(
+                "<p>Body: "
+                + ", ".join(
+                    f"<code>{e(media)}</code> ({_schema_label(content['schema'])})"
+                    for media, content in op["requestBody"]["content"].items()
+                )
+                + "</p>"
+            )
         out.append("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>")
         for status, answer in op["responses"].items():
-            bodies = ", ".join(f"<code>{e(media)}</code> {_schema_label(content['schema'])}"
-                               for media, content in answer.get("content", {}).items())
+            bodies = ", ".join(
+                f"<code>{e(media)}</code> {_schema_label(content['schema'])}"
+                for media, content in answer.get("content", {}).items()
+            )
             out.append(f"<tr><td>{e(status)}</td><td>{e(answer['description'])}</td><td>{bodies}</td></tr>")
         out.append("</table></section>")
     out.append("<h2>Schemas</h2>")
     for name, schema in spec["components"]["schemas"].items():
-        out.append(f'<section id="schema-{e(name)}"><h3>{e(name)}</h3>'
-                   f"<pre>{e(json.dumps(schema, indent=2))}</pre></section>")
+        out.append(
+            f'<section id="schema-{e(name)}"><h3>{e(name)}</h3><pre>{e(json.dumps(schema, indent=2))}</pre></section>'
+        )
     out.append("</body></html>")
     return "\n".join(out)

@@ -52,8 +52,7 @@ def parse_job_request(request: Request, settings: Settings) -> ValidatedJob:
     elif request.mimetype == "multipart/form-data":
         images, texts, options = _parse_multipart(request)
     else:
-        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                       "send application/json or multipart/form-data")
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json or multipart/form-data")
     _check_counts(len(images), texts, options, settings)
     checked = [_check_image(data, f"images.{i}", settings) for i, data in enumerate(images)]
     _check_combination(checked, texts, options, settings)
@@ -61,8 +60,9 @@ def parse_job_request(request: Request, settings: Settings) -> ValidatedJob:
 
 
 def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
-    details = [{"loc": prefix + ".".join(str(part) for part in err["loc"]), "message": err["msg"]}
-               for err in exc.errors()]
+    details = [
+        {"loc": prefix + ".".join(str(part) for part in err["loc"]), "message": err["msg"]} for err in exc.errors()
+    ]
     first = details[0]
     return ApiError(422, ErrorCode.VALIDATION_ERROR, f"{first['loc'] or 'body'}: {first['message']}", details)
 
@@ -82,16 +82,24 @@ def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
     except RecursionError:
         raise ApiError(400, ErrorCode.INVALID_JSON, "body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "body must be a JSON object",
-                       [{"loc": "", "message": "expected an object"}])
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "body must be a JSON object",
+            [{"loc": "", "message": "expected an object"}],
+        )
     job = _validate(JobRequest, data)
     images = []
     for index, encoded in enumerate(job.images):
         try:
             images.append(base64.b64decode(encoded, validate=True))
         except (binascii.Error, ValueError):
-            raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"images.{index}: not valid base64",
-                           [{"loc": f"images.{index}", "message": "not valid base64"}]) from None
+            raise ApiError(
+                422,
+                ErrorCode.VALIDATION_ERROR,
+                f"images.{index}: not valid base64",
+                [{"loc": f"images.{index}", "message": "not valid base64"}],
+            ) from None
     options = JobOptions.model_validate(job.model_dump(exclude={"images", "texts"}))
     return images, job.texts, options
 
@@ -105,8 +113,12 @@ def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptio
         raise ApiError(400, ErrorCode.INVALID_MULTIPART, "multipart body has no parts (bad boundary?)")
     unknown = sorted((set(form) - MULTIPART_FIELDS) | (set(files) - MULTIPART_FILES))
     if unknown:
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"unknown multipart field {unknown[0]!r}",
-                       [{"loc": name, "message": "unknown field"} for name in unknown])
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            f"unknown multipart field {unknown[0]!r}",
+            [{"loc": name, "message": "unknown field"} for name in unknown],
+        )
     options_raw = form.get("options")
     if options_raw is None:
         options = JobOptions()
@@ -122,23 +134,40 @@ def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptio
 
 def _check_counts(n_images: int, texts: list[str], options: JobOptions, settings: Settings) -> None:
     if n_images == 0 and not texts:
-        raise ApiError(422, ErrorCode.VALIDATION_ERROR, "a job needs at least one image or text",
-                       [{"loc": "images", "message": "at least one image or text is required"}])
-    for name, count, limit in (("images", n_images, settings.max_images), ("texts", len(texts), settings.max_texts),
-                               ("labels", len(options.labels), settings.max_labels)):
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "a job needs at least one image or text",
+            [{"loc": "images", "message": "at least one image or text is required"}],
+        )
+    for name, count, limit in (
+        ("images", n_images, settings.max_images),
+        ("texts", len(texts), settings.max_texts),
+        ("labels", len(options.labels), settings.max_labels),
+    ):
         if count > limit:
-            raise ApiError(422, ErrorCode.TOO_MANY_ITEMS, f"{name}: {count} given, limit is {limit}",
-                           [{"loc": name, "message": f"at most {limit}", "limit": limit}])
+            raise ApiError(
+                422,
+                ErrorCode.TOO_MANY_ITEMS,
+                f"{name}: {count} given, limit is {limit}",
+                [{"loc": name, "message": f"at most {limit}", "limit": limit}],
+            )
     for name, items in (("texts", texts), ("labels", options.labels)):
         for index, text in enumerate(items):
             if not text.strip():
-                raise ApiError(422, ErrorCode.VALIDATION_ERROR, f"{name}.{index}: must not be empty",
-                               [{"loc": f"{name}.{index}", "message": "must not be empty"}])
+                raise ApiError(
+                    422,
+                    ErrorCode.VALIDATION_ERROR,
+                    f"{name}.{index}: must not be empty",
+                    [{"loc": f"{name}.{index}", "message": "must not be empty"}],
+                )
             if len(text) > settings.max_text_chars:
-                raise ApiError(422, ErrorCode.TEXT_TOO_LONG,
-                               f"{name}.{index}: {len(text)} characters, limit is {settings.max_text_chars}",
-                               [{"loc": f"{name}.{index}", "message": "too long",
-                                 "limit": settings.max_text_chars}])
+                raise ApiError(
+                    422,
+                    ErrorCode.TEXT_TOO_LONG,
+                    f"{name}.{index}: {len(text)} characters, limit is {settings.max_text_chars}",
+                    [{"loc": f"{name}.{index}", "message": "too long", "limit": settings.max_text_chars}],
+                )
 
 
 def _sniff_format(data: bytes) -> tuple[str, str] | None:
@@ -152,14 +181,20 @@ def _sniff_format(data: bytes) -> tuple[str, str] | None:
 
 def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
     if len(data) > settings.max_image_bytes:
-        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE,
-                       f"{loc}: {len(data)} bytes, limit is {settings.max_image_bytes}",
-                       [{"loc": loc, "message": "too many bytes", "limit": settings.max_image_bytes}])
+        raise ApiError(
+            413,
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{loc}: {len(data)} bytes, limit is {settings.max_image_bytes}",
+            [{"loc": loc, "message": "too many bytes", "limit": settings.max_image_bytes}],
+        )
     sniffed = _sniff_format(data)
     if sniffed is None or sniffed[0] not in settings.image_formats:
-        raise ApiError(415, ErrorCode.UNSUPPORTED_IMAGE_FORMAT,
-                       f"{loc}: not an image in an accepted format ({', '.join(settings.image_formats)})",
-                       [{"loc": loc, "message": "unsupported image format"}])
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_IMAGE_FORMAT,
+            f"{loc}: not an image in an accepted format ({', '.join(settings.image_formats)})",
+            [{"loc": loc, "message": "unsupported image format"}],
+        )
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -167,25 +202,38 @@ def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except Image.DecompressionBombError:  # Pillow's own cap (~179 M pixels), checked when it opens one
-        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE, f"{loc}: too many pixels, limit is {settings.max_image_pixels}",
-                       [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}]) from None
+        raise ApiError(
+            413,
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{loc}: too many pixels, limit is {settings.max_image_pixels}",
+            [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}],
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ApiError(422, ErrorCode.IMAGE_DECODE_FAILED, f"{loc}: unreadable image header: {exc}",
-                       [{"loc": loc, "message": "unreadable image header"}]) from None
+        raise ApiError(
+            422,
+            ErrorCode.IMAGE_DECODE_FAILED,
+            f"{loc}: unreadable image header: {exc}",
+            [{"loc": loc, "message": "unreadable image header"}],
+        ) from None
     if width * height > settings.max_image_pixels:
-        raise ApiError(413, ErrorCode.IMAGE_TOO_LARGE,
-                       f"{loc}: {width}x{height} pixels, limit is {settings.max_image_pixels}",
-                       [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}])
+        raise ApiError(
+            413,
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"{loc}: {width}x{height} pixels, limit is {settings.max_image_pixels}",
+            [{"loc": loc, "message": "too many pixels", "limit": settings.max_image_pixels}],
+        )
     if aspect_ratio(width, height) > settings.max_image_aspect_ratio:
-        raise ApiError(422, ErrorCode.IMAGE_TOO_ELONGATED,
-                       f"{loc}: {width}x{height} is more elongated than the limit "
-                       f"{settings.max_image_aspect_ratio:g}:1 (MMFUSE_MAX_IMAGE_ASPECT_RATIO)",
-                       [{"loc": loc, "message": "too elongated", "limit": settings.max_image_aspect_ratio}])
+        raise ApiError(
+            422,
+            ErrorCode.IMAGE_TOO_ELONGATED,
+            f"{loc}: {width}x{height} is more elongated than the limit "
+            f"{settings.max_image_aspect_ratio:g}:1 (MMFUSE_MAX_IMAGE_ASPECT_RATIO)",
+            [{"loc": loc, "message": "too elongated", "limit": settings.max_image_aspect_ratio}],
+        )
     return ImageInput(data=data, format=sniffed[0], content_type=sniffed[1], width=width, height=height)
 
 
-def _check_combination(images: list[ImageInput], texts: list[str], options: JobOptions,
-                       settings: Settings) -> None:
+def _check_combination(images: list[ImageInput], texts: list[str], options: JobOptions, settings: Settings) -> None:
     def invalid(loc: str, message: str, code: ErrorCode = ErrorCode.VALIDATION_ERROR) -> ApiError:
         return ApiError(422, code, f"{loc}: {message}", [{"loc": loc, "message": message}])
 
@@ -194,14 +242,20 @@ def _check_combination(images: list[ImageInput], texts: list[str], options: JobO
         if not images or not texts:
             raise invalid("outputs", "similarity needs at least one image and one text")
         if not shared_space:
-            raise invalid("outputs", "similarity needs image and text models of one embedding space",
-                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)
+            raise invalid(
+                "outputs",
+                "similarity needs image and text models of one embedding space",
+                ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES,
+            )
     if Output.CLASSIFY in options.outputs:
         if not options.labels:
             raise invalid("labels", "classify needs at least one label")
         if images and not shared_space:
-            raise invalid("outputs", "classifying images needs image and text models of one embedding space",
-                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)
+            raise invalid(
+                "outputs",
+                "classifying images needs image and text models of one embedding space",
+                ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES,
+            )
     elif options.labels:
         raise invalid("labels", "labels are only used by the classify output")
     if Output.EMBEDDINGS in options.outputs:
@@ -209,5 +263,6 @@ def _check_combination(images: list[ImageInput], texts: list[str], options: JobO
         if all(getattr(options.weights, name) == 0 for name in present):
             raise invalid("weights", "the weights of the job's modalities must not all be 0")
         if options.fusion == FusionStrategy.MEAN and len(present) == 2 and not shared_space:
-            raise invalid("fusion", "mean fusion needs one embedding space; use concat",
-                          ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES)
+            raise invalid(
+                "fusion", "mean fusion needs one embedding space; use concat", ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES
+            )

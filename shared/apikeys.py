@@ -67,7 +67,7 @@ def key_id_of(key: str) -> str | None:
     """The id part of a well-formed key, else None."""
     if not key.startswith(KEY_PREFIX):
         return None
-    parts = key[len(KEY_PREFIX):].split("_", 1)
+    parts = key[len(KEY_PREFIX) :].split("_", 1)
     return parts[0] if len(parts) == 2 and parts[0] and parts[1] else None
 
 
@@ -117,6 +117,7 @@ class KeyStore:
 
     def take_token(self, key_id: str, rate_per_s: float, burst: int) -> tuple[bool, float]:
         """Spend one request from the key's bucket: (allowed, seconds until a token is free)."""
-        allowed, wait = self._take_token(keys=[f"mmfuse:ratelimit:{key_id}"],
-                                         args=[rate_per_s, burst, f"{time.time():.6f}"])
+        allowed, wait = self._take_token(
+            keys=[f"mmfuse:ratelimit:{key_id}"], args=[rate_per_s, burst, f"{time.time():.6f}"]
+        )
         return bool(int(allowed)), float(wait)

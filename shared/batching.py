@@ -122,7 +122,7 @@ class DynamicBatcher(Generic[Item, Result]):
             if pending is not _STOP:
                 rest.append(pending)
         for start in range(0, len(rest), self.max_batch_size):
-            self._run(rest[start:start + self.max_batch_size])
+            self._run(rest[start : start + self.max_batch_size])
 
     def _more_coming(self) -> bool:
         return self.expecting_more is None or self.expecting_more()
@@ -157,11 +157,13 @@ class DynamicBatcher(Generic[Item, Result]):
                         failed += 1
         if self.on_batch is not None:
             try:
-                self.on_batch(BatchStats(
-                    size=len(batch),
-                    max_queue_wait_s=started - min(p.enqueued_at for p in batch),
-                    inference_s=time.monotonic() - started,
-                    failed=failed,
-                ))
+                self.on_batch(
+                    BatchStats(
+                        size=len(batch),
+                        max_queue_wait_s=started - min(p.enqueued_at for p in batch),
+                        inference_s=time.monotonic() - started,
+                        failed=failed,
+                    )
+                )
             except Exception:  # observability must never break inference
                 log.exception("on_batch callback failed")

@@ -43,10 +43,16 @@ def beat_schedule(settings: Settings) -> dict:
     """What ``mmfuse beat`` sends, and how often; each run expires after one interval (a backlog of
     identical sweeps while the maintenance pool is down is pointless)."""
     return {
-        "reap-jobs": {"task": TASK_REAP_JOBS, "schedule": settings.reaper_interval_s,
-                      "options": {"expires": settings.reaper_interval_s}},
-        "sweep-blobs": {"task": TASK_SWEEP_BLOBS, "schedule": settings.cleanup_interval_s,
-                        "options": {"expires": settings.cleanup_interval_s}},
+        "reap-jobs": {
+            "task": TASK_REAP_JOBS,
+            "schedule": settings.reaper_interval_s,
+            "options": {"expires": settings.reaper_interval_s},
+        },
+        "sweep-blobs": {
+            "task": TASK_SWEEP_BLOBS,
+            "schedule": settings.cleanup_interval_s,
+            "options": {"expires": settings.cleanup_interval_s},
+        },
     }
 
 
@@ -77,8 +83,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         # A submit must fail fast (503) when the broker is down, not retry for a minute.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
-                                   "interval_max": 0.5},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         beat_schedule=beat_schedule(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -142,8 +142,10 @@ class JobStore:
                     return existing
                 pipe.multi()
                 pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
-            pipe.hset(key, mapping={"spec": spec.to_json(), "status": Status.QUEUED.value,
-                                    "created_at": repr(spec.created_at)})
+            pipe.hset(
+                key,
+                mapping={"spec": spec.to_json(), "status": Status.QUEUED.value, "created_at": repr(spec.created_at)},
+            )
             pipe.expire(key, self.ttl_s)
             pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
             for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
@@ -189,8 +191,10 @@ class JobStore:
         """Ids of jobs still queued or running that were submitted before ``created_before`` (oldest first)."""
         ids: list[str] = []
         for index in (_QUEUED_KEY, _RUNNING_KEY):
-            ids += [raw.decode() for raw in self.redis.zrangebyscore(index, "-inf", f"({created_before!r}",
-                                                                     start=0, num=limit)]
+            ids += [
+                raw.decode()
+                for raw in self.redis.zrangebyscore(index, "-inf", f"({created_before!r}", start=0, num=limit)
+            ]
         return ids[:limit]
 
     def forget_in_flight(self, job_id: str) -> None:
@@ -212,13 +216,17 @@ class JobStore:
 
     def start_stage(self, job_id: str, stage: str) -> int:
         """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
-        return int(self._start_stage(keys=[_job_key(job_id), _QUEUED_KEY, _RUNNING_KEY],
-                                     args=[stage, repr(time.time()), job_id]))
+        return int(
+            self._start_stage(
+                keys=[_job_key(job_id), _QUEUED_KEY, _RUNNING_KEY], args=[stage, repr(time.time()), job_id]
+            )
+        )
 
     def finish_stage(self, job_id: str, stage: str, batch_size: int | None = None) -> None:
         """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put."""
-        self._finish_stage(keys=[_job_key(job_id)],
-                           args=[stage, repr(time.time()), "" if batch_size is None else str(batch_size)])
+        self._finish_stage(
+            keys=[_job_key(job_id)], args=[stage, repr(time.time()), "" if batch_size is None else str(batch_size)]
+        )
 
     def save_vectors(self, job_id: str, kind: str, vectors: np.ndarray) -> None:
         key = f"{_job_key(job_id)}:vectors"
@@ -271,8 +279,10 @@ class JobStore:
 
     def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
         key = _job_key(job_id)
-        moved = self._finish(keys=[key, f"{key}:events", _QUEUED_KEY, _RUNNING_KEY],
-                             args=[status.value, field_name, value, repr(time.time()), job_id])
+        moved = self._finish(
+            keys=[key, f"{key}:events", _QUEUED_KEY, _RUNNING_KEY],
+            args=[status.value, field_name, value, repr(time.time()), job_id],
+        )
         return int(moved) == 1
 
     # --- webhooks ---

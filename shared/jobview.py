@@ -27,8 +27,11 @@ def timings(record: JobRecord) -> dict:
         stage_start = record.timestamp(f"{stage}_started_at")
         stage_end = record.timestamp(f"{stage}_finished_at")
         if stage_start is not None:
-            stages[stage] = {"started_at": iso(stage_start), "finished_at": iso(stage_end),
-                             "duration_s": _duration(stage_start, stage_end)}
+            stages[stage] = {
+                "started_at": iso(stage_start),
+                "finished_at": iso(stage_end),
+                "duration_s": _duration(stage_start, stage_end),
+            }
             batch_size = record.fields.get(f"{stage}_batch_size")
             if batch_size is not None:
                 # The largest batch (across jobs) this job's items ran in.
@@ -73,8 +76,13 @@ def webhook_view(record: JobRecord) -> dict | None:
             event = f"job.{record.status.value}"
             if event not in webhook["events"]:
                 state = "not_subscribed"
-    return {"url": webhook["url"], "events": webhook["events"], "state": state, "event": event,
-            "attempts": delivery.get("attempts", [])}
+    return {
+        "url": webhook["url"],
+        "events": webhook["events"],
+        "state": state,
+        "event": event,
+        "attempts": delivery.get("attempts", []),
+    }
 
 
 def public_job(record: JobRecord, encoding_format: str = "float", include_webhook: bool = True) -> dict:

@@ -34,8 +34,7 @@ def succeed_job(jobs: JobStore, celery: Celery, spec: JobSpec, result: dict) -> 
     return ended
 
 
-def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: ErrorCode | str,
-             message: str) -> bool:
+def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: ErrorCode | str, message: str) -> bool:
     code = code.value if isinstance(code, ErrorCode) else code
     log.warning("job %s failed in %s: %s: %s", spec.id, stage, code, message)
     ended = jobs.fail(spec.id, stage, code, message)
@@ -96,8 +95,12 @@ def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
         celery.send_task(TASK_DELIVER_WEBHOOK, args=[spec.id, event])
     except Exception as exc:
         log.exception("job %s: could not queue its %s webhook", spec.id, event)
-        attempt = {"at": time.time(), "status": None, "duration_s": 0.0,
-                   "error": f"not queued: {type(exc).__name__}: {exc}"[:300]}
+        attempt = {
+            "at": time.time(),
+            "status": None,
+            "duration_s": 0.0,
+            "error": f"not queued: {type(exc).__name__}: {exc}"[:300],
+        }
         try:
             jobs.record_webhook_attempt(spec.id, event, attempt, "failed")
         except Exception:

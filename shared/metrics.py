@@ -57,16 +57,30 @@ disable_created_metrics()
 # is in the same range; on CPU, ViT-B/32 batches take 0.2-5 s. So: sub-millisecond to a minute.
 
 # One request or one stage: from a fraction of a millisecond to a long-poll's 30 s.
-DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                      10.0, 30.0, 60.0)
+DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A whole job, submit to result: queueing under load adds minutes.
 JOB_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # Time waiting in a broker queue: from nothing to many minutes of backlog.
-QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                        300.0, 900.0)
+QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 # Waiting to join a batch: MMFUSE_*_MAX_WAIT_MS, plus the batches ahead of it when the model is busy.
-BATCH_WAIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                        5.0, 10.0, 30.0)
+BATCH_WAIT_BUCKETS_S = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Request bodies: small JSON to the 64 MiB default limit.
 PAYLOAD_BUCKETS_BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -74,74 +88,117 @@ PAYLOAD_BUCKETS_BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304
 # --- gateway ---------------------------------------------------------------------------------------
 
 HTTP_REQUESTS = Counter(
-    "mmfuse_http_requests", "HTTP requests answered by the gateway, by route template, method and status.",
-    ["route", "method", "status"])
+    "mmfuse_http_requests",
+    "HTTP requests answered by the gateway, by route template, method and status.",
+    ["route", "method", "status"],
+)
 HTTP_REQUEST_DURATION = Histogram(
-    "mmfuse_http_request_duration_seconds", "Time to answer an HTTP request (long-polls included).",
-    ["route", "method"], buckets=DURATION_BUCKETS_S)
+    "mmfuse_http_request_duration_seconds",
+    "Time to answer an HTTP request (long-polls included).",
+    ["route", "method"],
+    buckets=DURATION_BUCKETS_S,
+)
 HTTP_REQUEST_SIZE = Histogram(
-    "mmfuse_http_request_size_bytes", "Declared body size (Content-Length) of HTTP requests that have one.",
-    ["route", "method"], buckets=PAYLOAD_BUCKETS_BYTES)
+    "mmfuse_http_request_size_bytes",
+    "Declared body size (Content-Length) of HTTP requests that have one.",
+    ["route", "method"],
+    buckets=PAYLOAD_BUCKETS_BYTES,
+)
 HTTP_REQUESTS_IN_PROGRESS = Gauge(
-    "mmfuse_http_requests_in_progress", "HTTP requests being answered now (live gateway processes only).",
-    ["route", "method"], multiprocess_mode="livesum")
+    "mmfuse_http_requests_in_progress",
+    "HTTP requests being answered now (live gateway processes only).",
+    ["route", "method"],
+    multiprocess_mode="livesum",
+)
 JOBS_SUBMITTED = Counter(
-    "mmfuse_jobs_submitted", "Job submissions (POST /v1/jobs) by outcome (accepted, replayed: an "
+    "mmfuse_jobs_submitted",
+    "Job submissions (POST /v1/jobs) by outcome (accepted, replayed: an "
     "Idempotency-Key answered with its earlier job, rejected); reason is the API error code of a rejection, "
-    "'none' otherwise.", ["outcome", "reason"])
+    "'none' otherwise.",
+    ["outcome", "reason"],
+)
 
 # --- encoder pools (image, text) -------------------------------------------------------------------
 
-ENCODER_ITEMS = Counter(
-    "mmfuse_encoder_items", "Items (images, texts, labels) encoded successfully.", ["modality"])
+ENCODER_ITEMS = Counter("mmfuse_encoder_items", "Items (images, texts, labels) encoded successfully.", ["modality"])
 ENCODER_BATCHES = Counter("mmfuse_encoder_batches", "Model forward passes (batches) run.", ["modality"])
 ENCODER_BATCH_SIZE = Histogram(
-    "mmfuse_encoder_batch_size_items", "Items per batch, across jobs.", ["modality"], buckets=BATCH_SIZE_BUCKETS)
+    "mmfuse_encoder_batch_size_items", "Items per batch, across jobs.", ["modality"], buckets=BATCH_SIZE_BUCKETS
+)
 ENCODER_BATCH_WAIT = Histogram(
-    "mmfuse_encoder_batch_wait_seconds", "Longest wait of any item of a batch between joining the batcher and "
-    "the batch starting.", ["modality"], buckets=BATCH_WAIT_BUCKETS_S)
+    "mmfuse_encoder_batch_wait_seconds",
+    "Longest wait of any item of a batch between joining the batcher and the batch starting.",
+    ["modality"],
+    buckets=BATCH_WAIT_BUCKETS_S,
+)
 ENCODER_FETCH_DURATION = Histogram(
-    "mmfuse_encoder_fetch_duration_seconds", "Time to gather one task's inputs (image blobs from S3; "
-    "texts come with the job).", ["modality"], buckets=DURATION_BUCKETS_S)
+    "mmfuse_encoder_fetch_duration_seconds",
+    "Time to gather one task's inputs (image blobs from S3; texts come with the job).",
+    ["modality"],
+    buckets=DURATION_BUCKETS_S,
+)
 ENCODER_PREPROCESS_DURATION = Histogram(
-    "mmfuse_encoder_preprocess_duration_seconds", "Time to decode and preprocess one item.", ["modality"],
-    buckets=DURATION_BUCKETS_S)
+    "mmfuse_encoder_preprocess_duration_seconds",
+    "Time to decode and preprocess one item.",
+    ["modality"],
+    buckets=DURATION_BUCKETS_S,
+)
 ENCODER_INFERENCE_DURATION = Histogram(
-    "mmfuse_encoder_inference_duration_seconds", "Time of one batch's forward pass.", ["modality"],
-    buckets=DURATION_BUCKETS_S)
+    "mmfuse_encoder_inference_duration_seconds",
+    "Time of one batch's forward pass.",
+    ["modality"],
+    buckets=DURATION_BUCKETS_S,
+)
 ENCODER_FAILURES = Counter(
-    "mmfuse_encoder_failures", "Jobs an encoder pool failed, by error code.", ["modality", "reason"])
+    "mmfuse_encoder_failures", "Jobs an encoder pool failed, by error code.", ["modality", "reason"]
+)
 ENCODER_MODEL_LOAD = Gauge(
-    "mmfuse_encoder_model_load_seconds", "How long this process took to load and place its model.",
-    ["modality"], multiprocess_mode="max")
+    "mmfuse_encoder_model_load_seconds",
+    "How long this process took to load and place its model.",
+    ["modality"],
+    multiprocess_mode="max",
+)
 
 # --- every stage that consumes a broker queue -------------------------------------------------------
 
 STAGE_QUEUE_WAIT = Histogram(
-    "mmfuse_stage_queue_wait_seconds", "Time a job's task waited in its broker queue: enqueue to the first "
-    "start of the stage (image, text: from submit; fusion: from the last encoder finishing).", ["stage"],
-    buckets=QUEUE_WAIT_BUCKETS_S)
+    "mmfuse_stage_queue_wait_seconds",
+    "Time a job's task waited in its broker queue: enqueue to the first "
+    "start of the stage (image, text: from submit; fusion: from the last encoder finishing).",
+    ["stage"],
+    buckets=QUEUE_WAIT_BUCKETS_S,
+)
 
 # --- fusion and whole jobs -------------------------------------------------------------------------
 
 FUSION_DURATION = Histogram(
-    "mmfuse_fusion_duration_seconds", "Time to load a job's vectors and build its result.", ["strategy"],
-    buckets=DURATION_BUCKETS_S)
+    "mmfuse_fusion_duration_seconds",
+    "Time to load a job's vectors and build its result.",
+    ["strategy"],
+    buckets=DURATION_BUCKETS_S,
+)
 JOB_FAILURES = Counter(
-    "mmfuse_job_failures", "Jobs that ended failed, by the stage that failed them and error code.",
-    ["stage", "reason"])
+    "mmfuse_job_failures", "Jobs that ended failed, by the stage that failed them and error code.", ["stage", "reason"]
+)
 JOB_DURATION = Histogram(
-    "mmfuse_job_duration_seconds", "End-to-end job latency, submit to final status, by outcome.", ["outcome"],
-    buckets=JOB_BUCKETS_S)
+    "mmfuse_job_duration_seconds",
+    "End-to-end job latency, submit to final status, by outcome.",
+    ["outcome"],
+    buckets=JOB_BUCKETS_S,
+)
 
 # --- webhooks --------------------------------------------------------------------------------------
 
 WEBHOOK_DELIVERIES = Counter(
-    "mmfuse_webhook_deliveries", "Webhook deliveries that ended: delivered, or failed for good.", ["outcome"])
+    "mmfuse_webhook_deliveries", "Webhook deliveries that ended: delivered, or failed for good.", ["outcome"]
+)
 WEBHOOK_ATTEMPT_DURATION = Histogram(
-    "mmfuse_webhook_attempt_duration_seconds", "Duration of one delivery attempt (URL check, connect, "
-    "response headers), by result: success, retryable or permanent error.", ["result"],
-    buckets=DURATION_BUCKETS_S)
+    "mmfuse_webhook_attempt_duration_seconds",
+    "Duration of one delivery attempt (URL check, connect, "
+    "response headers), by result: success, retryable or permanent error.",
+    ["result"],
+    buckets=DURATION_BUCKETS_S,
+)
 
 # --- read from Redis at scrape time (StoreCollector) ------------------------------------------------
 
@@ -149,9 +206,11 @@ QUEUE_DEPTH_NAME = "mmfuse_queue_depth"
 JOBS_IN_FLIGHT_NAME = "mmfuse_jobs_in_flight"
 REDIS_UP_NAME = "mmfuse_redis_up"
 # On CUDA only (DeviceMemoryCollector)
-DEVICE_MEMORY_NAMES = ("mmfuse_encoder_device_memory_allocated_bytes",
-                       "mmfuse_encoder_device_memory_reserved_bytes",
-                       "mmfuse_encoder_device_memory_total_bytes")
+DEVICE_MEMORY_NAMES = (
+    "mmfuse_encoder_device_memory_allocated_bytes",
+    "mmfuse_encoder_device_memory_reserved_bytes",
+    "mmfuse_encoder_device_memory_total_bytes",
+)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -204,8 +263,12 @@ def start_metrics_server(port: int, collectors: Iterable[Collector] = (), addr: 
         server, _thread = start_http_server(port, addr, registry=serving_registry(collectors))
     except OSError as exc:
         raise RuntimeError(f"MMFUSE_METRICS_PORT={port}: cannot serve metrics there: {exc}") from exc
-    log.info("serving Prometheus metrics on %s:%d/metrics%s", addr, port,
-             f" (multiprocess, {directory})" if directory else "")
+    log.info(
+        "serving Prometheus metrics on %s:%d/metrics%s",
+        addr,
+        port,
+        f" (multiprocess, {directory})" if directory else "",
+    )
     return server
 
 
@@ -285,12 +348,18 @@ class StoreCollector(Collector):
         return []  # no Redis round trip when the collector is registered
 
     def collect(self):
-        up = GaugeMetricFamily(REDIS_UP_NAME, "Whether the last scrape could read the broker queues and the job "
-                               "store (1) or not (0).", labels=["store"])
+        up = GaugeMetricFamily(
+            REDIS_UP_NAME,
+            "Whether the last scrape could read the broker queues and the job store (1) or not (0).",
+            labels=["store"],
+        )
         try:
             depths = queue_depths(self.broker, self.queues)
-            depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in each Celery queue (all priority "
-                                      "lists), not counting those a worker holds.", labels=["queue"])
+            depth = GaugeMetricFamily(
+                QUEUE_DEPTH_NAME,
+                "Messages waiting in each Celery queue (all priority lists), not counting those a worker holds.",
+                labels=["queue"],
+            )
             for queue, value in depths.items():
                 depth.add_metric([queue], value)
             yield depth
@@ -300,8 +369,9 @@ class StoreCollector(Collector):
             up.add_metric(["broker"], 0)
         try:
             counts = self.in_flight()
-            flight = GaugeMetricFamily(JOBS_IN_FLIGHT_NAME, "Jobs submitted and not ended, by status.",
-                                       labels=["status"])
+            flight = GaugeMetricFamily(
+                JOBS_IN_FLIGHT_NAME, "Jobs submitted and not ended, by status.", labels=["status"]
+            )
             for status, value in counts.items():
                 flight.add_metric([status], value)
             yield flight
@@ -341,11 +411,16 @@ class DeviceMemoryCollector(Collector):
         index = torch.device(self.device).index
         index = torch.cuda.current_device() if index is None else index
         labels = [self.modality, f"cuda:{index}"]
-        helps = ("CUDA memory held by tensors of this process.",
-                 "CUDA memory reserved by this process's caching allocator.",
-                 "Total memory of the device.")
-        values = (torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index),
-                  torch.cuda.get_device_properties(index).total_memory)
+        helps = (
+            "CUDA memory held by tensors of this process.",
+            "CUDA memory reserved by this process's caching allocator.",
+            "Total memory of the device.",
+        )
+        values = (
+            torch.cuda.memory_allocated(index),
+            torch.cuda.memory_reserved(index),
+            torch.cuda.get_device_properties(index).total_memory,
+        )
         for name, help_text, value in zip(DEVICE_MEMORY_NAMES, helps, values, strict=True):
             family = GaugeMetricFamily(name, help_text, labels=["modality", "device"])
             family.add_metric(labels, value)

@@ -22,7 +22,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-
 class InputError(ValueError):
     """An input the model cannot take (corrupt image, ...): the job fails, retrying cannot help."""
 
@@ -86,8 +85,14 @@ class ClipImageEncoder:
 
     modality = "image"
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32", max_pixels: int = 0,
-                 max_aspect_ratio: float = 0):
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_pixels: int = 0,
+        max_aspect_ratio: float = 0,
+    ):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.model_id = model_id
@@ -184,8 +189,9 @@ def decode_image(raw: bytes, max_pixels: int = 0, max_aspect_ratio: float = 0):
             if max_aspect_ratio and aspect_ratio(width, height) > max_aspect_ratio:
                 # Preprocessing scales the short side up to the model's input: a 4,000,000 x 1 image of
                 # 12 KB would need tens of GB.
-                raise InputError("image_too_elongated",
-                                 f"image is {width}x{height}, aspect ratio limit {max_aspect_ratio:g}")
+                raise InputError(
+                    "image_too_elongated", f"image is {width}x{height}, aspect ratio limit {max_aspect_ratio:g}"
+                )
             image.load()
             return image.convert("RGB")
     except InputError:
@@ -198,8 +204,14 @@ def aspect_ratio(width: int, height: int) -> float:
     return max(width, height) / max(1, min(width, height))
 
 
-def load_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
-                 max_pixels: int = 0, max_aspect_ratio: float = 0) -> Encoder:
+def load_encoder(
+    modality: str,
+    model_id: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_pixels: int = 0,
+    max_aspect_ratio: float = 0,
+) -> Encoder:
     """Build the encoder for ``modality`` from a checkpoint id or directory."""
     _quiet_transformers()
     if modality == "image":
@@ -215,8 +227,15 @@ _cache: dict[tuple, Encoder] = {}
 _cache_lock = threading.Lock()
 
 
-def get_encoder(modality: str, model_id: str, device: str = "cpu", dtype: str = "float32",
-                threads: int = 1, max_pixels: int = 0, max_aspect_ratio: float = 0) -> Encoder:
+def get_encoder(
+    modality: str,
+    model_id: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 1,
+    max_pixels: int = 0,
+    max_aspect_ratio: float = 0,
+) -> Encoder:
     """The process's encoder for these arguments, loaded once (workers call this at start)."""
     key = (modality, model_id, device, dtype, max_pixels, max_aspect_ratio)
     with _cache_lock:
@@ -283,16 +302,25 @@ def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 
 
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=shape.text_hidden, intermediate_size=shape.text_hidden * 4,
-            num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
-            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+            vocab_size=len(vocab),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_hidden * 4,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
             projection_dim=shape.projection_dim,
         ),
         vision_config=dict(
-            hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 4,
-            num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-            image_size=shape.image_size, patch_size=shape.patch_size, projection_dim=shape.projection_dim,
+            hidden_size=shape.vision_hidden,
+            intermediate_size=shape.vision_hidden * 4,
+            num_hidden_layers=shape.vision_layers,
+            num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size,
+            patch_size=shape.patch_size,
+            projection_dim=shape.projection_dim,
         ),
         projection_dim=shape.projection_dim,
     )

@@ -82,7 +82,8 @@ class Timings(_Answer):
     queued_s: float | None
     total_s: float | None
     stages: dict[Literal["image", "text", "fusion"], StageTiming] = Field(
-        description="The stages that started, by name.")
+        description="The stages that started, by name."
+    )
 
 
 Vector = list[float] | str  # JSON floats, or base64 of little-endian float32 (encoding_format=base64)

@@ -134,13 +134,23 @@ class JobOptions(BaseModel):
 class JobRequest(JobOptions):
     """A JSON job: images as base64 strings, texts as strings."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"texts": ["a photo of a cat", "a diagram of a bridge"], "outputs": ["embeddings"]},
-        {"images": [  # a 2x2 red PNG
-            "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISLCwMDAxMDAwMDAAAAMHgD095s1SQAAAABJRU5ErkJggg=="],
-         "texts": ["a red square"], "labels": ["red", "blue"],
-         "outputs": ["embeddings", "similarity", "classify"], "fusion": "mean"},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["a photo of a cat", "a diagram of a bridge"], "outputs": ["embeddings"]},
+                {
+                    "images": [  # a 2x2 red PNG
+                        "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISLCwMDAxMDAwMDAAAAMHgD095s1SQAAAABJRU5ErkJggg=="
+                    ],
+                    "texts": ["a red square"],
+                    "labels": ["red", "blue"],
+                    "outputs": ["embeddings", "similarity", "classify"],
+                    "fusion": "mean",
+                },
+            ]
+        },
+    )
 
     images: list[str] = Field(default_factory=list, description="Base64-encoded image files.")
     texts: list[str] = Field(default_factory=list)

@@ -130,9 +130,20 @@ class Settings:
             return SettingsError(f"{_env_name(name)}: {why}")
 
         positive = (
-            "job_ttl_s", "broker_visibility_timeout_s", "torch_threads", "image_max_batch_size",
-            "text_max_batch_size", "worker_concurrency", "max_body_bytes", "max_images", "max_texts",
-            "max_labels", "max_text_chars", "max_image_bytes", "max_image_pixels", "rate_limit_burst",
+            "job_ttl_s",
+            "broker_visibility_timeout_s",
+            "torch_threads",
+            "image_max_batch_size",
+            "text_max_batch_size",
+            "worker_concurrency",
+            "max_body_bytes",
+            "max_images",
+            "max_texts",
+            "max_labels",
+            "max_text_chars",
+            "max_image_bytes",
+            "max_image_pixels",
+            "rate_limit_burst",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -169,8 +180,10 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
         if self.job_deadline_s >= self.job_ttl_s:
-            raise bad("job_deadline_s", f"must be below MMFUSE_JOB_TTL_S ({self.job_ttl_s}): a record that "
-                      "expires first is never failed")
+            raise bad(
+                "job_deadline_s",
+                f"must be below MMFUSE_JOB_TTL_S ({self.job_ttl_s}): a record that expires first is never failed",
+            )
         if not 0 <= self.metrics_port < 65536:
             raise bad("metrics_port", "must be a TCP port or 0")
 

@@ -71,8 +71,14 @@ def test_format_table_aligns_numbers_right():
 
 
 def _layout(layout: str, threads: int, rates: dict, latency: float) -> LayoutResult:
-    return LayoutResult(layout=layout, threads=threads, processes=1 if layout == "seq" else 2,
-                        jobs_per_s=rates, latency_b1_ms=latency, tower_latency_b1_ms={"image": latency})
+    return LayoutResult(
+        layout=layout,
+        threads=threads,
+        processes=1 if layout == "seq" else 2,
+        jobs_per_s=rates,
+        latency_b1_ms=latency,
+        tower_latency_b1_ms={"image": latency},
+    )
 
 
 def test_the_limit_is_the_best_one_process_layout():
@@ -84,10 +90,19 @@ def test_the_limit_is_the_best_one_process_layout():
 
 
 def _run(concurrency: int, jobs_per_s: float, p50: float) -> dict:
-    return {"concurrency": concurrency, "steady_jobs": 10, "jobs_per_s": jobs_per_s, "p50_ms": p50,
-            "p95_ms": p50 * 1.2, "p99_ms": p50 * 1.3, "server_total_p50_ms": p50 - 5,
-            "mean_batch_size": {"image": 4.0, "text": 4.0, "fusion": 1.0}, "mean_stage_ms": {"image": p50 - 20},
-            "errors": 0, "cpu": {"cores_total": 1.5, "cores": {"gateway": 0.5}, "cpu_ms_per_job": {"gateway": 3.0}}}
+    return {
+        "concurrency": concurrency,
+        "steady_jobs": 10,
+        "jobs_per_s": jobs_per_s,
+        "p50_ms": p50,
+        "p95_ms": p50 * 1.2,
+        "p99_ms": p50 * 1.3,
+        "server_total_p50_ms": p50 - 5,
+        "mean_batch_size": {"image": 4.0, "text": 4.0, "fusion": 1.0},
+        "mean_stage_ms": {"image": p50 - 20},
+        "errors": 0,
+        "cpu": {"cores_total": 1.5, "cores": {"gateway": 0.5}, "cpu_ms_per_job": {"gateway": 3.0}},
+    }
 
 
 def test_report_and_json_from_synthetic_results():
@@ -95,17 +110,42 @@ def test_report_and_json_from_synthetic_results():
     split = _layout("split", 1, {4: 8.0}, 160.0)
     text = _layout("seq", 1, {32: 300.0}, 10.0)
     results = {
-        "date": "2026-01-01T00:00:00+00:00", "command": "python -m bench.pipeline", "gateway_workers": 2,
-        "machine": {"cores": 2, "cores_usable": 2, "cpu_model": "test cpu", "load_average_at_start": (0.1, 0.2, 0.3),
-                    "python": "3.11"},
-        "torch": {"torch": "2.x"}, "inputs": "test inputs", "settings": {"torch_threads": 1},
-        "b32": {"limit": {"layouts": [seq1, split], "limit": seq1, "recheck_jobs_per_s": 5.9}, "same_layout": split,
-                "pipeline": [_run(1, 4.0, 180.0), _run(32, 5.4, 3000.0)],
-                "variant_image_threads_2": [_run(32, 5.7, 2900.0)]},
-        "minilm": {"limit": {"layouts": [text], "limit": text}, "same_layout": text,
-                   "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0)]},
-        "accept": {2: {"gateway_workers": 2, "connections": 32, "duration_s": 10.0, "accepted_per_s": 600.0,
-                       "p50_ms": 50.0, "p99_ms": 90.0, "not_accepted": 0, "cores_used": {"gateway": 1.3}}},
+        "date": "2026-01-01T00:00:00+00:00",
+        "command": "python -m bench.pipeline",
+        "gateway_workers": 2,
+        "machine": {
+            "cores": 2,
+            "cores_usable": 2,
+            "cpu_model": "test cpu",
+            "load_average_at_start": (0.1, 0.2, 0.3),
+            "python": "3.11",
+        },
+        "torch": {"torch": "2.x"},
+        "inputs": "test inputs",
+        "settings": {"torch_threads": 1},
+        "b32": {
+            "limit": {"layouts": [seq1, split], "limit": seq1, "recheck_jobs_per_s": 5.9},
+            "same_layout": split,
+            "pipeline": [_run(1, 4.0, 180.0), _run(32, 5.4, 3000.0)],
+            "variant_image_threads_2": [_run(32, 5.7, 2900.0)],
+        },
+        "minilm": {
+            "limit": {"layouts": [text], "limit": text},
+            "same_layout": text,
+            "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0)],
+        },
+        "accept": {
+            2: {
+                "gateway_workers": 2,
+                "connections": 32,
+                "duration_s": 10.0,
+                "accepted_per_s": 600.0,
+                "p50_ms": 50.0,
+                "p99_ms": 90.0,
+                "not_accepted": 0,
+                "cores_used": {"gateway": 1.3},
+            }
+        },
     }
     results["summary"] = summarise(results)
     assert results["summary"]["ratio_b32_c32"] == pytest.approx(0.9)
@@ -114,8 +154,14 @@ def test_report_and_json_from_synthetic_results():
     assert results["summary"]["accept_per_s"] == 600.0
     assert results["summary"]["ratio_b32_c32_image_threads_2"] == pytest.approx(0.95)
     text_report = report(results)
-    for expected in ("## 1. Limit", "(limit)", "32, image pool 2 threads", "## 5. Gateway accept rate", "| yes",
-                     "| NO"):
+    for expected in (
+        "## 1. Limit",
+        "(limit)",
+        "32, image pool 2 threads",
+        "## 5. Gateway accept rate",
+        "| yes",
+        "| NO",
+    ):
         assert expected in text_report
     encoded = json.loads(json.dumps(to_json(results)))
     assert encoded["b32"]["limit"]["limit"]["best_jobs_per_s"] == 6.0

@@ -224,8 +224,7 @@ def test_compose_references_resolve(compose):
 
 def test_compose_has_expected_services(compose):
     # prometheus and grafana: their provisioning is checked in tests/test_monitoring_deploy.py.
-    assert set(compose["services"]) == {"redis", "minio", "minio-init", "prometheus", "grafana",
-                                        *COMPOSE_APP_COMMANDS}
+    assert set(compose["services"]) == {"redis", "minio", "minio-init", "prometheus", "grafana", *COMPOSE_APP_COMMANDS}
     for name, command in COMPOSE_APP_COMMANDS.items():
         assert compose["services"][name]["command"] == command, name
 
@@ -523,6 +522,15 @@ def test_dockerignore_excludes_local_state_but_not_sources():
     for required in (".venv", ".git", "var", "**/__pycache__", ".pytest_cache", ".ruff_cache"):
         assert required in patterns, required
     assert not any(p.startswith("!") for p in patterns)  # no re-includes to reason about
-    for needed in ("pyproject.toml", "README.md", "shared", "cli", "gateway", "workers", "client", "mmfuse",
-                   "constraints.txt"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "shared",
+        "cli",
+        "gateway",
+        "workers",
+        "client",
+        "mmfuse",
+        "constraints.txt",
+    ):
         assert needed not in patterns, f"{needed} is needed by `pip install .`"

@@ -33,8 +33,17 @@ SCRAPED_SERVICES = {
 # Built from this repository but serving no metrics: celery beat only sends the periodic tasks.
 NOT_SCRAPED = {"beat"}
 # What the dashboard must show (the list), as words its panel titles contain.
-REQUIRED_PANELS = ("throughput", "error rate", "end-to-end latency", "per-stage latency", "queue depth",
-                   "batch size", "worker up/down", "webhook success rate", "gpu memory")
+REQUIRED_PANELS = (
+    "throughput",
+    "error rate",
+    "end-to-end latency",
+    "per-stage latency",
+    "queue depth",
+    "batch size",
+    "worker up/down",
+    "webhook success rate",
+    "gpu memory",
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -68,8 +77,11 @@ def scrape_jobs() -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rules() -> list[dict]:
-    return [rule for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule
+        for group in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +132,12 @@ def test_every_scrape_job_has_a_no_live_target_alert(scrape_jobs, rules):
 
 def test_the_required_alerts_exist(rules):
     names = {rule["alert"] for rule in rules}
-    assert {"MmfuseQueueBacklogGrowing", "MmfuseJobErrorRatioHigh", "MmfuseJobLatencyP95High",
-            "MmfusePoolNoLiveTarget"} <= names
+    assert {
+        "MmfuseQueueBacklogGrowing",
+        "MmfuseJobErrorRatioHigh",
+        "MmfuseJobLatencyP95High",
+        "MmfusePoolNoLiveTarget",
+    } <= names
     for rule in rules:
         assert rule.get("for") and rule["labels"].get("severity") in ("warning", "critical"), rule["alert"]
         assert rule["annotations"].get("summary"), rule["alert"]
@@ -188,5 +204,9 @@ def _metric_names(metrics) -> set[str]:
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
             names.add(value._name + ("_total" if value._type == "counter" else ""))
-    return names | {metrics.QUEUE_DEPTH_NAME, metrics.JOBS_IN_FLIGHT_NAME, metrics.REDIS_UP_NAME,
-                    *metrics.DEVICE_MEMORY_NAMES}
+    return names | {
+        metrics.QUEUE_DEPTH_NAME,
+        metrics.JOBS_IN_FLIGHT_NAME,
+        metrics.REDIS_UP_NAME,
+        *metrics.DEVICE_MEMORY_NAMES,
+    }

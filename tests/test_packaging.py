@@ -18,10 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 def build_wheel(source: Path, out: Path) -> Path:
     # From a copy: setuptools writes build/ and *.egg-info into the tree it builds.
     tree = out / "src"
-    shutil.copytree(source, tree, ignore=shutil.ignore_patterns(".*", "var", "build", "dist", "*.egg-info",
-                                                                "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(tree)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        source, tree, ignore=shutil.ignore_patterns(".*", "var", "build", "dist", "*.egg-info", "__pycache__")
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(tree)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = out.glob("*.whl")
     return wheel
 
@@ -47,8 +52,14 @@ def test_server_wheel_installs_only_mmfuse(server_wheel):
     assert top_level_names(server_wheel) == {"mmfuse"}
     with zipfile.ZipFile(server_wheel) as archive:
         names = set(archive.namelist())
-    for module in ("mmfuse/gateway/app.py", "mmfuse/shared/settings.py", "mmfuse/cli/main.py",
-                   "mmfuse/workers/encoder.py", "mmfuse/workers/image/worker.py", "mmfuse/workers/fusion/fusion.py"):
+    for module in (
+        "mmfuse/gateway/app.py",
+        "mmfuse/shared/settings.py",
+        "mmfuse/cli/main.py",
+        "mmfuse/workers/encoder.py",
+        "mmfuse/workers/image/worker.py",
+        "mmfuse/workers/fusion/fusion.py",
+    ):
         assert module in names
     assert not any(n.startswith(("mmfuse/bench", "bench/", "tests/")) for n in names)
 

@@ -70,26 +70,49 @@ class EncoderWorker:
         """Load the model once for this process, warm it up, and start the batcher's inference thread."""
         s = self.settings
         with metrics.Timer() as load:
-            self.encoder = get_encoder(self.modality, self.model_id, s.device, s.dtype, s.torch_threads,
-                                       s.max_image_pixels, s.max_image_aspect_ratio)
+            self.encoder = get_encoder(
+                self.modality,
+                self.model_id,
+                s.device,
+                s.dtype,
+                s.torch_threads,
+                s.max_image_pixels,
+                s.max_image_aspect_ratio,
+            )
         metrics.ENCODER_MODEL_LOAD.labels(self.modality).set(load.seconds)
         if self.modality == "image":
             max_batch, max_wait = s.image_max_batch_size, s.image_max_wait_ms
         else:
             max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
-        self.batcher = DynamicBatcher(self.encoder.encode, max_batch, max_wait,
-                                      name=f"{self.modality}-inference", on_batch=self._on_batch,
-                                      expecting_more=None if s.batch_wait_always else self._expecting_more)
-        log.info("%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
-                 self.modality, self.model_id, self.encoder.dim, max_batch, max_wait)
+        self.batcher = DynamicBatcher(
+            self.encoder.encode,
+            max_batch,
+            max_wait,
+            name=f"{self.modality}-inference",
+            on_batch=self._on_batch,
+            expecting_more=None if s.batch_wait_always else self._expecting_more,
+        )
+        log.info(
+            "%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
+            self.modality,
+            self.model_id,
+            self.encoder.dim,
+            max_batch,
+            max_wait,
+        )
 
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.close(timeout=30)
 
     def _on_batch(self, stats: BatchStats) -> None:
-        log.debug("%s batch: size=%d wait=%.1fms inference=%.1fms", self.modality, stats.size,
-                  stats.max_queue_wait_s * 1e3, stats.inference_s * 1e3)
+        log.debug(
+            "%s batch: size=%d wait=%.1fms inference=%.1fms",
+            self.modality,
+            stats.size,
+            stats.max_queue_wait_s * 1e3,
+            stats.inference_s * 1e3,
+        )
         metrics.ENCODER_BATCHES.labels(self.modality).inc()
         metrics.ENCODER_ITEMS.labels(self.modality).inc(stats.size - stats.failed)
         metrics.ENCODER_BATCH_SIZE.labels(self.modality).observe(stats.size)
@@ -153,11 +176,16 @@ class EncoderWorker:
             return
         spec = record.spec
         if attempt == 1:
-            metrics.observe_queue_wait(self.modality, record.timestamp("created_at"),
-                                       record.timestamp(f"{self.modality}_started_at"))
+            metrics.observe_queue_wait(
+                self.modality, record.timestamp("created_at"), record.timestamp(f"{self.modality}_started_at")
+            )
         if attempt > MAX_ATTEMPTS:
-            self.fail(spec, ErrorCode.TOO_MANY_ATTEMPTS, f"{self.modality} encoding was attempted "
-                      f"{attempt - 1} times without finishing (worker crashes or a poison input)")
+            self.fail(
+                spec,
+                ErrorCode.TOO_MANY_ATTEMPTS,
+                f"{self.modality} encoding was attempted "
+                f"{attempt - 1} times without finishing (worker crashes or a poison input)",
+            )
             return
         try:
             with metrics.Timer() as fetch:
@@ -208,7 +236,8 @@ def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Cel
     # Serving starts before the model loads (the receivers run in this order).
     metrics.serve_celery_worker_metrics(
         settings.metrics_port,
-        [metrics.DeviceMemoryCollector(modality, settings.device)] if settings.device.startswith("cuda") else [])
+        [metrics.DeviceMemoryCollector(modality, settings.device)] if settings.device.startswith("cuda") else [],
+    )
 
     @worker_init.connect(weak=False)
     def _load_model(**_kwargs) -> None:

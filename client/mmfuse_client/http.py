@@ -22,8 +22,13 @@ class MmfuseError(RuntimeError):
 
 
 class MmfuseClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 30.0,
-                 session: requests.Session | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        session: requests.Session | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
@@ -37,13 +42,24 @@ class MmfuseClient:
             body = {}
         if response.status_code >= 400:
             error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise MmfuseError(response.status_code, error.get("code", "http_error"),
-                              error.get("message", response.text[:200]), body)
+            raise MmfuseError(
+                response.status_code, error.get("code", "http_error"), error.get("message", response.text[:200]), body
+            )
         return body
 
-    def submit(self, images: Sequence[bytes] = (), texts: Sequence[str] = (), *, labels: Sequence[str] = (),
-               outputs: Sequence[str] = ("embeddings",), fusion: str = "mean", weights: dict | None = None,
-               webhook: dict | None = None, multipart: bool = False, headers: dict | None = None) -> str:
+    def submit(
+        self,
+        images: Sequence[bytes] = (),
+        texts: Sequence[str] = (),
+        *,
+        labels: Sequence[str] = (),
+        outputs: Sequence[str] = ("embeddings",),
+        fusion: str = "mean",
+        weights: dict | None = None,
+        webhook: dict | None = None,
+        multipart: bool = False,
+        headers: dict | None = None,
+    ) -> str:
         """Submit a job; returns its id."""
         options: dict = {"outputs": list(outputs), "fusion": fusion}
         if labels:
@@ -56,8 +72,7 @@ class MmfuseClient:
         if multipart:
             files = [("images", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
             data = [("texts", text) for text in texts] + [("options", json.dumps(options))]
-            response = self.session.post(url, files=files or None, data=data, headers=headers,
-                                         timeout=self.timeout_s)
+            response = self.session.post(url, files=files or None, data=data, headers=headers, timeout=self.timeout_s)
         else:
             body = dict(options, images=[base64.b64encode(d).decode() for d in images], texts=list(texts))
             response = self.session.post(url, json=body, headers=headers, timeout=self.timeout_s)
@@ -67,8 +82,7 @@ class MmfuseClient:
         params = {"encoding_format": encoding_format}
         if wait_s:
             params["wait"] = f"{wait_s:g}"
-        response = self.session.get(f"{self.base_url}/v1/jobs/{job_id}", params=params,
-                                    timeout=self.timeout_s + wait_s)
+        response = self.session.get(f"{self.base_url}/v1/jobs/{job_id}", params=params, timeout=self.timeout_s + wait_s)
         return self._check(response)
 
     def cancel(self, job_id: str) -> dict:
@@ -86,7 +100,6 @@ class MmfuseClient:
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
 
-    def run(self, images: Sequence[bytes] = (), texts: Sequence[str] = (), timeout_s: float = 120.0,
-            **options) -> dict:
+    def run(self, images: Sequence[bytes] = (), texts: Sequence[str] = (), timeout_s: float = 120.0, **options) -> dict:
         """Submit and wait: the job's final representation."""
         return self.wait(self.submit(images, texts, **options), timeout_s)

@@ -25,18 +25,30 @@ def queued_tasks(redis_client) -> int:
         ({"json": {"texts": ["a"], "colour": "red"}}, 422, "validation_error", "colour"),
         ({"json": {"texts": "not a list"}}, 422, "validation_error", "texts"),
         ({"json": {"texts": ["a"], "outputs": ["telepathy"]}}, 422, "validation_error", "outputs.0"),
-        ({"json": {"texts": ["a"], "webhook": {"url": "http://x", "retries": 3}}}, 422, "validation_error",
-         "webhook.retries"),
+        (
+            {"json": {"texts": ["a"], "webhook": {"url": "http://x", "retries": 3}}},
+            422,
+            "validation_error",
+            "webhook.retries",
+        ),
         ({"json": {}}, 422, "validation_error", "images"),
         ({"json": {"images": ["!!!"]}}, 422, "validation_error", "images.0"),
-        ({"json": {"images": [base64.b64encode(b"%PDF-1.4 not an image").decode()]}}, 415,
-         "unsupported_image_format", "images.0"),
+        (
+            {"json": {"images": [base64.b64encode(b"%PDF-1.4 not an image").decode()]}},
+            415,
+            "unsupported_image_format",
+            "images.0",
+        ),
         ({"json": {"texts": ["a"], "outputs": ["similarity"]}}, 422, "validation_error", "outputs"),
         ({"json": {"texts": ["a"], "outputs": ["classify"]}}, 422, "validation_error", "labels"),
         ({"json": {"texts": ["a"] * 65}}, 422, "too_many_items", "texts"),
         ({"json": {"texts": ["x" * 5000]}}, 422, "text_too_long", "texts.0"),
-        ({"json": {"texts": ["a"], "webhook": {"url": "http://10.0.0.1/hook"}}}, 422, "webhook_url_rejected",
-         "webhook.url"),
+        (
+            {"json": {"texts": ["a"], "webhook": {"url": "http://10.0.0.1/hook"}}},
+            422,
+            "webhook_url_rejected",
+            "webhook.url",
+        ),
     ],
 )
 def test_bad_requests(stack, api, redis_client, kwargs, status, code, loc):
@@ -58,8 +70,9 @@ def test_multipart_errors(stack, api):
     assert unknown.status_code == 422 and unknown.json()["error"]["details"][0]["loc"] == "pictures"
     bad_options = api.post(url, data={"texts": "a", "options": "{"}, files={"x": ("", b"")}, timeout=10)
     assert bad_options.status_code in (400, 422)
-    broken = api.post(url, data=b"--nope\r\n\r\n", timeout=10,
-                           headers={"content-type": "multipart/form-data; boundary=zzz"})
+    broken = api.post(
+        url, data=b"--nope\r\n\r\n", timeout=10, headers={"content-type": "multipart/form-data; boundary=zzz"}
+    )
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_multipart"
 
 

@@ -45,8 +45,7 @@ def test_rate_limit_answers_429_with_retry_after(stack):
     limited_key = stack.create_api_key("limited", rate_per_s=0.2, burst=2)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {limited_key}"
-    codes = [session.post(f"{stack.gateway_url}/v1/jobs", json={"texts": [f"t{i}"]}, timeout=10)
-             for i in range(3)]
+    codes = [session.post(f"{stack.gateway_url}/v1/jobs", json={"texts": [f"t{i}"]}, timeout=10) for i in range(3)]
     assert [r.status_code for r in codes] == [202, 202, 429]
     assert codes[2].json()["error"]["code"] == "rate_limited"
     assert 1 <= int(codes[2].headers["Retry-After"]) <= 5
@@ -56,8 +55,14 @@ def test_keys_cli_create_list_revoke(stack):
     env = dict(os.environ, MMFUSE_REDIS_URL=stack.env["MMFUSE_REDIS_URL"])
 
     def mmfuse(*args):
-        return subprocess.run([sys.executable, "-m", "mmfuse.cli.main", "keys", *args], env=env, capture_output=True,
-                              text=True, timeout=60, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "mmfuse.cli.main", "keys", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
 
     created = mmfuse("create", "--name", "cli-made")
     plaintext = created.strip().splitlines()[-1]

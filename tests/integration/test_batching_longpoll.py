@@ -15,8 +15,7 @@ from tests.integration.test_pipeline import TOL, ref_vectors
 
 
 def test_64_concurrent_jobs_are_batched_and_correct(client, reference):
-    inputs = [(make_png(((i * 3) % 256, i, 255 - i), size=(32 + i % 7, 30)), f"batched caption {i}")
-              for i in range(64)]
+    inputs = [(make_png(((i * 3) % 256, i, 255 - i), size=(32 + i % 7, 30)), f"batched caption {i}") for i in range(64)]
 
     def run(item):
         image, text = item

@@ -58,9 +58,13 @@ def fstack(checkpoint_dir, tmp_path_factory):
 
     # The aspect-ratio limit is lifted here so that an elongated image reaches the worker as a poison input
     # (by default the gateway refuses it: 422 image_too_elongated).
-    env = stack_env(checkpoint_dir, MMFUSE_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
-                    MMFUSE_WORKER_CONCURRENCY="4", MMFUSE_RATE_LIMIT_PER_S="0",
-                    MMFUSE_MAX_IMAGE_ASPECT_RATIO="1e9")
+    env = stack_env(
+        checkpoint_dir,
+        MMFUSE_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
+        MMFUSE_WORKER_CONCURRENCY="4",
+        MMFUSE_RATE_LIMIT_PER_S="0",
+        MMFUSE_MAX_IMAGE_ASPECT_RATIO="1e9",
+    )
     local = LocalStack(var_dir=tmp_path_factory.mktemp("faults"), env=env)
     try:
         local.start(pools=("text", "fusion"), timeout_s=240)
@@ -120,8 +124,9 @@ def wait_job(stack, api, job_id: str, timeout_s: float = 90) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
-        response = api.get(f"{stack.gateway_url}/v1/jobs/{job_id}",
-                           params={"wait": f"{max(0.0, min(remaining, 10)):.1f}"}, timeout=30)
+        response = api.get(
+            f"{stack.gateway_url}/v1/jobs/{job_id}", params={"wait": f"{max(0.0, min(remaining, 10)):.1f}"}, timeout=30
+        )
         assert response.status_code == 200, response.text
         job = response.json()
         if job["status"] in ("succeeded", "failed", "canceled"):
@@ -218,8 +223,9 @@ def noisy_png(size=(96, 96)) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.frombytes("RGB", size, np.random.default_rng(7).integers(0, 256, size[0] * size[1] * 3,
-                                                                     dtype=np.uint8).tobytes()).save(buffer, "PNG")
+    Image.frombytes(
+        "RGB", size, np.random.default_rng(7).integers(0, 256, size[0] * size[1] * 3, dtype=np.uint8).tobytes()
+    ).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -247,8 +253,7 @@ def test_poison_inputs_fail_their_job_with_the_reason_and_the_queue_keeps_flowin
     from mmfuse.cli.stack import worker_command
 
     stack.stop_process("worker-image")
-    worker = stack.spawn("worker-image", ["prlimit", f"--as={WORKER_ADDRESS_SPACE}",
-                                          *worker_command("image", 4)])
+    worker = stack.spawn("worker-image", ["prlimit", f"--as={WORKER_ADDRESS_SPACE}", *worker_command("image", 4)])
     stack.wait_workers(("image",), timeout_s=120)
 
     full = noisy_png()
@@ -258,10 +263,12 @@ def test_poison_inputs_fail_their_job_with_the_reason_and_the_queue_keeps_flowin
     elongated = buffer.getvalue()
     good = [make_png((30, 30, 200), size=(40 + i, 40)) for i in range(3)]
 
-    ids = {"good0": submit_ok(stack, api, [good[0]], ["before"]),
-           "truncated": submit_ok(stack, api, [truncated], ["a caption"]),
-           "elongated": submit_ok(stack, api, [elongated]),
-           "good1": submit_ok(stack, api, [good[1]])}
+    ids = {
+        "good0": submit_ok(stack, api, [good[0]], ["before"]),
+        "truncated": submit_ok(stack, api, [truncated], ["a caption"]),
+        "elongated": submit_ok(stack, api, [elongated]),
+        "good1": submit_ok(stack, api, [good[1]]),
+    }
     jobs = {name: wait_job(stack, api, job_id) for name, job_id in ids.items()}
 
     assert jobs["truncated"]["status"] == "failed"
@@ -310,19 +317,41 @@ def test_a_pickled_message_is_refused_and_never_executed(stack, api, rds, tmp_pa
     JobStore(rds, 600).create(JobSpec(id=job_id, created_at=time.time(), image_keys=[f"jobs/{job_id}/images/0"]))
     marker = tmp_path / "unpickled"
     task_id = str(uuid.uuid4())
-    body = pickle.dumps(([job_id, _Unpickled(str(marker))], {},
-                         {"callbacks": None, "errbacks": None, "chain": None, "chord": None}))
-    headers = {"lang": "py", "task": TASK_ENCODE_IMAGE, "id": task_id, "root_id": task_id, "parent_id": None,
-               "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": repr((job_id,)),
-               "kwargsrepr": "{}", "origin": "test_faults"}
+    body = pickle.dumps(
+        ([job_id, _Unpickled(str(marker))], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    )
+    headers = {
+        "lang": "py",
+        "task": TASK_ENCODE_IMAGE,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "argsrepr": repr((job_id,)),
+        "kwargsrepr": "{}",
+        "origin": "test_faults",
+    }
     with Connection(stack.env["MMFUSE_REDIS_URL"]) as connection:
-        connection.Producer().publish(body, exchange="", routing_key="image", headers=headers,
-                                      content_type="application/x-python-serialize",
-                                      content_encoding="binary", delivery_mode=2)
+        connection.Producer().publish(
+            body,
+            exchange="",
+            routing_key="image",
+            headers=headers,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            delivery_mode=2,
+        )
 
     log_path = stack.log_dir / "worker-image.log"
-    wait_for(lambda: "Refusing to deserialize untrusted content of type pickle" in log_path.read_text(),
-             "the worker's refusal in its log", 60, 0.2)
+    wait_for(
+        lambda: "Refusing to deserialize untrusted content of type pickle" in log_path.read_text(),
+        "the worker's refusal in its log",
+        60,
+        0.2,
+    )
     # The queue keeps flowing, and the refused message is gone for good (rejected, not requeued).
     job = wait_job(stack, api, submit_ok(stack, api, [make_png((90, 160, 20))], ["after the pickle"]))
     assert job["status"] == "succeeded", job["error"]
@@ -378,8 +407,7 @@ def ensure_pool(stack, pool: str) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_redis_down_submit_gets_a_quick_503_leaves_nothing_and_new_jobs_succeed_once_it_is_back(
-        stack, api, rds):
+def test_redis_down_submit_gets_a_quick_503_leaves_nothing_and_new_jobs_succeed_once_it_is_back(stack, api, rds):
     """Redis killed (-9): with auth on, the key lookup fails first; a gateway without auth gets as far as
     writing the image blob, fails on the job record, and must remove the blob again."""
     from mmfuse.cli.stack import free_port, gateway_command
@@ -442,10 +470,12 @@ def test_queued_jobs_survive_a_redis_restart(stack, api, rds, reference):
     jobs = [wait_job(stack, api, job_id, timeout_s=150) for job_id in ids]
     for job, (image, text) in zip(jobs, inputs, strict=True):
         assert job["status"] == "succeeded", job["error"]
-        np.testing.assert_allclose(job["result"]["embeddings"]["images"],
-                                   ref_vectors(reference["image"], [image]), atol=TOL)
-        np.testing.assert_allclose(job["result"]["embeddings"]["texts"],
-                                   ref_vectors(reference["text"], [text]), atol=TOL)
+        np.testing.assert_allclose(
+            job["result"]["embeddings"]["images"], ref_vectors(reference["image"], [image]), atol=TOL
+        )
+        np.testing.assert_allclose(
+            job["result"]["embeddings"]["texts"], ref_vectors(reference["text"], [text]), atol=TOL
+        )
 
 
 # --- kill -9 a worker that holds a task -------------------------------------------------------------
@@ -480,10 +510,12 @@ def test_kill_9_image_worker_holding_a_task_the_job_still_completes_once(stack, 
         assert field(rds, job_id, "image_attempts") == "2"
         assert field(rds, job_id, "fusion_attempts") == "1"
         assert VISIBILITY_S - 1 <= recovered_s < VISIBILITY_S + 20, recovered_s
-        np.testing.assert_allclose(job["result"]["embeddings"]["images"],
-                                   ref_vectors(reference["image"], [image]), atol=TOL)
-        np.testing.assert_allclose(job["result"]["embeddings"]["texts"],
-                                   ref_vectors(reference["text"], [text]), atol=TOL)
+        np.testing.assert_allclose(
+            job["result"]["embeddings"]["images"], ref_vectors(reference["image"], [image]), atol=TOL
+        )
+        np.testing.assert_allclose(
+            job["result"]["embeddings"]["texts"], ref_vectors(reference["text"], [text]), atol=TOL
+        )
 
         # Exactly one result: the job ended once, and no copy of any of its tasks is left to run again.
         ended, deadline = [], time.monotonic() + 1.0

@@ -60,13 +60,26 @@ def key_id(api_key: str) -> str:
     return api_key.split("_")[1]  # mmf_<id>_<secret>
 
 
-def write_job(stack, jobs: JobStore, *, age_s: float = 0.0, webhook: dict | None = None,
-              images: int = 0, texts: tuple[str, ...] = ("never encoded",)) -> JobSpec:
+def write_job(
+    stack,
+    jobs: JobStore,
+    *,
+    age_s: float = 0.0,
+    webhook: dict | None = None,
+    images: int = 0,
+    texts: tuple[str, ...] = ("never encoded",),
+) -> JobSpec:
     """A queued job of the tests' key, written as the gateway writes one, but with no task sent."""
     job_id = new_job_id()
-    spec = JobSpec(id=job_id, created_at=time.time() - age_s, texts=list(texts),
-                   image_keys=[image_key(job_id, i) for i in range(images)], webhook=webhook,
-                   status_url=f"{stack.gateway_url}/v1/jobs/{job_id}", owner=key_id(stack.api_key))
+    spec = JobSpec(
+        id=job_id,
+        created_at=time.time() - age_s,
+        texts=list(texts),
+        image_keys=[image_key(job_id, i) for i in range(images)],
+        webhook=webhook,
+        status_url=f"{stack.gateway_url}/v1/jobs/{job_id}",
+        owner=key_id(stack.api_key),
+    )
     jobs.create(spec)
     return spec
 
@@ -124,16 +137,17 @@ def receiver() -> Iterator[Receiver]:
 def test_idempotent_submit_returns_the_original_job(stack, api, redis_client, settings):
     url = f"{stack.gateway_url}/v1/jobs"
     headers = {"Idempotency-Key": f"order-{new_job_id()}"}
-    first = api.post(url, json={"texts": ["idem a", "idem b"], "outputs": ["embeddings"]}, headers=headers,
-                     timeout=10)
+    first = api.post(url, json={"texts": ["idem a", "idem b"], "outputs": ["embeddings"]}, headers=headers, timeout=10)
     assert first.status_code == 202, first.text
     job_id = first.json()["id"]
     # The same request again, and the same job spelled differently (key order, a default written out).
-    again = api.post(url, json={"texts": ["idem a", "idem b"], "outputs": ["embeddings"]}, headers=headers,
-                     timeout=10)
-    respelled = api.post(url, data=json.dumps({"fusion": "mean", "outputs": ["embeddings"],
-                                               "texts": ["idem a", "idem b"]}),
-                         headers={**headers, "content-type": "application/json"}, timeout=10)
+    again = api.post(url, json={"texts": ["idem a", "idem b"], "outputs": ["embeddings"]}, headers=headers, timeout=10)
+    respelled = api.post(
+        url,
+        data=json.dumps({"fusion": "mean", "outputs": ["embeddings"], "texts": ["idem a", "idem b"]}),
+        headers={**headers, "content-type": "application/json"},
+        timeout=10,
+    )
     for replay in (again, respelled):
         assert replay.status_code == 200, replay.text
         assert replay.json()["id"] == job_id
@@ -152,8 +166,9 @@ def test_idempotent_submit_returns_the_original_job(stack, api, redis_client, se
     assert abs(record_ttl - min(ttls, key=lambda t: abs(t - record_ttl))) <= 2
     assert MmfuseJob(api, stack, job_id).wait()["status"] == "succeeded"
     # A replay after the end tells the current status.
-    assert api.post(url, json={"texts": ["idem a", "idem b"]}, headers=headers, timeout=10).json()["status"] \
-        == "succeeded"
+    assert (
+        api.post(url, json={"texts": ["idem a", "idem b"]}, headers=headers, timeout=10).json()["status"] == "succeeded"
+    )
 
 
 def test_idempotency_survives_multipart_boundaries_and_is_per_api_key(stack, api):
@@ -163,15 +178,25 @@ def test_idempotency_survives_multipart_boundaries_and_is_per_api_key(stack, api
     # requests picks a new random boundary for each body: the bytes differ, the request does not.
     ids = set()
     for _ in range(2):
-        response = api.post(url, files=[("images", ("a.png", image, "image/png"))],
-                            data={"texts": "multipart idem"}, headers=headers, timeout=10)
+        response = api.post(
+            url,
+            files=[("images", ("a.png", image, "image/png"))],
+            data={"texts": "multipart idem"},
+            headers=headers,
+            timeout=10,
+        )
         assert response.status_code in (200, 202), response.text
         ids.add(response.json()["id"])
     assert len(ids) == 1
     other_key = requests.Session()
     other_key.headers["Authorization"] = f"Bearer {stack.create_api_key('idem other')}"
-    other = other_key.post(url, files=[("images", ("a.png", image, "image/png"))],
-                           data={"texts": "multipart idem"}, headers=headers, timeout=10)
+    other = other_key.post(
+        url,
+        files=[("images", ("a.png", image, "image/png"))],
+        data={"texts": "multipart idem"},
+        headers=headers,
+        timeout=10,
+    )
     assert other.status_code == 202 and other.json()["id"] not in ids
 
 
@@ -208,8 +233,9 @@ def test_a_failed_submit_leaves_no_idempotency_entry(stack, settings, redis_clie
 
 
 def test_invalid_idempotency_key_is_refused(stack, api):
-    response = api.post(f"{stack.gateway_url}/v1/jobs", json={"texts": ["a"]},
-                        headers={"Idempotency-Key": "x" * 256}, timeout=10)
+    response = api.post(
+        f"{stack.gateway_url}/v1/jobs", json={"texts": ["a"]}, headers={"Idempotency-Key": "x" * 256}, timeout=10
+    )
     assert response.status_code == 422
     assert response.json()["error"]["details"][0]["loc"] == "header.Idempotency-Key"
 
@@ -257,8 +283,9 @@ def test_cancel_a_queued_job(stack, api, jobs, receiver):
 
 
 def test_cancel_sends_no_webhook_it_did_not_subscribe(stack, api, jobs, receiver):
-    spec = write_job(stack, jobs, webhook={"url": receiver.url("default-events"),
-                                           "events": ["job.succeeded", "job.failed"]})
+    spec = write_job(
+        stack, jobs, webhook={"url": receiver.url("default-events"), "events": ["job.succeeded", "job.failed"]}
+    )
     job = MmfuseJob(api, stack, spec.id)
     assert job.cancel().status_code == 200
     webhook = wait_for(lambda: job.get().json()["webhook"], what="webhook view")
@@ -371,8 +398,9 @@ def test_sweep_deletes_blobs_of_ended_and_expired_jobs_only(stack, jobs, blobs):
 
 
 def test_reaper_fails_jobs_past_their_deadline(stack, api, jobs, celery, receiver):
-    queued = write_job(stack, jobs, age_s=DEADLINE_S + 30, images=1,
-                       webhook={"url": receiver.url("reaped"), "events": ["job.failed"]})
+    queued = write_job(
+        stack, jobs, age_s=DEADLINE_S + 30, images=1, webhook={"url": receiver.url("reaped"), "events": ["job.failed"]}
+    )
     running = write_job(stack, jobs, age_s=DEADLINE_S + 30, images=1)
     jobs.start_stage(running.id, "image")
     jobs.finish_stage(running.id, "image")
@@ -399,8 +427,11 @@ def test_beat_runs_the_maintenance_tasks(stack, api, jobs, redis_client):
     """Nothing calls the tasks here: celery beat sends them to the maintenance pool on its own."""
     started = time.time()
     stuck = write_job(stack, jobs, age_s=DEADLINE_S + 5)
-    view = wait_for(lambda: (v := MmfuseJob(api, stack, stuck.id).get().json())["status"] == "failed" and v,
-                    timeout_s=30, what="stuck job reaped by beat")
+    view = wait_for(
+        lambda: (v := MmfuseJob(api, stack, stuck.id).get().json())["status"] == "failed" and v,
+        timeout_s=30,
+        what="stuck job reaped by beat",
+    )
     assert view["error"]["code"] == "deadline_exceeded"
 
     def ran_since() -> bool:

@@ -61,8 +61,11 @@ def scrape(url: str) -> Samples:
     response = requests.get(url, timeout=10)
     assert response.status_code == 200, response.text[:300]
     assert response.headers["Content-Type"].startswith("text/plain; version="), response.headers
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -155,8 +158,9 @@ def receiver():
 def post_job(stack, api, body: dict) -> tuple[requests.Response, int]:
     """POST a JSON job; returns the response and the exact body size sent."""
     data = json.dumps(body).encode()
-    response = api.post(f"{stack.gateway_url}/v1/jobs", data=data, headers={"content-type": "application/json"},
-                        timeout=30)
+    response = api.post(
+        f"{stack.gateway_url}/v1/jobs", data=data, headers={"content-type": "application/json"}, timeout=30
+    )
     return response, len(data)
 
 
@@ -171,10 +175,17 @@ def run_workload(stack, api, client, receiver) -> dict:
     png = make_png((200, 30, 30))
     corrupt = png[: len(png) // 2]  # passes the gateway's format check, fails to decode in the worker
     bodies = {
-        "classify": {"images": [b64(png)], "texts": ["a red box", "a cat"], "labels": ["red", "blue"],
-                     "outputs": ["embeddings", "classify"]},
-        "webhook": {"images": [b64(png), b64(make_png((0, 0, 200)))], "texts": ["blue"],
-                    "webhook": {"url": receiver.url, "events": ["job.succeeded"]}},
+        "classify": {
+            "images": [b64(png)],
+            "texts": ["a red box", "a cat"],
+            "labels": ["red", "blue"],
+            "outputs": ["embeddings", "classify"],
+        },
+        "webhook": {
+            "images": [b64(png), b64(make_png((0, 0, 200)))],
+            "texts": ["blue"],
+            "webhook": {"url": receiver.url, "events": ["job.succeeded"]},
+        },
         "corrupt": {"images": [b64(corrupt)]},
         "rejected": {"texts": []},
     }
@@ -208,10 +219,14 @@ def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, re
     # Job ends are recorded right after the status moves; the client may have seen the status first.
     def settled() -> bool:
         now = scrape_all(stack)
-        return (value(now["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded")
-                - value(before["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded") >= 2
-                and value(now["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered")
-                - value(before["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered") >= 1)
+        return (
+            value(now["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded")
+            - value(before["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded")
+            >= 2
+            and value(now["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered")
+            - value(before["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered")
+            >= 1
+        )
 
     wait_for(settled, "the workers to record the jobs' ends")
     time.sleep(0.3)  # anything still to come would show up now, and make the counts below too high
@@ -286,9 +301,11 @@ def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, re
         observed = delta(target, f"{name}_sum", **labels)
         assert 0 <= observed <= ok_total + failed_sum, (name, labels, observed)
     # Histograms are whole: cumulative buckets, +Inf equals the count.
-    for target, name, labels in (("fusion", "mmfuse_job_duration_seconds", {"outcome": "succeeded"}),
-                                 ("image", "mmfuse_encoder_batch_size_items", image),
-                                 ("gateway", "mmfuse_http_request_duration_seconds", posts)):
+    for target, name, labels in (
+        ("fusion", "mmfuse_job_duration_seconds", {"outcome": "succeeded"}),
+        ("image", "mmfuse_encoder_batch_size_items", image),
+        ("gateway", "mmfuse_http_request_duration_seconds", posts),
+    ):
         series = buckets(after[target], name, **labels)
         counts = [count for _, count in series]
         assert counts == sorted(counts) and series[-1][0] == math.inf, (name, series)
@@ -304,8 +321,10 @@ def test_jobs_in_flight_follow_the_status_index(stack, redis_client):
 
     def in_flight() -> tuple[float, float]:
         samples = scrape(gateway)
-        return (value(samples, "mmfuse_jobs_in_flight", status="queued"),
-                value(samples, "mmfuse_jobs_in_flight", status="running"))
+        return (
+            value(samples, "mmfuse_jobs_in_flight", status="queued"),
+            value(samples, "mmfuse_jobs_in_flight", status="running"),
+        )
 
     queued, running = in_flight()
     # Records written straight to the store: no task is enqueued, so no worker touches them.
@@ -336,8 +355,14 @@ def test_queue_depth_counts_every_priority_list(stack, redis_client):
         with Connection(stack.env["MMFUSE_REDIS_URL"]) as connection:
             producer = connection.Producer()
             for priority in (0, 4, 9, None):
-                producer.publish({"n": priority}, exchange=queue.exchange, routing_key=name, declare=[queue],
-                                 priority=priority, serializer="json")
+                producer.publish(
+                    {"n": priority},
+                    exchange=queue.exchange,
+                    routing_key=name,
+                    declare=[queue],
+                    priority=priority,
+                    serializer="json",
+                )
         assert metrics.queue_depths(redis_client, [name]) == {name: 4}
     finally:
         for key in redis_client.scan_iter(f"{name}*"):
@@ -354,29 +379,35 @@ def _worker_pids(master_pid: int) -> set[int]:
 
 
 def _pids_with_files(directory: Path) -> set[int]:
-    return {int(match.group(1)) for path in directory.glob("*.db")
-            if (match := re.search(r"_(\d+)\.db$", path.name))}
+    return {int(match.group(1)) for path in directory.glob("*.db") if (match := re.search(r"_(\d+)\.db$", path.name))}
 
 
 def test_gateway_sums_gunicorn_workers_and_forgets_dead_ones(stack, tmp_path):
     directory = tmp_path / "multiproc"
     directory.mkdir()
     # A previous run's leftover value, which the new gateway must wipe, not add.
-    subprocess.run([sys.executable, "-c", "from shared import metrics; "
-                    "metrics.HTTP_REQUESTS.labels('/healthz', 'GET', '200').inc(1000)"],
-                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}, check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from shared import metrics; metrics.HTTP_REQUESTS.labels('/healthz', 'GET', '200').inc(1000)",
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        check=True,
+        cwd=REPO,
+    )
     assert list(directory.glob("counter_*.db"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     name = "gateway-multiproc-test"
-    process = stack.spawn(name, gateway_command(f"127.0.0.1:{port}", workers=2, threads=4),
-                          {"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    process = stack.spawn(
+        name, gateway_command(f"127.0.0.1:{port}", workers=2, threads=4), {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    )
     store = JobStore.from_url(stack.env["MMFUSE_REDIS_URL"], 3600)
     # Stays queued (no task), owned by the tests' key so that a GET may long-poll it.
     spec = JobSpec(id=new_job_id(), created_at=time.time(), texts=["x"], owner=stack.api_key.split("_")[1])
     try:
-        wait_for(lambda: port_open("127.0.0.1", port) and len(_worker_pids(process.pid)) == 2, "gunicorn",
-                 timeout_s=60)
+        wait_for(lambda: port_open("127.0.0.1", port) and len(_worker_pids(process.pid)) == 2, "gunicorn", timeout_s=60)
         healthz = {"route": "/healthz", "method": "GET", "status": "200"}
         # New connections until both workers answered some (each writes its own files), at most 200.
         sent = 0
@@ -388,17 +419,19 @@ def test_gateway_sums_gunicorn_workers_and_forgets_dead_ones(stack, tmp_path):
 
         # A long-poll in progress, then every worker killed: the master marks them dead and starts others.
         store.create(spec)
-        poll = threading.Thread(target=_long_poll, args=(f"{url}/v1/jobs/{spec.id}?wait=20", stack.api_key),
-                                daemon=True)
+        poll = threading.Thread(
+            target=_long_poll, args=(f"{url}/v1/jobs/{spec.id}?wait=20", stack.api_key), daemon=True
+        )
         poll.start()
         polling = {"route": "/v1/jobs/<job_id>", "method": "GET"}
-        wait_for(lambda: value(scrape(f"{url}/metrics"), "mmfuse_http_requests_in_progress", **polling) == 1,
-                 "the long-poll to be in progress")
+        wait_for(
+            lambda: value(scrape(f"{url}/metrics"), "mmfuse_http_requests_in_progress", **polling) == 1,
+            "the long-poll to be in progress",
+        )
         old = _worker_pids(process.pid)
         for pid in old:
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: len(_worker_pids(process.pid) - old) == 2, "gunicorn to replace its workers",
-                 timeout_s=60)
+        wait_for(lambda: len(_worker_pids(process.pid) - old) == 2, "gunicorn to replace its workers", timeout_s=60)
         wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200, "the new workers")
         samples = scrape(f"{url}/metrics")
         assert value(samples, "mmfuse_http_requests_in_progress", **polling) == 0
@@ -450,24 +483,38 @@ class Prometheus:
     def __init__(self, stack, directory: Path):
         binary = shutil.which("prometheus")
         if binary is None:
-            pytest.fail("the `prometheus` binary is not installed: run scripts/setup.sh "
-                        "(it does `apt-get install -y prometheus`)")
+            pytest.fail(
+                "the `prometheus` binary is not installed: run scripts/setup.sh "
+                "(it does `apt-get install -y prometheus`)"
+            )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         scrape_configs = []
         for target, metrics_url in targets(stack).items():
             address = metrics_url.split("//", 1)[1].split("/", 1)[0]
-            scrape_configs.append({"job_name": scrape_job(target), "metrics_path": "/metrics",
-                                   "static_configs": [{"targets": [address]}]})
-        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(ALERTS)], "scrape_configs": scrape_configs}
+            scrape_configs.append(
+                {"job_name": scrape_job(target), "metrics_path": "/metrics", "static_configs": [{"targets": [address]}]}
+            )
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": scrape_configs,
+        }
         config_path = directory / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
         self.log = open(directory / "prometheus.log", "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.directory = directory
 
     def ready(self) -> bool:
@@ -511,8 +558,9 @@ def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, 
     deployed_jobs = {job["job_name"] for job in yaml.safe_load(DEPLOY_PROMETHEUS.read_text())["scrape_configs"]}
     stack_jobs = {scrape_job(target) for target in targets(stack)}
     assert stack_jobs <= deployed_jobs, f"not scraped by deploy/prometheus/prometheus.yml: {stack_jobs - deployed_jobs}"
-    wait_for(lambda: _all_targets_up(prometheus, len(stack_jobs)), "every target to be scraped successfully",
-             timeout_s=20)
+    wait_for(
+        lambda: _all_targets_up(prometheus, len(stack_jobs)), "every target to be scraped successfully", timeout_s=20
+    )
     run_workload(stack, api, client, receiver)  # every series exists before the measured run below
     time.sleep(1.5)
     run_workload(stack, api, client, receiver)
@@ -546,8 +594,15 @@ def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, 
     def evaluated() -> list[dict] | None:
         groups = requests.get(f"{prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        return rules if rules and all(r.get("lastEvaluation", "").startswith("20") and
-                                      not r["lastEvaluation"].startswith("0001") for r in rules) else None
+        return (
+            rules
+            if rules
+            and all(
+                r.get("lastEvaluation", "").startswith("20") and not r["lastEvaluation"].startswith("0001")
+                for r in rules
+            )
+            else None
+        )
 
     rules = wait_for(evaluated, "the alert rules to be evaluated", timeout_s=10)
     assert len(rules) == len(alert_expressions())

@@ -18,16 +18,22 @@ from openapi_spec_validator import validate
 
 MAX_EXAMPLES = int(os.environ.get("MMFUSE_TEST_SCHEMATHESIS_EXAMPLES", "30"))  # per operation
 SEED = os.environ.get("MMFUSE_TEST_SCHEMATHESIS_SEED", "20240601")  # fixed: CI runs are reproducible
-CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_schema_conformance")
+CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")
 
 
 def test_the_document_is_valid_and_lists_every_route(stack):
     spec = requests.get(f"{stack.gateway_url}/openapi.json", timeout=10).json()
     validate(spec)
     assert spec["openapi"] == "3.1.0"
-    assert set(spec["paths"]) == {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics",
-                                  "/openapi.json", "/docs"}
+    assert set(spec["paths"]) == {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    }
     assert set(spec["paths"]["/v1/jobs/{job_id}"]) == {"get", "delete"}
     submit = spec["paths"]["/v1/jobs"]["post"]
     assert set(submit["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
@@ -51,20 +57,34 @@ def test_schemathesis_against_the_live_gateway(stack, tmp_path):
     executable = shutil.which("schemathesis", path=os.path.dirname(sys.executable)) or shutil.which("schemathesis")
     assert executable, "schemathesis is not installed (pip install -e '.[test]')"
     command = [
-        executable, "run", f"{stack.gateway_url}/openapi.json",
-        "--checks", ",".join(CHECKS),
-        "--header", f"Authorization: Bearer {stack.create_api_key('schemathesis', rate_per_s=0)}",
-        "--max-examples", str(MAX_EXAMPLES),
-        "--phases", "examples,coverage,fuzzing,stateful",
-        "--seed", SEED,
-        "--workers", "1",  # several threads trip a CPython 3.11 ast.parse bug inside hypothesis
-        "--request-timeout", "40",
-        "--suppress-health-check", "too_slow,filter_too_much",
-        "--report", "junit", "--report-dir", str(tmp_path),
+        executable,
+        "run",
+        f"{stack.gateway_url}/openapi.json",
+        "--checks",
+        ",".join(CHECKS),
+        "--header",
+        f"Authorization: Bearer {stack.create_api_key('schemathesis', rate_per_s=0)}",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--seed",
+        SEED,
+        "--workers",
+        "1",  # several threads trip a CPython 3.11 ast.parse bug inside hypothesis
+        "--request-timeout",
+        "40",
+        "--suppress-health-check",
+        "too_slow,filter_too_much",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
     ]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=540, cwd=tmp_path,
-                            env={**os.environ, "NO_COLOR": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=540, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"}
+    )
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     print(f"schemathesis took {elapsed:.1f} s\n{output[-6000:]}")

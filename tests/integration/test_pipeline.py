@@ -37,8 +37,9 @@ def test_embeddings_equal_in_process_model(client, reference):
     assert got_texts.shape == (2, reference["text"].dim)
     np.testing.assert_allclose(got_images, ref_images, atol=TOL)
     np.testing.assert_allclose(got_texts, ref_texts, atol=TOL)
-    np.testing.assert_allclose(result["embeddings"]["fused"],
-                               fuse(ref_images, ref_texts, "mean", {"image": 1.0, "text": 1.0}), atol=TOL)
+    np.testing.assert_allclose(
+        result["embeddings"]["fused"], fuse(ref_images, ref_texts, "mean", {"image": 1.0, "text": 1.0}), atol=TOL
+    )
     np.testing.assert_allclose(result["similarity"], ref_images @ ref_texts.T, atol=TOL)
     expected_scores = zero_shot(ref_images, ref_labels, 100.0)
     assert result["classify"]["labels"] == labels
@@ -67,8 +68,9 @@ def test_each_output_kind_alone(client, reference, outputs):
         np.testing.assert_allclose(job["result"]["similarity"], ref_images @ ref_texts.T, atol=TOL)
     else:
         ref_labels = ref_vectors(reference["text"], labels)
-        np.testing.assert_allclose(job["result"]["classify"]["images"][0]["scores"],
-                                   zero_shot(ref_images, ref_labels, 100.0)[0], atol=1e-4)
+        np.testing.assert_allclose(
+            job["result"]["classify"]["images"][0]["scores"], zero_shot(ref_images, ref_labels, 100.0)[0], atol=1e-4
+        )
 
 
 def test_multipart_equals_json_and_base64_format(client):
@@ -77,8 +79,9 @@ def test_multipart_equals_json_and_base64_format(client):
     json_job = client.run([image], texts)
     multipart_job = client.run([image], texts, multipart=True)
     assert multipart_job["status"] == json_job["status"] == "succeeded"
-    np.testing.assert_allclose(multipart_job["result"]["embeddings"]["images"],
-                               json_job["result"]["embeddings"]["images"], atol=TOL)
+    np.testing.assert_allclose(
+        multipart_job["result"]["embeddings"]["images"], json_job["result"]["embeddings"]["images"], atol=TOL
+    )
     as_b64 = client.get(json_job["id"], encoding_format="base64")["result"]["embeddings"]
     assert as_b64["encoding_format"] == "base64"
     decoded = np.frombuffer(base64.b64decode(as_b64["images"][0]), dtype="<f4")
@@ -89,8 +92,9 @@ def test_text_only_and_image_only_jobs(client, reference):
     text_job = client.run(texts=["only text"], outputs=["embeddings"])
     assert text_job["status"] == "succeeded"
     assert set(text_job["timings"]["stages"]) == {"text", "fusion"}
-    np.testing.assert_allclose(text_job["result"]["embeddings"]["fused"],
-                               ref_vectors(reference["text"], ["only text"])[0], atol=TOL)
+    np.testing.assert_allclose(
+        text_job["result"]["embeddings"]["fused"], ref_vectors(reference["text"], ["only text"])[0], atol=TOL
+    )
     image = make_png((1, 2, 3))
     image_job = client.run([image], fusion="concat")
     assert image_job["status"] == "succeeded"
@@ -98,8 +102,9 @@ def test_text_only_and_image_only_jobs(client, reference):
 
 
 def test_50_concurrent_jobs_get_their_own_results(client, reference):
-    jobs = [(make_png((i * 5, 255 - i * 5, (i * 37) % 256), size=(40 + i, 32)), [f"caption number {i}"])
-            for i in range(50)]
+    jobs = [
+        (make_png((i * 5, 255 - i * 5, (i * 37) % 256), size=(40 + i, 32)), [f"caption number {i}"]) for i in range(50)
+    ]
 
     def run(item):
         image, texts = item

@@ -63,8 +63,9 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                step = receiver._record(self.path, Received(time.time(), {k.lower(): v for k, v in
-                                                                           self.headers.items()}, body))
+                step = receiver._record(
+                    self.path, Received(time.time(), {k.lower(): v for k, v in self.headers.items()}, body)
+                )
                 time.sleep(step.delay_s)
                 try:
                     self.send_response(step.status)
@@ -124,7 +125,7 @@ def refused_url() -> Iterator[str]:
 
 
 def expected_signature(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
-    key = base64.b64decode(secret[len("whsec_"):])
+    key = base64.b64decode(secret[len("whsec_") :])
     signed = msg_id.encode() + b"." + timestamp.encode() + b"." + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
@@ -359,8 +360,10 @@ def strict_gateways(stack, tmp_path_factory) -> Iterator[dict[str, str]]:
     from mmfuse.cli.stack import LocalStack
 
     variants = {"strict": {"MMFUSE_WEBHOOK_ALLOW_NETWORKS": ""}, "no_secrets": {"MMFUSE_WEBHOOK_SECRETS": ""}}
-    gateways = {name: LocalStack(var_dir=tmp_path_factory.mktemp(f"gateway-{name}"), env={**stack.env, **env})
-                for name, env in variants.items()}
+    gateways = {
+        name: LocalStack(var_dir=tmp_path_factory.mktemp(f"gateway-{name}"), env={**stack.env, **env})
+        for name, env in variants.items()
+    }
     try:
         for gateway in gateways.values():
             gateway.start_gateway()
@@ -398,8 +401,9 @@ def job_keys(redis_client) -> set[bytes]:
 )
 def test_ssrf_urls_are_refused_at_submit(api_session, strict_gateways, redis_client, url, reason):
     before = job_keys(redis_client)
-    response = api_session.post(f"{strict_gateways['strict']}/v1/jobs", timeout=30,
-                             json={"texts": ["a"], "webhook": {"url": url}})
+    response = api_session.post(
+        f"{strict_gateways['strict']}/v1/jobs", timeout=30, json={"texts": ["a"], "webhook": {"url": url}}
+    )
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "webhook_url_rejected"
@@ -416,8 +420,11 @@ def test_the_strict_gateway_still_takes_jobs_without_webhooks(api_session, stric
 
 def test_a_webhook_on_a_server_without_secrets_is_refused(api_session, strict_gateways, redis_client, receiver):
     before = job_keys(redis_client)
-    response = api_session.post(f"{strict_gateways['no_secrets']}/v1/jobs", timeout=30,
-                             json={"texts": ["a"], "webhook": {"url": receiver.url("never")}})
+    response = api_session.post(
+        f"{strict_gateways['no_secrets']}/v1/jobs",
+        timeout=30,
+        json={"texts": ["a"], "webhook": {"url": receiver.url("never")}},
+    )
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "webhook_url_rejected" and "MMFUSE_WEBHOOK_SECRETS" in error["message"]

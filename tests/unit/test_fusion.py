@@ -66,8 +66,14 @@ def test_zero_shot_softmax():
 
 
 def test_build_result_has_requested_outputs_only():
-    spec = JobSpec(id="j", created_at=0.0, image_keys=["k"], texts=["a", "b"], labels=["x", "y"],
-                   outputs=["embeddings", "classify"])
+    spec = JobSpec(
+        id="j",
+        created_at=0.0,
+        image_keys=["k"],
+        texts=["a", "b"],
+        labels=["x", "y"],
+        outputs=["embeddings", "classify"],
+    )
     images = np.stack([unit(1, 0)])
     texts = np.stack([unit(1, 0), unit(0, 1)])
     labels = np.stack([unit(0, 1), unit(1, 0)])

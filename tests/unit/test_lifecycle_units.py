@@ -24,8 +24,12 @@ app = Flask(__name__)
 
 
 def record(status: Status, image: bool = True, text: bool = True, **fields: str) -> JobRecord:
-    spec = JobSpec(id="j", created_at=time.time() - 9999, image_keys=["jobs/j/images/0"] if image else [],
-                   texts=["t"] if text else [])
+    spec = JobSpec(
+        id="j",
+        created_at=time.time() - 9999,
+        image_keys=["jobs/j/images/0"] if image else [],
+        texts=["t"] if text else [],
+    )
     return JobRecord(spec=spec, status=status, fields={"status": status.value, **fields})
 
 
@@ -39,8 +43,14 @@ def test_unfinished_stages_of_a_job_no_worker_took():
 
 def test_unfinished_stages_of_a_running_job():
     now = repr(time.time())
-    running = record(Status.RUNNING, image_started_at=now, image_finished_at=now, image_attempts="1",
-                     text_started_at=now, text_attempts="3")
+    running = record(
+        Status.RUNNING,
+        image_started_at=now,
+        image_finished_at=now,
+        image_attempts="1",
+        text_started_at=now,
+        text_attempts="3",
+    )
     assert unfinished_stages(running) == [("text", "started 3 time(s), never finished"), ("fusion", "not reached")]
     stuck_fusion = record(Status.RUNNING, text=False, image_started_at=now, image_finished_at=now)
     assert unfinished_stages(stuck_fusion) == [("fusion", "queued, never started: no worker of its pool took it")]
@@ -50,8 +60,14 @@ def test_unfinished_stages_of_a_running_job():
 
 
 def test_a_listing_is_grouped_by_job():
-    listing = [("jobs/a/images/0", 5.0), ("jobs/a/images/1", 7.0), ("jobs/b/images/0", 1.0), ("stray", 9.0),
-               ("jobs//x", 1.0), ("jobs/c/images/0", 2.0)]
+    listing = [
+        ("jobs/a/images/0", 5.0),
+        ("jobs/a/images/1", 7.0),
+        ("jobs/b/images/0", 1.0),
+        ("stray", 9.0),
+        ("jobs//x", 1.0),
+        ("jobs/c/images/0", 2.0),
+    ]
     assert list(_objects_by_job(listing)) == [
         ("a", ["jobs/a/images/0", "jobs/a/images/1"], 7.0),
         ("b", ["jobs/b/images/0"], 1.0),
@@ -63,18 +79,23 @@ def test_beat_schedule_comes_from_settings():
     settings = Settings(reaper_interval_s=5, cleanup_interval_s=50)
     schedule = beat_schedule(settings)
     assert {entry["task"]: entry["schedule"] for entry in schedule.values()} == {
-        TASK_REAP_JOBS: 5, TASK_SWEEP_BLOBS: 50}
+        TASK_REAP_JOBS: 5,
+        TASK_SWEEP_BLOBS: 50,
+    }
     celery = create_celery(settings)
     assert celery.conf.beat_schedule == schedule
     assert celery.amqp.router.route({}, TASK_REAP_JOBS)["queue"].name == "maintenance"
     assert stage_task_id("abc", "fusion") == "abc.fusion"
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"MMFUSE_JOB_DEADLINE_S": "0"}, "must be > 0"),
-    ({"MMFUSE_REAPER_INTERVAL_S": "0"}, "MMFUSE_REAPER_INTERVAL_S"),
-    ({"MMFUSE_JOB_TTL_S": "3600"}, "below MMFUSE_JOB_TTL_S"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MMFUSE_JOB_DEADLINE_S": "0"}, "must be > 0"),
+        ({"MMFUSE_REAPER_INTERVAL_S": "0"}, "MMFUSE_REAPER_INTERVAL_S"),
+        ({"MMFUSE_JOB_TTL_S": "3600"}, "below MMFUSE_JOB_TTL_S"),
+    ],
+)
 def test_lifecycle_settings_are_checked(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
@@ -98,16 +119,32 @@ def parsed(**request):
 
 def test_request_hash_is_about_the_job_not_the_bytes():
     image = png()
-    as_json = parsed(json={"images": [base64.b64encode(image).decode()], "texts": ["x"], "labels": ["l"],
-                           "outputs": ["classify"]})
-    reordered = parsed(data=json.dumps({"outputs": ["classify"], "labels": ["l"], "texts": ["x"],
-                                        "fusion": "mean", "images": [base64.b64encode(image).decode()]}),
-                       content_type="application/json")
-    as_multipart = parsed(data={"images": (io.BytesIO(image), "a.png"), "texts": "x",
-                                "options": json.dumps({"labels": ["l"], "outputs": ["classify"]})},
-                          content_type="multipart/form-data")
-    other = parsed(json={"images": [base64.b64encode(image).decode()], "texts": ["y"], "labels": ["l"],
-                         "outputs": ["classify"]})
+    as_json = parsed(
+        json={"images": [base64.b64encode(image).decode()], "texts": ["x"], "labels": ["l"], "outputs": ["classify"]}
+    )
+    reordered = parsed(
+        data=json.dumps(
+            {
+                "outputs": ["classify"],
+                "labels": ["l"],
+                "texts": ["x"],
+                "fusion": "mean",
+                "images": [base64.b64encode(image).decode()],
+            }
+        ),
+        content_type="application/json",
+    )
+    as_multipart = parsed(
+        data={
+            "images": (io.BytesIO(image), "a.png"),
+            "texts": "x",
+            "options": json.dumps({"labels": ["l"], "outputs": ["classify"]}),
+        },
+        content_type="multipart/form-data",
+    )
+    other = parsed(
+        json={"images": [base64.b64encode(image).decode()], "texts": ["y"], "labels": ["l"], "outputs": ["classify"]}
+    )
     hashes = {idempotency.request_sha256(job) for job in (as_json, reordered, as_multipart)}
     assert len(hashes) == 1 and idempotency.request_sha256(other) not in hashes
 
@@ -118,8 +155,9 @@ def test_keys_are_scoped_per_api_key_and_stored_hashed():
     assert one.redis_key != two.redis_key and "k-1" not in one.redis_key
     assert one.redis_key.startswith("mmfuse:idem:alice:")
     with pytest.raises(ApiError) as reused:
-        idempotency.original_job_id(idempotency.for_request("k-1", "alice", parsed(json={"texts": ["z"]})),
-                                    one.entry("job-1").encode())
+        idempotency.original_job_id(
+            idempotency.for_request("k-1", "alice", parsed(json={"texts": ["z"]})), one.entry("job-1").encode()
+        )
     assert reused.value.code == "idempotency_key_reused"
     assert idempotency.original_job_id(one, one.entry("job-1").encode()) == "job-1"
 

@@ -25,13 +25,47 @@ from mmfuse.shared import metrics
 NAME = re.compile(r"^mmfuse_[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 LABEL = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 UNITS = ("seconds", "bytes", "items")  # items: a count of things, for histograms of sizes
-NON_BASE_UNITS = ("milliseconds", "millis", "ms", "microseconds", "us", "nanoseconds", "ns", "minutes",
-                  "hours", "days", "kilobytes", "megabytes", "gigabytes", "kb", "mb", "gb", "kib", "mib",
-                  "percent", "ratio_percent")
+NON_BASE_UNITS = (
+    "milliseconds",
+    "millis",
+    "ms",
+    "microseconds",
+    "us",
+    "nanoseconds",
+    "ns",
+    "minutes",
+    "hours",
+    "days",
+    "kilobytes",
+    "megabytes",
+    "gigabytes",
+    "kb",
+    "mb",
+    "gb",
+    "kib",
+    "mib",
+    "percent",
+    "ratio_percent",
+)
 TIME_WORDS = ("duration", "latency", "time", "wait", "load", "age")
 RESERVED_SUFFIXES = ("_count", "_sum", "_bucket", "_created", "_info_total")
-FORBIDDEN_LABELS = {"job", "instance", "le", "quantile", "id", "job_id", "key", "api_key", "url", "path",
-                    "user", "owner", "pid", "message", "error"}
+FORBIDDEN_LABELS = {
+    "job",
+    "instance",
+    "le",
+    "quantile",
+    "id",
+    "job_id",
+    "key",
+    "api_key",
+    "url",
+    "path",
+    "user",
+    "owner",
+    "pid",
+    "message",
+    "error",
+}
 
 
 class _FakeRedis:
@@ -95,8 +129,13 @@ def all_families(fake_cuda) -> list[Metric]:
 
 def test_there_is_something_to_check(fake_cuda):
     names = {family.name for family in all_families(fake_cuda)}
-    for expected in ("mmfuse_http_requests", "mmfuse_job_duration_seconds", metrics.QUEUE_DEPTH_NAME,
-                     metrics.JOBS_IN_FLIGHT_NAME, *metrics.DEVICE_MEMORY_NAMES):
+    for expected in (
+        "mmfuse_http_requests",
+        "mmfuse_job_duration_seconds",
+        metrics.QUEUE_DEPTH_NAME,
+        metrics.JOBS_IN_FLIGHT_NAME,
+        *metrics.DEVICE_MEMORY_NAMES,
+    ):
         assert expected in names
     assert len(names) >= 25
 
@@ -157,12 +196,18 @@ def test_time_histograms_span_milliseconds_to_tens_of_seconds():
 def test_the_exposition_parses_back(fake_cuda):
     """What the gateway serves for these families is valid text format with the names checked above."""
     registry = CollectorRegistry()
-    registry.register(metrics.StoreCollector(_FakeRedis({"image": 3, "image\x06\x166": 2}), ("image", "text"),
-                                             lambda: {"queued": 1, "running": 2}))
+    registry.register(
+        metrics.StoreCollector(
+            _FakeRedis({"image": 3, "image\x06\x166": 2}), ("image", "text"), lambda: {"queued": 1, "running": 2}
+        )
+    )
     registry.register(metrics.DeviceMemoryCollector("image", "cuda:1"))
     text = generate_latest(registry).decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("mmfuse_queue_depth", (("queue", "image"),))] == 5  # both priority lists counted
     assert samples[("mmfuse_queue_depth", (("queue", "text"),))] == 0
     assert samples[("mmfuse_jobs_in_flight", (("status", "running"),))] == 2

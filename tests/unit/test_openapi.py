@@ -49,8 +49,9 @@ def test_security_and_limits_follow_the_settings():
     open_app = create_app(Settings(**UNREACHABLE, auth_required=False, max_texts=7, max_text_chars=99))
     spec = build_spec(open_app)
     assert "securitySchemes" not in spec["components"]
-    assert all("security" not in op and "401" not in op["responses"]
-               for item in spec["paths"].values() for op in item.values())
+    assert all(
+        "security" not in op and "401" not in op["responses"] for item in spec["paths"].values() for op in item.values()
+    )
     texts = spec["components"]["schemas"]["JobRequest"]["properties"]["texts"]
     assert texts["maxItems"] == 7 and texts["items"]["maxLength"] == 99
 
@@ -75,10 +76,16 @@ def test_docs_page_lists_every_operation(app):
 
 def record(status: Status, **fields: str) -> JobRecord:
     now = time.time()
-    spec = JobSpec(id="j1", created_at=now - 2, image_keys=["jobs/j1/images/0"], texts=["a", "b"],
-                   labels=["cat", "dog"], outputs=["embeddings", "similarity", "classify"],
-                   webhook={"url": "https://example.com/hook", "events": ["job.succeeded", "job.canceled"]},
-                   status_url="http://gw/v1/jobs/j1")
+    spec = JobSpec(
+        id="j1",
+        created_at=now - 2,
+        image_keys=["jobs/j1/images/0"],
+        texts=["a", "b"],
+        labels=["cat", "dog"],
+        outputs=["embeddings", "similarity", "classify"],
+        webhook={"url": "https://example.com/hook", "events": ["job.succeeded", "job.canceled"]},
+        status_url="http://gw/v1/jobs/j1",
+    )
     base = {"spec": spec.to_json(), "status": status.value, "created_at": repr(now - 2)}
     return JobRecord(spec=spec, status=status, fields={**base, **fields})
 
@@ -89,15 +96,30 @@ def succeeded_fields() -> dict[str, str]:
     result = {
         "embeddings": {"images": [vector], "texts": [vector, vector], "fused": vector, "fusion": "mean"},
         "similarity": [[0.5, 0.25]],
-        "classify": {"labels": ["cat", "dog"], "images": [{"label": "cat", "scores": [0.9, 0.1]}],
-                     "texts": [{"label": "dog", "scores": [0.2, 0.8]}] * 2},
+        "classify": {
+            "labels": ["cat", "dog"],
+            "images": [{"label": "cat", "scores": [0.9, 0.1]}],
+            "texts": [{"label": "dog", "scores": [0.2, 0.8]}] * 2,
+        },
     }
-    delivery = {"event": "job.succeeded", "state": "delivered",
-                "attempts": [{"at": now, "status": 200, "error": None, "duration_s": 0.01}]}
-    return {"started_at": repr(now - 1.5), "image_started_at": repr(now - 1.5), "image_finished_at": repr(now - 1),
-            "image_batch_size": "4", "text_started_at": repr(now - 1.4), "text_finished_at": repr(now - 1.2),
-            "fusion_started_at": repr(now - 0.9), "fusion_finished_at": repr(now - 0.8),
-            "finished_at": repr(now - 0.8), "result": json.dumps(result), "webhook_delivery": json.dumps(delivery)}
+    delivery = {
+        "event": "job.succeeded",
+        "state": "delivered",
+        "attempts": [{"at": now, "status": 200, "error": None, "duration_s": 0.01}],
+    }
+    return {
+        "started_at": repr(now - 1.5),
+        "image_started_at": repr(now - 1.5),
+        "image_finished_at": repr(now - 1),
+        "image_batch_size": "4",
+        "text_started_at": repr(now - 1.4),
+        "text_finished_at": repr(now - 1.2),
+        "fusion_started_at": repr(now - 0.9),
+        "fusion_finished_at": repr(now - 0.8),
+        "finished_at": repr(now - 0.8),
+        "result": json.dumps(result),
+        "webhook_delivery": json.dumps(delivery),
+    }
 
 
 @pytest.mark.parametrize("encoding_format", ["float", "base64"])
@@ -107,8 +129,10 @@ def test_succeeded_job_view_matches_the_model(encoding_format):
 
 def test_other_job_views_match_the_model():
     now = repr(time.time())
-    failed = {"finished_at": now, "error": json.dumps({"code": "deadline_exceeded", "message": "late",
-                                                       "stage": "image"})}
+    failed = {
+        "finished_at": now,
+        "error": json.dumps({"code": "deadline_exceeded", "message": "late", "stage": "image"}),
+    }
     for view in (
         public_job(record(Status.QUEUED)),
         public_job(record(Status.RUNNING, started_at=now, text_started_at=now, text_attempts="2")),
@@ -121,8 +145,9 @@ def test_other_job_views_match_the_model():
 
 
 def test_error_and_submit_bodies_match_their_models():
-    ErrorBody.model_validate(ApiError(422, ErrorCode.VALIDATION_ERROR, "x", [{"loc": "texts.0", "message": "m",
-                                                                              "limit": 3}]).body())
+    ErrorBody.model_validate(
+        ApiError(422, ErrorCode.VALIDATION_ERROR, "x", [{"loc": "texts.0", "message": "m", "limit": 3}]).body()
+    )
     ErrorBody.model_validate(ApiError(404, ErrorCode.NOT_FOUND, "gone").body())
     SubmitAnswer.model_validate({"id": "j1", "status": "queued", "status_url": "http://gw/v1/jobs/j1"})
 
@@ -142,7 +167,8 @@ def test_deeply_nested_json_is_a_400_not_a_500():
 @pytest.mark.parametrize("weight", ["1e400", "NaN", "1e300"])
 def test_weights_are_finite_and_bounded(weight):
     client = create_app(Settings(**UNREACHABLE, auth_required=False, rate_limit_per_s=0)).test_client()
-    response = client.post("/v1/jobs", data=f'{{"texts": ["a"], "weights": {{"image": {weight}}}}}',
-                           content_type="application/json")
+    response = client.post(
+        "/v1/jobs", data=f'{{"texts": ["a"], "weights": {{"image": {weight}}}}}', content_type="application/json"
+    )
     assert response.status_code == 422
     assert response.get_json()["error"]["details"][0]["loc"] == "weights.image"

@@ -13,16 +13,18 @@ def test_defaults_are_production_defaults():
 
 
 def test_parses_types_from_environment():
-    s = Settings.from_env({
-        "MMFUSE_S3_SECURE": "true",
-        "MMFUSE_IMAGE_MAX_BATCH_SIZE": "8",
-        "MMFUSE_IMAGE_MAX_WAIT_MS": "2.5",
-        "MMFUSE_TEXT_MODEL": "sentence-transformers/all-MiniLM-L6-v2",
-        "MMFUSE_WEBHOOK_SECRETS": "whsec_c2VjcmV0LWE= whsec_c2VjcmV0LWI=",
-        "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "1, 2.5 10",
-        "MMFUSE_IMAGE_FORMATS": "png,jpeg",
-        "UNRELATED": "ignored",
-    })
+    s = Settings.from_env(
+        {
+            "MMFUSE_S3_SECURE": "true",
+            "MMFUSE_IMAGE_MAX_BATCH_SIZE": "8",
+            "MMFUSE_IMAGE_MAX_WAIT_MS": "2.5",
+            "MMFUSE_TEXT_MODEL": "sentence-transformers/all-MiniLM-L6-v2",
+            "MMFUSE_WEBHOOK_SECRETS": "whsec_c2VjcmV0LWE= whsec_c2VjcmV0LWI=",
+            "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "1, 2.5 10",
+            "MMFUSE_IMAGE_FORMATS": "png,jpeg",
+            "UNRELATED": "ignored",
+        }
+    )
     assert s.s3_secure is True
     assert s.image_max_batch_size == 8 and s.image_max_wait_ms == 2.5
     assert not s.shared_embedding_space
@@ -31,16 +33,19 @@ def test_parses_types_from_environment():
     assert s.image_formats == ("png", "jpeg")
 
 
-@pytest.mark.parametrize(("name", "value", "message"), [
-    ("MMFUSE_IMAGE_MAX_BATCH_SIZE", "many", "MMFUSE_IMAGE_MAX_BATCH_SIZE"),
-    ("MMFUSE_IMAGE_MAX_BATCH_SIZE", "0", "must be > 0"),
-    ("MMFUSE_S3_SECURE", "maybe", "boolean"),
-    ("MMFUSE_DEVICE", "tpu", "cpu, cuda or cuda:N"),
-    ("MMFUSE_DTYPE", "float16", "CUDA"),
-    ("MMFUSE_WEBHOOK_SECRETS", "plainsecret", "whsec_"),
-    ("MMFUSE_WEBHOOK_SECRETS", "whsec_not*base64", "base64"),
-    ("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "10.0.0.0/33", "MMFUSE_WEBHOOK_ALLOW_NETWORKS"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MMFUSE_IMAGE_MAX_BATCH_SIZE", "many", "MMFUSE_IMAGE_MAX_BATCH_SIZE"),
+        ("MMFUSE_IMAGE_MAX_BATCH_SIZE", "0", "must be > 0"),
+        ("MMFUSE_S3_SECURE", "maybe", "boolean"),
+        ("MMFUSE_DEVICE", "tpu", "cpu, cuda or cuda:N"),
+        ("MMFUSE_DTYPE", "float16", "CUDA"),
+        ("MMFUSE_WEBHOOK_SECRETS", "plainsecret", "whsec_"),
+        ("MMFUSE_WEBHOOK_SECRETS", "whsec_not*base64", "base64"),
+        ("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "10.0.0.0/33", "MMFUSE_WEBHOOK_ALLOW_NETWORKS"),
+    ],
+)
 def test_invalid_values_name_the_variable(name, value, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({name: value})

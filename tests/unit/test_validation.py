@@ -45,8 +45,11 @@ def test_json_job_is_parsed_with_defaults():
 
 
 def test_multipart_job_is_parsed():
-    data = {"texts": ["one", "two"], "options": json.dumps({"outputs": ["similarity", "similarity"]}),
-            "images": (io.BytesIO(png()), "a.png")}
+    data = {
+        "texts": ["one", "two"],
+        "options": json.dumps({"outputs": ["similarity", "similarity"]}),
+        "images": (io.BytesIO(png()), "a.png"),
+    }
     job = parse(data=data, content_type="multipart/form-data")
     assert job.texts == ["one", "two"]
     assert [o.value for o in job.options.outputs] == ["similarity"]  # duplicates removed
@@ -60,8 +63,14 @@ def test_format_is_sniffed_not_trusted():
     job = parse(data=data, content_type="multipart/form-data")
     assert job.images[0].format == "jpeg"
     settings = Settings(image_formats=("png",))
-    assert error_of(settings, data={"images": (io.BytesIO(jpeg.getvalue()), "x.png", "image/png")},
-                    content_type="multipart/form-data").status == 415
+    assert (
+        error_of(
+            settings,
+            data={"images": (io.BytesIO(jpeg.getvalue()), "x.png", "image/png")},
+            content_type="multipart/form-data",
+        ).status
+        == 415
+    )
 
 
 def test_pixel_bomb_is_refused_before_decoding():
@@ -90,8 +99,7 @@ def test_field_paths_in_validation_errors():
     error = error_of(json={"texts": ["a"], "weights": {"image": -1}})
     assert error.status == 422
     assert error.details[0]["loc"] == "weights.image"
-    nested = error_of(data={"texts": "a", "options": json.dumps({"fusion": "max"})},
-                      content_type="multipart/form-data")
+    nested = error_of(data={"texts": "a", "options": json.dumps({"fusion": "max"})}, content_type="multipart/form-data")
     assert nested.details[0]["loc"] == "options.fusion"
 
 
@@ -102,8 +110,10 @@ def test_incompatible_spaces_are_refused():
     assert error.code == "incompatible_embedding_spaces"
     job = parse(settings, json={"images": [image], "texts": ["a"], "fusion": "concat"})
     assert job.options.fusion.value == "concat"
-    assert error_of(settings, json={"images": [image], "texts": ["a"], "outputs": ["similarity"]}).code == \
-        "incompatible_embedding_spaces"
+    assert (
+        error_of(settings, json={"images": [image], "texts": ["a"], "outputs": ["similarity"]}).code
+        == "incompatible_embedding_spaces"
+    )
     text_only = parse(settings, json={"texts": ["a"], "labels": ["x"], "outputs": ["classify"]})
     assert text_only.options.labels == ["x"]
 

@@ -26,11 +26,19 @@ def receiver(monkeypatch):
 
 
 def delivery(secret: str, msg_id: str = "msg_j1_job_succeeded", body: bytes | None = None) -> dict:
-    body = body or json.dumps({"type": "job.succeeded", "timestamp": "2024-05-01T12:00:00Z",
-                               "data": {"id": "j1", "status": "succeeded"}}).encode()
+    body = (
+        body
+        or json.dumps(
+            {"type": "job.succeeded", "timestamp": "2024-05-01T12:00:00Z", "data": {"id": "j1", "status": "succeeded"}}
+        ).encode()
+    )
     timestamp = int(time.time())
-    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
-               "webhook-signature": sign([secret], msg_id, timestamp, body), "content-type": "application/json"}
+    headers = {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign([secret], msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
     return {"data": body, "headers": headers}
 
 

@@ -54,16 +54,27 @@ class FakeJobs:
 
 class Harness:
     def __init__(self, monkeypatch, outcomes, **settings) -> None:
-        spec = JobSpec(id="j1", created_at=time.time() - 1, texts=["x"], status_url="http://api/v1/jobs/j1",
-                       webhook={"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded", "job.failed"]})
-        record = JobRecord(spec, Status.SUCCEEDED, {"created_at": repr(spec.created_at),
-                                                    "finished_at": repr(time.time()), "result": "{}"})
+        spec = JobSpec(
+            id="j1",
+            created_at=time.time() - 1,
+            texts=["x"],
+            status_url="http://api/v1/jobs/j1",
+            webhook={"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded", "job.failed"]},
+        )
+        record = JobRecord(
+            spec,
+            Status.SUCCEEDED,
+            {"created_at": repr(spec.created_at), "finished_at": repr(time.time()), "result": "{}"},
+        )
         self.jobs = FakeJobs(record)
         self.outcomes = list(outcomes)
         self.sent: list[dict] = []  # (headers, body) of each HTTP call
         self.scheduled: list[tuple[list, float]] = []
-        defaults = {"webhook_secrets": SECRETS, "webhook_retry_schedule_s": (0.2, 0.2),
-                    "broker_visibility_timeout_s": 3600}
+        defaults = {
+            "webhook_secrets": SECRETS,
+            "webhook_retry_schedule_s": (0.2, 0.2),
+            "broker_visibility_timeout_s": 3600,
+        }
         monkeypatch.setattr(worker, "jobs", self.jobs)
         monkeypatch.setattr(worker, "settings", dataclasses.replace(worker.settings, **{**defaults, **settings}))
         monkeypatch.setattr(worker, "deliver_once", self._deliver_once)
@@ -89,8 +100,12 @@ def ok(status=200):
 
 
 def retry(status=500, retry_after_s=None):
-    return DeliveryOutcome(Attempt(time.time(), status, f"HTTP {status}", 0.01), delivered=False, retryable=True,
-                           retry_after_s=retry_after_s)
+    return DeliveryOutcome(
+        Attempt(time.time(), status, f"HTTP {status}", 0.01),
+        delivered=False,
+        retryable=True,
+        retry_after_s=retry_after_s,
+    )
 
 
 def test_a_redelivered_copy_of_a_recorded_attempt_does_nothing(monkeypatch):
@@ -112,7 +127,7 @@ def test_concurrent_copies_of_one_attempt_make_it_once(monkeypatch):
 def test_retries_send_the_same_body_under_the_same_id_with_fresh_signatures(monkeypatch):
     h = Harness(monkeypatch, [retry(), ok()])
     h.run()
-    (args, countdown), = h.scheduled
+    ((args, countdown),) = h.scheduled
     assert args[:3] == ["j1", "job.succeeded", 2] and 0.16 <= countdown <= 0.24
     h.jobs.record.fields["finished_at"] = repr(time.time() + 5)  # the record changes; the body must not
     time.sleep(1.01)  # a new second: a new webhook-timestamp
@@ -137,7 +152,7 @@ def test_the_schedule_spent_means_failed(monkeypatch):
 def test_long_waits_are_cut_into_hops_inside_the_visibility_timeout(monkeypatch):
     h = Harness(monkeypatch, [retry(429, retry_after_s=7200)], broker_visibility_timeout_s=600)
     h.run()
-    (args, countdown), = h.scheduled
+    ((args, countdown),) = h.scheduled
     not_before = args[3]
     assert countdown == 300  # half the visibility timeout, not two hours
     assert not_before == pytest.approx(time.time() + 7200, abs=5)
@@ -172,8 +187,13 @@ def test_the_public_delivery_state_before_and_after_the_job_ends():
         return webhook_view(JobRecord(spec, status, fields))
 
     both = ["job.succeeded", "job.failed"]
-    assert view(Status.RUNNING, both) == {"url": "http://h/", "events": both, "state": "pending", "event": None,
-                                         "attempts": []}
+    assert view(Status.RUNNING, both) == {
+        "url": "http://h/",
+        "events": both,
+        "state": "pending",
+        "event": None,
+        "attempts": [],
+    }
     assert view(Status.SUCCEEDED, both)["state"] == "pending"  # ended, first attempt still queued
     assert view(Status.SUCCEEDED, both)["event"] == "job.succeeded"
     # Not subscribed: settled as soon as the job ends, before (or without) the worker recording it.

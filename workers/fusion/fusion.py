@@ -28,8 +28,11 @@ def centroid(vectors: np.ndarray) -> np.ndarray:
 
 
 def fuse(images: np.ndarray, texts: np.ndarray, strategy: str, weights: dict[str, float]) -> np.ndarray:
-    parts = [(weights.get(name, 1.0), centroid(vectors))
-             for name, vectors in (("image", images), ("text", texts)) if len(vectors)]
+    parts = [
+        (weights.get(name, 1.0), centroid(vectors))
+        for name, vectors in (("image", images), ("text", texts))
+        if len(vectors)
+    ]
     if not parts:
         raise FusionError("nothing to fuse")
     if strategy == FusionStrategy.MEAN.value:
@@ -58,8 +61,7 @@ def zero_shot(items: np.ndarray, labels: np.ndarray, logit_scale: float) -> np.n
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: np.ndarray,
-                 logit_scale: float) -> dict:
+def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: np.ndarray, logit_scale: float) -> dict:
     """The stored result: vectors as base64 float32 (converted to JSON floats only at the API edge)."""
     result: dict = {}
     if Output.EMBEDDINGS.value in spec.outputs:

@@ -38,11 +38,20 @@ def fuse_job(task, job_id: str) -> None:
         spec = record.spec
         if attempt == 1:  # enqueued when the last encoder stage finished
             encoded = [record.timestamp(f"{m}_finished_at") for m in spec.modalities]
-            metrics.observe_queue_wait("fusion", max((t for t in encoded if t is not None), default=None),
-                                       record.timestamp("fusion_started_at"))
+            metrics.observe_queue_wait(
+                "fusion",
+                max((t for t in encoded if t is not None), default=None),
+                record.timestamp("fusion_started_at"),
+            )
         if attempt > MAX_ATTEMPTS:
-            fail_job(jobs, app, spec, "fusion", ErrorCode.TOO_MANY_ATTEMPTS,
-                     f"fusion was attempted {attempt - 1} times without finishing")
+            fail_job(
+                jobs,
+                app,
+                spec,
+                "fusion",
+                ErrorCode.TOO_MANY_ATTEMPTS,
+                f"fusion was attempted {attempt - 1} times without finishing",
+            )
             return
         try:
             with metrics.Timer() as fusion:
@@ -60,7 +69,7 @@ def fuse_job(task, job_id: str) -> None:
         if task.request.retries >= task.max_retries:
             _fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
             return
-        raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
+        raise task.retry(exc=exc, countdown=2**task.request.retries) from exc
     except Exception as exc:  # a bug or bad data: fail the job with the reason, never leave it running
         log.exception("job %s: fusion failed", job_id)
         _fail_by_id(job_id, ErrorCode.FUSION_ERROR, f"{type(exc).__name__}: {exc}")

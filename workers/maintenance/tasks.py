@@ -59,13 +59,16 @@ def deadline_message(record: JobRecord, deadline_s: float) -> tuple[str, str]:
     """The stage to blame (the first unfinished one) and the job's error message."""
     unfinished = unfinished_stages(record) or [("fusion", "never finished")]
     listed = "; ".join(f"{stage}: {state}" for stage, state in unfinished)
-    message = (f"the job was still {record.status.value} {deadline_s:g} s after submission "
-               f"(MMFUSE_JOB_DEADLINE_S); unfinished stages: {listed}")
+    message = (
+        f"the job was still {record.status.value} {deadline_s:g} s after submission "
+        f"(MMFUSE_JOB_DEADLINE_S); unfinished stages: {listed}"
+    )
     return unfinished[0][0], message
 
 
-def reap_overdue(jobs: JobStore, celery: Celery, deadline_s: float, now: float | None = None,
-                 limit: int = REAP_BATCH) -> list[str]:
+def reap_overdue(
+    jobs: JobStore, celery: Celery, deadline_s: float, now: float | None = None, limit: int = REAP_BATCH
+) -> list[str]:
     """Fail every job still queued or running ``deadline_s`` after it was submitted (``deadline_exceeded``,
     naming the stages that did not finish; ``job.failed`` webhooks as for any failure). Returns their ids."""
     now = time.time() if now is None else now
@@ -86,8 +89,7 @@ def reap_overdue(jobs: JobStore, celery: Celery, deadline_s: float, now: float |
         if fail_job(jobs, celery, record.spec, stage, ErrorCode.DEADLINE_EXCEEDED, message):
             reaped.append(job_id)
     if reaped:
-        log.warning("failed %d job(s) past their deadline of %g s: %s", len(reaped), deadline_s,
-                    ", ".join(reaped[:20]))
+        log.warning("failed %d job(s) past their deadline of %g s: %s", len(reaped), deadline_s, ", ".join(reaped[:20]))
     return reaped
 
 
@@ -105,8 +107,7 @@ def release_blobs(jobs: JobStore, blobs: BlobStore, job_id: str) -> int:
     return blobs.delete_prefix(job_prefix(job_id))
 
 
-def sweep_blobs(jobs: JobStore, blobs: BlobStore, min_age_s: float = SWEEP_MIN_AGE_S,
-                now: float | None = None) -> int:
+def sweep_blobs(jobs: JobStore, blobs: BlobStore, min_age_s: float = SWEEP_MIN_AGE_S, now: float | None = None) -> int:
     """Delete the blobs of every job that ended or whose record expired; returns how many jobs had some.
 
     Objects are listed page by page (a job's keys are adjacent: ``jobs/<id>/...``), so memory stays
@@ -144,8 +145,9 @@ def _objects_by_job(objects: Iterable[tuple[str, float]]):
         yield current, keys, newest
 
 
-def _sweep_batch(jobs: JobStore, blobs: BlobStore, batch: dict[str, tuple[list[str], float]],
-                 orphan_before: float) -> int:
+def _sweep_batch(
+    jobs: JobStore, blobs: BlobStore, batch: dict[str, tuple[list[str], float]], orphan_before: float
+) -> int:
     statuses = jobs.statuses(list(batch))
     doomed = []
     for job_id, (_keys, newest) in batch.items():

@@ -60,13 +60,15 @@ def deliver_webhook(task, job_id: str, event: str, attempt_number: int = 1, not_
         _deliver(task, job_id, event, attempt_number, not_before)
     except redis.RedisError as exc:
         # The store is down: try again once any claim this copy may hold has lapsed.
-        log.warning("webhook %s for job %s attempt %d: job store error, retrying: %s", event, job_id,
-                    attempt_number, exc)
+        log.warning(
+            "webhook %s for job %s attempt %d: job store error, retrying: %s", event, job_id, attempt_number, exc
+        )
         raise task.retry(exc=exc, countdown=attempt_lease_s()) from exc
     except Exception as exc:  # never leave a delivery "pending" for ever: record why it failed
         log.exception("webhook %s for job %s attempt %d failed", event, job_id, attempt_number)
-        attempt = Attempt(at=time.time(), status=None, error=f"internal error: {type(exc).__name__}: {exc}"[:300],
-                          duration_s=0.0)
+        attempt = Attempt(
+            at=time.time(), status=None, error=f"internal error: {type(exc).__name__}: {exc}"[:300], duration_s=0.0
+        )
         jobs.record_webhook_attempt(job_id, event, attempt.to_dict(), "failed")
 
 
@@ -76,8 +78,12 @@ def _deliver(task, job_id: str, event: str, attempt_number: int, not_before: flo
         log.info("webhook for job %s: job unknown or expired, nothing to deliver", job_id)
         return
     if not record.status.terminal or event not in record.spec.webhook.get("events", ()):
-        log.warning("webhook %s for job %s: job is %s, not an event it subscribed to; dropped", event, job_id,
-                    record.status.value)
+        log.warning(
+            "webhook %s for job %s: job is %s, not an event it subscribed to; dropped",
+            event,
+            job_id,
+            record.status.value,
+        )
         return
     if _settled(record.webhook_delivery, attempt_number):
         return  # a redelivered copy of an attempt already made
@@ -102,15 +108,26 @@ def _deliver(task, job_id: str, event: str, attempt_number: int, not_before: flo
     if body is None:
         spec = record.spec
         event_time = int(record.timestamp("finished_at") or time.time())
-        built = build_payload(event, public_job(record, include_webhook=False), spec.status_url,
-                              settings.webhook_max_payload_bytes, event_time)
+        built = build_payload(
+            event,
+            public_job(record, include_webhook=False),
+            spec.status_url,
+            settings.webhook_max_payload_bytes,
+            event_time,
+        )
         raw = jobs.freeze_webhook_body(job_id, built)
     else:
         raw = body.encode("utf-8")
     # Signed per attempt: the timestamp must be fresh for the receiver's tolerance window.
     headers = build_headers(settings.webhook_secrets, message_id(job_id, event), int(time.time()), raw)
-    outcome = deliver_once(record.spec.webhook["url"], raw, headers, settings.webhook_connect_timeout_s,
-                           settings.webhook_read_timeout_s, settings.webhook_allow_networks)
+    outcome = deliver_once(
+        record.spec.webhook["url"],
+        raw,
+        headers,
+        settings.webhook_connect_timeout_s,
+        settings.webhook_read_timeout_s,
+        settings.webhook_allow_networks,
+    )
     if outcome.delivered:
         state, delay = "delivered", None
     elif outcome.retryable:
@@ -122,11 +139,18 @@ def _deliver(task, job_id: str, event: str, attempt_number: int, not_before: flo
         jobs.keep_for(job_id, delay + attempt_lease_s() + 3600)
     jobs.record_webhook_attempt(job_id, event, outcome.attempt.to_dict(), state)
     metrics.observe_webhook_attempt(outcome, state)
-    log.info("webhook %s for job %s attempt %d: %s -> %s", event, job_id, attempt_number,
-             outcome.attempt.status or outcome.attempt.error, state)
+    log.info(
+        "webhook %s for job %s attempt %d: %s -> %s",
+        event,
+        job_id,
+        attempt_number,
+        outcome.attempt.status or outcome.attempt.error,
+        state,
+    )
     if delay is not None:
-        task.apply_async(args=[job_id, event, attempt_number + 1, time.time() + delay],
-                         countdown=min(delay, max_hop_s()))
+        task.apply_async(
+            args=[job_id, event, attempt_number + 1, time.time() + delay], countdown=min(delay, max_hop_s())
+        )
 
 
 def _settled(delivery: dict, attempt_number: int) -> bool:
