@@ -77,15 +77,6 @@ class BlobStore:
             response.close()
             response.release_conn()
 
-    def exists(self, key: str) -> bool:
-        try:
-            self.client.stat_object(self.bucket, key)
-            return True
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                return False
-            raise
-
     def delete(self, keys: list[str]) -> None:
         if not keys:
             return

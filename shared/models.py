@@ -298,7 +298,9 @@ def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 
     directory.mkdir(parents=True, exist_ok=True)
 
     vocab, merges = _fixed_clip_vocab()
-    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(directory)
+    # transformers annotates merges as ``str | list[str]``, but hands them to tokenizers' BPE, which takes
+    # (first, second) pairs and rejects "first second" strings: the annotation is wrong, the pairs are right.
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(directory)  # type: ignore[arg-type]
 
     config = CLIPConfig(
         text_config=dict(

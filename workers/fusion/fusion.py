@@ -38,7 +38,7 @@ def fuse(images: np.ndarray, texts: np.ndarray, strategy: str, weights: dict[str
     if strategy == FusionStrategy.MEAN.value:
         if len({vector.shape[0] for _, vector in parts}) > 1:
             raise FusionError("mean fusion needs image and text vectors of one embedding space")
-        return normalise(sum(weight * vector for weight, vector in parts))
+        return normalise(np.sum([weight * vector for weight, vector in parts], axis=0))
     if strategy == FusionStrategy.CONCAT.value:
         return normalise(np.concatenate([weight * vector for weight, vector in parts]))
     raise FusionError(f"unknown fusion strategy {strategy!r}")
