@@ -1,4 +1,4 @@
-"""The pipeline benchmark of issue #5: ``python -m bench.pipeline [--quick] [--json out.json] [--report out.md]``.
+"""The pipeline benchmark: ``python -m bench.pipeline [--quick] [--json out.json] [--report out.md]``.
 
 In one run, on one machine, it measures and prints:
 
@@ -135,9 +135,7 @@ def _flag(args: list[str], name: str) -> str | None:
 
 def stack_settings(stack) -> dict:
     """The settings the stack's processes run with: MMFUSE_* values and their actual command lines."""
-    from mmfuse.shared.settings import Settings
-
-    settings = Settings.from_env(stack._child_env())
+    settings = stack.settings()
     out = {name: getattr(settings, name) for name in PIPELINE_SETTINGS}
     gateway = stack.processes.get("gateway")
     if gateway is not None:
@@ -391,7 +389,7 @@ def report(results: dict) -> str:
         f"inputs: {results['inputs']}",
         "limit: bare model, same code as the workers (shared.models get_encoder, prepare + encode: image decode + "
         "CLIP preprocessing, tokenisation), torch threads per process as each layout says; the limit is the best "
-        "one-process layout (issue #5), the others are shown for reference",
+        "one-process layout, the others are shown for reference",
         "pipeline settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
         "",
     ]
@@ -531,9 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gateway-workers",
         type=int,
-        default=int(os.environ.get("MMFUSE_GATEWAY_WORKERS", "2")),
-        help="gunicorn worker processes of the gateway (default: MMFUSE_GATEWAY_WORKERS or 2, "
-        "as `mmfuse gateway` runs it)",
+        default=None,
+        help="gunicorn worker processes of the gateway (default: MMFUSE_GATEWAY_WORKERS, as `mmfuse gateway`)",
     )
     parser.add_argument(
         "--phases",
@@ -541,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of limit,accept,b32,minilm (default: all)",
     )
     args = parser.parse_args(argv)
+    from mmfuse.shared.settings import Settings
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("MMFUSE_")}
+    env_settings = Settings.from_env(env)  # fails here, before any measuring, on a bad MMFUSE_* value
+    gateway_workers = args.gateway_workers or env_settings.gateway_workers
     plan = QUICK if args.quick else FULL
     phases = set(args.phases.split(","))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     text_model = args.text_model or default_minilm()
     images, texts = make_images(8), make_texts(64)
     results: dict = {
-        "gateway_workers": args.gateway_workers,
+        "gateway_workers": gateway_workers,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.pipeline " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "quick": args.quick,
@@ -576,10 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     text_work = Workload(("text",), {"text": text_model}, [], texts)
     log(f"mmfuse pipeline benchmark ({'quick' if args.quick else 'full'}), {cores} cores")
 
-    from mmfuse.shared.settings import Settings
-
-    env = {k: v for k, v in os.environ.items() if k.startswith("MMFUSE_")}
-    pipeline_threads = Settings.from_env(env).torch_threads
+    pipeline_threads = env_settings.torch_threads
 
     # 1 + 4 (limits) first, with nothing else of ours running.
     if "limit" in phases and "b32" in phases:
@@ -602,14 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     stack = LocalStack(var_dir=var_dir / f"stack-{int(time.time())}", env=env)
     try:
-        log(f"stack: redis, s3, gateway ({args.gateway_workers} gunicorn workers), no encoder workers yet")
+        log(f"stack: redis, s3, gateway ({gateway_workers} gunicorn workers), no encoder workers yet")
         stack.ensure_redis()
         stack.ensure_s3()
         if "accept" in phases:
             # Workers stopped: only the gateway, Redis and S3 run. One gunicorn worker first (what one
             # process can do), then the configured count.
             results["accept"] = {}
-            counts = (args.gateway_workers,) if args.quick else tuple(dict.fromkeys((1, args.gateway_workers)))
+            counts = (gateway_workers,) if args.quick else tuple(dict.fromkeys((1, gateway_workers)))
             for workers in counts:
                 start_gateway(stack, workers)
                 log(
@@ -628,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                     + ", ".join(f"{k} {v:.2f}" for k, v in accept["cores_used"].items())
                 )
                 flush_redis(stack)  # the accepted jobs must never reach a worker
-        start_gateway(stack, args.gateway_workers)
+        start_gateway(stack, gateway_workers)
         api_key = bench_api_key(stack)
 
         if "b32" in phases:
@@ -660,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         if "minilm" in phases:
             log("pipeline: MiniLM text-only jobs")
             stack.env["MMFUSE_TEXT_MODEL"] = text_model
-            start_gateway(stack, args.gateway_workers)  # with the text model in its settings
+            start_gateway(stack, gateway_workers)  # with the text model in its settings
             for pool in ("text", "fusion"):
                 if f"worker-{pool}" not in stack.processes:
                     stack.start_worker(pool)

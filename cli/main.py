@@ -80,7 +80,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"(CLIP-shaped, size {args.test_size}, random weights: scores are not meaningful).\n"
             f"Set MMFUSE_MODEL=openai/clip-vit-base-patch32 where the Hugging Face hub is reachable."
         )
+    # A local stack serves this machine only, and its logs are read by people (var/logs/*.log).
     env.setdefault("MMFUSE_GATEWAY_BIND", "127.0.0.1:8080")
+    env.setdefault("MMFUSE_LOG_FORMAT", "text")
     # The local stack delivers webhooks to receivers on this machine; production admits none by default.
     env.setdefault("MMFUSE_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8 ::1/128")
     if "MMFUSE_WEBHOOK_SECRETS" not in env:
@@ -122,9 +124,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import gateway_command
+    from mmfuse.shared.settings import get_settings
 
+    settings = get_settings()
     command = gateway_command(
-        args.bind or os.environ.get("MMFUSE_GATEWAY_BIND", "0.0.0.0:8080"), args.workers, args.threads
+        args.bind or settings.gateway_bind,
+        args.workers or settings.gateway_workers,
+        args.threads or settings.gateway_threads,
     )
     os.execvp(command[0], command)
 
@@ -133,25 +139,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import default_concurrency, worker_command
     from mmfuse.shared.settings import get_settings
 
-    concurrency = args.concurrency or default_concurrency(args.pool, get_settings())
-    command = worker_command(args.pool, concurrency, args.loglevel)
+    settings = get_settings()
+    concurrency = args.concurrency or default_concurrency(args.pool, settings)
+    command = worker_command(args.pool, concurrency, settings.log_level)
     os.execvp(command[0], command)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import beat_command
+    from mmfuse.shared.settings import get_settings
 
-    command = beat_command(args.loglevel)
+    command = beat_command(get_settings().log_level)
     os.execvp(command[0], command)
 
 
 def _key_store():
-    import redis
-
     from mmfuse.shared.apikeys import KeyStore
     from mmfuse.shared.settings import get_settings
+    from mmfuse.shared.stores import connect
 
-    return KeyStore(redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=3))
+    return KeyStore(connect(get_settings().redis_url))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -199,20 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--exit-after-demo", action="store_true", help="stop the stack after the demo job")
     up.set_defaults(func=cmd_up)
 
+    # Logging of the servers: MMFUSE_LOG_LEVEL and MMFUSE_LOG_FORMAT (shared/logs.py), for every command.
     gateway = commands.add_parser("gateway", help="run the HTTP gateway (gunicorn)")
-    gateway.add_argument("--bind", default=None)
-    gateway.add_argument("--workers", type=int, default=int(os.environ.get("MMFUSE_GATEWAY_WORKERS", "2")))
-    gateway.add_argument("--threads", type=int, default=32)
+    gateway.add_argument("--bind", default=None, help="HOST:PORT (default: MMFUSE_GATEWAY_BIND, 0.0.0.0:8080)")
+    gateway.add_argument("--workers", type=int, default=None, help="processes (default: MMFUSE_GATEWAY_WORKERS, 2)")
+    gateway.add_argument(
+        "--threads", type=int, default=None, help="threads per process (default: MMFUSE_GATEWAY_THREADS, 32)"
+    )
     gateway.set_defaults(func=cmd_gateway)
 
     worker = commands.add_parser("worker", help="run one worker pool (Celery)")
     worker.add_argument("pool", choices=("image", "text", "fusion", "webhooks", "maintenance"))
     worker.add_argument("--concurrency", type=int, default=0)
-    worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
 
     beat = commands.add_parser("beat", help="run the scheduler of the maintenance tasks (celery beat; one only)")
-    beat.add_argument("--loglevel", default="INFO")
     beat.set_defaults(func=cmd_beat)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys (in MMFUSE_REDIS_URL)")

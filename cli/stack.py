@@ -20,9 +20,14 @@ from urllib.parse import urlparse
 
 import requests
 
+from mmfuse.shared.settings import Settings
+
 POOLS = ("image", "text", "fusion", "webhooks", "maintenance")
-POOL_MODULES = {pool: f"workers.{pool}.worker" for pool in POOLS}
+# The installed package's modules, so the commands work from any directory (the image runs in $HOME).
+POOL_MODULES = {pool: f"mmfuse.workers.{pool}.worker" for pool in POOLS}
 BEAT_MODULE = POOL_MODULES["maintenance"]  # its Celery app carries the schedule (shared.celery_app.beat_schedule)
+# The defaults of the command builders below are the settings' defaults; callers with settings pass theirs.
+DEFAULTS = Settings()
 
 
 def free_port() -> int:
@@ -55,13 +60,17 @@ def redis_answers(host: str, port: int) -> bool:
         client.close()
 
 
-def default_concurrency(pool: str, settings) -> int:
+def default_concurrency(pool: str, settings: Settings) -> int:
     """Task threads of a pool: encoder pools need many (items waiting to join a batch), others few."""
     return settings.worker_concurrency if pool in ("image", "text") else 8
 
 
-def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
-    """The Celery command of one pool: threads pool, so one process owns the model (and the GPU)."""
+def worker_command(pool: str, concurrency: int, log_level: str = DEFAULTS.log_level) -> list[str]:
+    """The Celery command of one pool: threads pool, so one process owns the model (and the GPU).
+
+    ``--loglevel`` matters only while the pool's Celery app leaves logging to Celery; with
+    ``shared.logs.install_celery_logging`` the worker configures itself from its settings.
+    The node is named after its pool (``image@host``): ``shared.logs`` takes the process role from it."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; one of {POOLS}")
     return [
@@ -82,11 +91,11 @@ def worker_command(pool: str, concurrency: int, loglevel: str = "INFO") -> list[
         "--without-gossip",
         "--without-mingle",
         "--loglevel",
-        loglevel,
+        log_level,
     ]
 
 
-def beat_command(loglevel: str = "INFO") -> list[str]:
+def beat_command(log_level: str = DEFAULTS.log_level) -> list[str]:
     """Celery beat, the one scheduler of the periodic maintenance tasks. Its schedule is in memory (every
     entry is an interval from settings): nothing to persist, no file to write in a read-only container."""
     return [
@@ -99,11 +108,15 @@ def beat_command(loglevel: str = "INFO") -> list[str]:
         "--scheduler",
         "celery.beat:Scheduler",
         "--loglevel",
-        loglevel,
+        log_level,
     ]
 
 
-def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]:
+def gateway_command(
+    bind: str, workers: int = DEFAULTS.gateway_workers, threads: int = DEFAULTS.gateway_threads
+) -> list[str]:
+    """gunicorn running the gateway app. Its logs go through ``shared.logs`` (``GunicornLogger`` reads the
+    level, format and access-log switch from the gateway's own settings)."""
     # gthread: long-polls hold a thread each, not a process.
     return [
         sys.executable,
@@ -122,6 +135,8 @@ def gateway_command(bind: str, workers: int = 1, threads: int = 32) -> list[str]
         "--timeout",
         "120",
         "--no-control-socket",
+        "--logger-class",
+        "mmfuse.shared.logs.GunicornLogger",
         # Prometheus multiprocess mode: /metrics sums every gunicorn worker's values.
         "-c",
         "python:mmfuse.gateway.gunicorn_conf",
@@ -145,6 +160,10 @@ class LocalStack:
         self.var_dir = Path(self.var_dir)
         self.log_dir = self.var_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def settings(self, extra_env: dict[str, str] | None = None) -> Settings:
+        """The settings this stack's processes run with (``env`` over this process's environment)."""
+        return Settings.from_env(self._child_env(extra_env))
 
     def _child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -172,7 +191,7 @@ class LocalStack:
 
     def ensure_redis(self) -> bool:
         """Start a redis-server for ``MMFUSE_REDIS_URL`` unless one answers there; True if started."""
-        url = urlparse(self.env.setdefault("MMFUSE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        url = urlparse(self.settings().redis_url)
         host, port = url.hostname or "127.0.0.1", url.port or 6379
         if port_open(host, port):
             return False
@@ -217,7 +236,7 @@ class LocalStack:
         Production uses MinIO; moto speaks the same S3 API over real HTTP, so the minio SDK code path
         is the one that runs in production.
         """
-        endpoint = self.env.setdefault("MMFUSE_S3_ENDPOINT", "127.0.0.1:9000")
+        endpoint = self.settings().s3_endpoint
         host, _, port = endpoint.rpartition(":")
         if port_open(host, int(port)):
             return False
@@ -228,27 +247,32 @@ class LocalStack:
         self._wait(lambda: port_open(host, int(port)), "s3", 30)
         return True
 
-    def start_gateway(self, bind: str | None = None, workers: int = 1) -> str:
-        bind = bind or self.env.get("MMFUSE_GATEWAY_BIND") or f"127.0.0.1:{free_port()}"
-        self.spawn("gateway", gateway_command(bind, workers))
+    def start_gateway(self, bind: str | None = None, workers: int | None = None) -> str:
+        """Start gunicorn as ``mmfuse gateway`` runs it: ``MMFUSE_GATEWAY_*`` settings unless given here.
+        Without a bind in ``env`` the gateway takes a free loopback port, so that several stacks (and
+        gateways of one stack's tests) run side by side."""
+        settings = self.settings()
+        if bind is None:
+            bind = settings.gateway_bind if "MMFUSE_GATEWAY_BIND" in self.env else f"127.0.0.1:{free_port()}"
+        command = gateway_command(bind, workers or settings.gateway_workers, settings.gateway_threads)
+        self.spawn("gateway", command)
         self.gateway_url = f"http://{bind}"
         return self.gateway_url
 
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
+        settings = self.settings()
         if concurrency is None:
-            from mmfuse.shared.settings import Settings
-
-            concurrency = default_concurrency(pool, Settings.from_env(self._child_env()))
+            concurrency = default_concurrency(pool, settings)
         extra_env = {}
-        if self.env.get("MMFUSE_METRICS_PORT", "0").strip() not in ("", "0"):
+        if settings.metrics_port:
             # Metrics on: one port per worker process, so several pools can share this host.
             port = free_port()
             extra_env["MMFUSE_METRICS_PORT"] = str(port)
             self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
-        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency), extra_env)
+        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency, settings.log_level), extra_env)
 
     def start_beat(self) -> subprocess.Popen:
-        return self.spawn("beat", beat_command())
+        return self.spawn("beat", beat_command(self.settings().log_level))
 
     def start(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> LocalStack:
         self.ensure_redis()
@@ -289,13 +313,13 @@ class LocalStack:
         """Wait until every pool's worker answers a Celery ping (it loads its model before that)."""
         from celery import Celery
 
-        probe = Celery(broker=self.env.get("MMFUSE_BROKER_URL") or self.env["MMFUSE_REDIS_URL"])
+        probe = Celery(broker=self.settings().effective_broker_url)
         probe.conf.accept_content = ["json"]
         wanted = set(pools)
 
         def all_answer() -> bool:
             replies = probe.control.ping(timeout=0.5)
-            answered = {name.split("@", 1)[0] for reply in replies for name in reply}
+            answered = {name.split("@", 1)[0] for reply in replies or () for name in reply}
             return wanted <= answered
 
         try:
@@ -309,7 +333,7 @@ class LocalStack:
 
         from mmfuse.shared.apikeys import KeyStore
 
-        client = redis.Redis.from_url(self.env["MMFUSE_REDIS_URL"])
+        client = redis.Redis.from_url(self.settings().redis_url)
         try:
             return KeyStore(client).create(name, rate_per_s, burst)[0]
         finally:

@@ -1,7 +1,11 @@
 """One settings object for every mmfuse service, read from ``MMFUSE_*`` environment variables.
 
-Each field documents its variable; ``Settings.from_env()`` parses and validates them all at once so a
+Each field documents its variable and carries its own validation rules (``setting(default, *rules)``);
+``Settings.from_env()`` parses every variable and the object validates itself when it is built, so a
 misconfigured service fails at start with the variable's name, never later in a request.
+
+A rule is a function ``(value, settings) -> reason | None``: ``None`` accepts the value, a string says why
+it is refused. Rules run in field order, so a rule may rely on the fields declared above its own.
 """
 
 from __future__ import annotations
@@ -10,18 +14,119 @@ import dataclasses
 import functools
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+
+T = TypeVar("T")
+Rule = Callable[[Any, "Settings"], str | None]
 
 
 class SettingsError(ValueError):
     """A ``MMFUSE_*`` variable has a value that cannot be used."""
 
 
-def _env_name(field_name: str) -> str:
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field: ``job_ttl_s`` -> ``MMFUSE_JOB_TTL_S``."""
     return "MMFUSE_" + field_name.upper()
+
+
+def setting(default: T, *rules: Rule) -> T:
+    """A settings field: its default and the rules its value must pass."""
+    return field(default=default, metadata={"rules": rules})
+
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+
+def positive(value: float, _settings: Settings) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value: float, _settings: Settings) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def at_least(minimum: float) -> Rule:
+    def rule(value: float, _settings: Settings) -> str | None:
+        return None if value >= minimum else f"must be >= {minimum:g}"
+
+    return rule
+
+
+def below_field(other: str, why: str) -> Rule:
+    """The value must be below another field's (declared above it)."""
+
+    def rule(value: float, settings: Settings) -> str | None:
+        limit = getattr(settings, other)
+        return None if value < limit else f"must be below {env_name(other)} ({limit}): {why}"
+
+    return rule
+
+
+def one_of(*choices: str, ignore_case: bool = False) -> Rule:
+    def rule(value: str, _settings: Settings) -> str | None:
+        if (value.upper() if ignore_case else value) in choices:
+            return None
+        return f"expected {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"
+
+    return rule
+
+
+def tcp_port_or_zero(value: int, _settings: Settings) -> str | None:
+    return None if 0 <= value < 65536 else "must be a TCP port or 0"
+
+
+def listen_address(value: str, _settings: Settings) -> str | None:
+    """What gunicorn's ``--bind`` takes: ``HOST:PORT`` (``[::]:PORT`` for IPv6) or ``unix:PATH``."""
+    if value.startswith("unix:"):
+        return None if len(value) > len("unix:") else "unix: needs a socket path"
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected HOST:PORT or unix:PATH, got {value!r}"
+    return None
+
+
+def torch_device(value: str, _settings: Settings) -> str | None:
+    if value in ("cpu", "cuda") or (value.startswith("cuda:") and value[len("cuda:") :].isdigit()):
+        return None
+    return f"expected cpu, cuda or cuda:N, got {value!r}"
+
+
+def half_precision_needs_cuda(value: str, settings: Settings) -> str | None:
+    return "half precision needs a CUDA device" if value != "float32" and settings.device == "cpu" else None
+
+
+def non_negative_delays(value: tuple[float, ...], _settings: Settings) -> str | None:
+    return None if all(delay >= 0 for delay in value) else "delays must be >= 0"
+
+
+def ip_networks(value: tuple[str, ...], _settings: Settings) -> str | None:
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def webhook_secrets_format(value: tuple[str, ...], _settings: Settings) -> str | None:
+    if not value:
+        return None
+    from mmfuse_client.webhooks import decode_secrets  # the one home of the secret format
+
+    try:
+        decode_secrets(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# --- the settings --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -35,64 +140,86 @@ class Settings:
     s3_bucket: str = "mmfuse"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
-    job_ttl_s: int = 24 * 3600  # job records, results and idempotency keys expire this long after submit
+    # job records, results and idempotency keys expire this long after submit
+    job_ttl_s: int = setting(24 * 3600, positive)
     # Celery redelivers an unacked task after this long; must exceed the slowest task.
-    broker_visibility_timeout_s: int = 3600
+    broker_visibility_timeout_s: int = setting(3600, positive)
 
     # --- models ---
     model: str = DEFAULT_MODEL
     image_model: str = ""  # empty: same as model
     text_model: str = ""  # empty: same as model
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | float16 | bfloat16 (half types only on CUDA)
-    torch_threads: int = 1  # per worker process; 2 threads collapse under contention on small CPUs
+    device: str = setting("cpu", torch_device)  # cpu | cuda | cuda:N
+    # float32 | float16 | bfloat16 (half types only on CUDA)
+    dtype: str = setting("float32", one_of("float32", "float16", "bfloat16"), half_precision_needs_cuda)
+    # per worker process; 2 threads collapse under contention on small CPUs
+    torch_threads: int = setting(1, positive)
     logit_scale: float = 100.0  # CLIP's trained temperature for zero-shot softmax
 
     # --- batching, per pool ---
-    image_max_batch_size: int = 16
-    image_max_wait_ms: float = 5.0
-    text_max_batch_size: int = 32
-    text_max_wait_ms: float = 2.0
-    worker_concurrency: int = 32  # threads per encoder worker: items waiting to join a batch
+    image_max_batch_size: int = setting(16, positive)
+    image_max_wait_ms: float = setting(5.0, non_negative)
+    text_max_batch_size: int = setting(32, positive)
+    text_max_wait_ms: float = setting(2.0, non_negative)
+    # threads per encoder worker: items waiting to join a batch
+    worker_concurrency: int = setting(32, positive)
     # Wait max_wait_ms for a batch to fill even when no task is preparing items: bigger batches under a
     # steady trickle of arrivals (GPU), at the cost of max_wait_ms latency for a lone job.
     batch_wait_always: bool = False
 
     # --- API limits ---
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_images: int = 16
-    max_texts: int = 64
-    max_labels: int = 256
-    max_text_chars: int = 4096
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_image_aspect_ratio: float = 20.0  # long side / short side; preprocessing upscales the short side
+    max_body_bytes: int = setting(64 * 1024 * 1024, positive)
+    max_images: int = setting(16, positive)
+    max_texts: int = setting(64, positive)
+    max_labels: int = setting(256, positive)
+    max_text_chars: int = setting(4096, positive)
+    max_image_bytes: int = setting(16 * 1024 * 1024, positive)
+    max_image_pixels: int = setting(40_000_000, positive)
+    # long side / short side; preprocessing upscales the short side
+    max_image_aspect_ratio: float = setting(20.0, at_least(1))
     image_formats: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "bmp")
-    max_wait_s: float = 30.0  # cap for GET /v1/jobs/<id>?wait=
+    max_wait_s: float = setting(30.0, non_negative)  # cap for GET /v1/jobs/<id>?wait=
+
+    # --- gateway processes (gunicorn; `mmfuse gateway` and the local stack alike) ---
+    gateway_bind: str = setting("0.0.0.0:8080", listen_address)  # `mmfuse up`: 127.0.0.1:8080
+    gateway_workers: int = setting(2, positive)  # processes
+    gateway_threads: int = setting(32, positive)  # threads per process: a long-poll holds one
+    gateway_access_log: bool = False  # one log line per HTTP request (gunicorn's access log)
 
     # --- access ---
     auth_required: bool = True  # /v1 needs "Authorization: Bearer <key>" (mmfuse keys create)
-    rate_limit_per_s: float = 50.0  # job submissions per second and key (0: no limit); keys may override
-    rate_limit_burst: int = 200
+    # job submissions per second and key (0: no limit); keys may override
+    rate_limit_per_s: float = setting(50.0, non_negative)
+    rate_limit_burst: int = setting(200, positive)
 
     # --- webhooks ---
-    webhook_secrets: tuple[str, ...] = ()  # whsec_… ; several sign side by side during rotation
-    webhook_retry_schedule_s: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
-    webhook_connect_timeout_s: float = 10.0
-    webhook_read_timeout_s: float = 10.0
-    webhook_max_payload_bytes: int = 256 * 1024
-    webhook_allow_networks: tuple[str, ...] = ()  # CIDRs admitted despite the SSRF guard
+    # whsec_… ; several sign side by side during rotation
+    webhook_secrets: tuple[str, ...] = setting((), webhook_secrets_format)
+    webhook_retry_schedule_s: tuple[float, ...] = setting(
+        (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800), non_negative_delays
+    )
+    webhook_connect_timeout_s: float = setting(10.0, positive)
+    webhook_read_timeout_s: float = setting(10.0, positive)
+    webhook_max_payload_bytes: int = setting(256 * 1024, positive)
+    webhook_allow_networks: tuple[str, ...] = setting((), ip_networks)  # CIDRs admitted despite the SSRF guard
 
     # --- lifecycle: run by `mmfuse beat` on the maintenance pool ---
-    job_deadline_s: int = 2 * 3600  # a job still queued/running this long after submit is failed (< job_ttl_s)
-    reaper_interval_s: float = 60.0  # how often jobs past their deadline are looked for
-    cleanup_interval_s: float = 3600.0  # how often S3 is swept for blobs of jobs that ended or expired
+    # a job still queued/running this long after submit is failed
+    job_deadline_s: int = setting(
+        2 * 3600, positive, below_field("job_ttl_s", "a record that expires first is never failed")
+    )
+    reaper_interval_s: float = setting(60.0, positive)  # how often jobs past their deadline are looked for
+    # how often S3 is swept for blobs of jobs that ended or expired
+    cleanup_interval_s: float = setting(3600.0, positive)
 
     # --- observability ---
-    metrics_port: int = 0  # workers serve /metrics here; 0 disables
-    log_level: str = "INFO"
+    metrics_port: int = setting(0, tcp_port_or_zero)  # workers serve /metrics here; 0 disables
+    log_level: str = setting("INFO", one_of(*LOG_LEVELS, ignore_case=True))
+    # json: one object per line, for log collectors; text: for people (`mmfuse up` uses it)
+    log_format: str = setting("json", one_of(*LOG_FORMATS))
 
-    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    def __post_init__(self) -> None:
+        self.validate()
 
     @property
     def effective_broker_url(self) -> str:
@@ -114,78 +241,20 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
-            name = _env_name(f.name)
+            name = env_name(f.name)
             if name in environ:
                 values[f.name] = _parse(name, environ[name], f.default)
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls(**values)
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> SettingsError:
-            return SettingsError(f"{_env_name(name)}: {why}")
-
-        positive = (
-            "job_ttl_s",
-            "broker_visibility_timeout_s",
-            "torch_threads",
-            "image_max_batch_size",
-            "text_max_batch_size",
-            "worker_concurrency",
-            "max_body_bytes",
-            "max_images",
-            "max_texts",
-            "max_labels",
-            "max_text_chars",
-            "max_image_bytes",
-            "max_image_pixels",
-            "rate_limit_burst",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise bad(name, "must be > 0")
-        if self.max_image_aspect_ratio < 1:
-            raise bad("max_image_aspect_ratio", "must be >= 1")
-        for name in ("image_max_wait_ms", "text_max_wait_ms", "max_wait_s", "rate_limit_per_s"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise bad("device", f"expected cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise bad("dtype", f"expected float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.dtype != "float32" and self.device == "cpu":
-            raise bad("dtype", "half precision needs a CUDA device")
-        if self.webhook_secrets:
-            from mmfuse_client.webhooks import decode_secrets  # the one home of the secret format
-
-            try:
-                decode_secrets(self.webhook_secrets)
-            except ValueError as exc:
-                raise bad("webhook_secrets", str(exc)) from None
-        for net in self.webhook_allow_networks:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as exc:
-                raise bad("webhook_allow_networks", str(exc)) from None
-        if any(d < 0 for d in self.webhook_retry_schedule_s):
-            raise bad("webhook_retry_schedule_s", "delays must be >= 0")
-        for name in ("webhook_connect_timeout_s", "webhook_read_timeout_s", "webhook_max_payload_bytes"):
-            if getattr(self, name) <= 0:
-                raise bad(name, "must be > 0")
-        for name in ("job_deadline_s", "reaper_interval_s", "cleanup_interval_s"):
-            if getattr(self, name) <= 0:
-                raise bad(name, "must be > 0")
-        if self.job_deadline_s >= self.job_ttl_s:
-            raise bad(
-                "job_deadline_s",
-                f"must be below MMFUSE_JOB_TTL_S ({self.job_ttl_s}): a record that expires first is never failed",
-            )
-        if not 0 <= self.metrics_port < 65536:
-            raise bad("metrics_port", "must be a TCP port or 0")
+        """Run every field's rules; the first refusal raises, naming the variable (runs on construction)."""
+        for f in dataclasses.fields(self):
+            for rule in f.metadata.get("rules", ()):
+                reason = rule(getattr(self, f.name), self)
+                if reason is not None:
+                    raise SettingsError(f"{env_name(f.name)}: {reason}")
 
 
 def _parse(name: str, raw: str, default: object) -> object:
