@@ -1,9 +1,10 @@
 """A minimal receiver for mmfuse webhooks: verify, dedupe, acknowledge.
 
-Run it from the repository root (or copy ``client/webhooks.py`` next to it and adjust the import) with
-the secret mmfuse signs with (``mmfuse up`` prints the one it generated)::
+It needs Flask and the client (``pip install ./client flask``; or copy ``client/mmfuse_client/webhooks.py``,
+standard library only, next to it and adjust the import). Run it with the secret mmfuse signs with
+(``mmfuse up`` prints the one it generated)::
 
-    MMFUSE_WEBHOOK_SECRETS="whsec_…" PYTHONPATH=. python examples/webhook_receiver.py 8081
+    MMFUSE_WEBHOOK_SECRETS="whsec_…" python examples/webhook_receiver.py 8081
 
 and submit jobs with ``"webhook": {"url": "http://<this host>:8081/mmfuse-webhook"}``. The port comes
 from the first argument, else ``PORT``, else 8081 (``mmfuse up``'s gateway has 8080). See
