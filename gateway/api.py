@@ -16,7 +16,8 @@ from mmfuse.shared import lifecycle
 from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.blobstore import image_key
 from mmfuse.shared.celery_app import ENCODE_TASKS, stage_task_id
-from mmfuse.shared.jobview import ENCODING_FORMATS, public_job
+from mmfuse.shared.jobview import public_job
+from mmfuse.shared.responses import ENCODING_FORMATS
 from mmfuse.shared.schema import ApiError, ErrorCode, JobSpec, Status, new_job_id
 from mmfuse.shared.webhooks import WebhookURLRejected, check_url
 
@@ -56,7 +57,7 @@ def submit_job():
     idem = idempotency.for_request(idempotency_key, g.api_key.id, job) if idempotency_key is not None else None
     if idem is not None:
         try:
-            existing = services.jobs.redis.get(idem.redis_key)
+            existing = services.stores.idempotency.get(idem.redis_key)
         except redis.RedisError as exc:
             raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
         if existing is not None:
@@ -89,7 +90,9 @@ def submit_job():
         for key, image in zip(spec.image_keys, job.images, strict=True):
             services.blobs.put(key, image.data, image.content_type)
             written.append(key)
-        existing = services.jobs.create(spec, (idem.redis_key, idem.entry(spec.id)) if idem is not None else None)
+        existing = services.stores.jobs.create(
+            spec, (idem.redis_key, idem.entry(spec.id)) if idem is not None else None
+        )
         if existing is None:
             record_written = True
             for modality in spec.modalities:
@@ -120,7 +123,7 @@ def _replay(idem: idempotency.Idempotency, entry: bytes):
     """200 with the original job's submit answer (its current status), or 422 for a different request."""
     job_id = idempotency.original_job_id(idem, entry)
     try:
-        record = _services().jobs.get(job_id)
+        record = _services().stores.jobs.get(job_id)
     except redis.RedisError as exc:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
     if record is None or not owns(record.spec.owner):  # the entry expires with the record: not in practice
@@ -134,7 +137,7 @@ def _roll_back(job_id: str, blob_keys: list[str], record_written: bool, idempote
     services = _services()
     try:
         if record_written:
-            services.jobs.delete(job_id, idempotency_key)
+            services.stores.forget_job(job_id, idempotency_key)
     except redis.RedisError:
         log.exception("could not delete record of job %s during roll-back", job_id)
     try:
@@ -156,12 +159,12 @@ def get_job(job_id: str):
         )
     wait_s = _wait_seconds(request.args.get("wait"), services.settings.max_wait_s)
     try:
-        record = services.jobs.get(job_id)
+        record = services.stores.jobs.get(job_id)
         if record is None or not owns(record.spec.owner):
             # Another key's job is "not found" too: ids must not leak.
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id} (unknown or expired)")
         if wait_s > 0 and not record.status.terminal:
-            record = services.jobs.wait_until_ended(job_id, wait_s) or record
+            record = services.stores.jobs.wait_until_ended(job_id, wait_s) or record
     except redis.RedisError as exc:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
     return jsonify(public_job(record, encoding_format))
@@ -190,11 +193,11 @@ def cancel_job(job_id: str):
     running find it ended and change nothing; its ``job.canceled`` webhook if subscribed."""
     services = _services()
     try:
-        record = services.jobs.get(job_id)
+        record = services.stores.jobs.get(job_id)
         if record is None or not owns(record.spec.owner):
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id} (unknown or expired)")
-        canceled = not record.status.terminal and lifecycle.cancel_job(services.jobs, services.celery, record.spec)
-        record = services.jobs.get(job_id) or record
+        canceled = not record.status.terminal and lifecycle.cancel_job(services.stores, services.celery, record.spec)
+        record = services.stores.jobs.get(job_id) or record
     except redis.RedisError as exc:
         raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"job store unavailable: {exc}") from None
     if not canceled:

@@ -15,10 +15,11 @@ from mmfuse.gateway.metrics import init_metrics
 from mmfuse.gateway.openapi import docs
 from mmfuse.shared.apikeys import KeyStore
 from mmfuse.shared.blobstore import BlobStore
-from mmfuse.shared.celery_app import create_celery
-from mmfuse.shared.jobstore import JobStore
+from mmfuse.shared.celery_app import QUEUES, create_celery
 from mmfuse.shared.schema import ApiError, ErrorCode
 from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.stores import Stores, connect
+from mmfuse.shared.stores.queues import BrokerQueues
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ class Services:
     """What request handlers use; one per app, shared by its threads."""
 
     settings: Settings
-    jobs: JobStore
+    stores: Stores
     blobs: BlobStore
     celery: Celery
     keys: KeyStore
+    queues: BrokerQueues  # the broker's queue depths, for /metrics
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -47,13 +49,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)  # no static files: no /static route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+    client = connect(settings.redis_url)  # one client (and connection pool) for every store of this process
+    broker = client if settings.effective_broker_url == settings.redis_url else connect(settings.effective_broker_url)
     app.extensions["mmfuse"] = Services(
         settings=settings,
-        jobs=jobs,
+        stores=Stores.over(client, settings.job_ttl_s),
         blobs=BlobStore(settings),
         celery=create_celery(settings),
-        keys=KeyStore(jobs.redis),
+        keys=KeyStore(client),
+        queues=BrokerQueues(broker, QUEUES),
     )
     try:
         app.extensions["mmfuse"].blobs.ensure_bucket()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from mmfuse.shared.schema import short_error
+
 health = Blueprint("health", __name__)
 
 
@@ -16,10 +18,10 @@ def healthz():
 def readyz():
     services = current_app.extensions["mmfuse"]
     checks = {}
-    for name, ping in (("redis", services.jobs.ping), ("s3", services.blobs.ping)):
+    for name, ping in (("redis", services.stores.jobs.ping), ("s3", services.blobs.ping)):
         try:
             checks[name] = "ok" if ping() else "missing bucket"
         except Exception as exc:  # any failure means not ready; say which
-            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+            checks[name] = short_error(f"error: {type(exc).__name__}: {exc}")
     ready = all(value == "ok" for value in checks.values())
     return jsonify(status="ready" if ready else "unavailable", checks=checks), 200 if ready else 503

@@ -1,9 +1,10 @@
 """``Idempotency-Key`` on ``POST /v1/jobs``: a retried submit returns the job the first one made.
 
-The entry ``mmfuse:idem:<API key id>:<sha256 of the header>`` holds the job's id and a hash of the request;
-it is written in the same Redis transaction as the job's record (only if absent, so of two concurrent
-requests with one key exactly one creates a job), deleted in the same transaction as the record when the
-submit is rolled back, and expires with the record (``MMFUSE_JOB_TTL_S``). Keys are scoped per API key:
+The entry ``mmfuse:idem:<API key id>:<sha256 of the header>`` (``shared.stores.idempotency``) holds the
+job's id and a hash of the request; it is written in the same Redis transaction as the job's record (only
+if absent, so of two concurrent requests with one key exactly one creates a job), deleted in the same
+transaction as the record when the submit is rolled back, and expires with the record
+(``MMFUSE_JOB_TTL_S``). Keys are scoped per API key:
 two clients cannot collide, nor learn of each other's jobs.
 
 The request hash is taken over what the request means, not its bytes: the images' SHA-256s, the texts and
@@ -22,6 +23,7 @@ from flask import Request
 
 from mmfuse.gateway.validation import ValidatedJob
 from mmfuse.shared.schema import ApiError, ErrorCode
+from mmfuse.shared.stores.idempotency import entry_key
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -29,7 +31,7 @@ MAX_KEY_LENGTH = 255
 
 @dataclass(frozen=True)
 class Idempotency:
-    redis_key: str
+    redis_key: str  # of the entry
     request_sha256: str
 
     def entry(self, job_id: str) -> str:
@@ -62,7 +64,7 @@ def request_sha256(job: ValidatedJob) -> str:
 
 def for_request(key_value: str, api_key_id: str, job: ValidatedJob) -> Idempotency:
     digest = hashlib.sha256(key_value.encode()).hexdigest()
-    return Idempotency(f"mmfuse:idem:{api_key_id or 'anonymous'}:{digest}", request_sha256(job))
+    return Idempotency(entry_key(api_key_id or "anonymous", digest), request_sha256(job))
 
 
 def original_job_id(idem: Idempotency, raw_entry: bytes) -> str:

@@ -3,19 +3,18 @@ every HTTP request of the gateway.
 
 Under gunicorn every worker process records into prometheus-client's multiprocess files, and whichever
 process answers a scrape reports them all (``gateway/gunicorn_conf.py`` sets that up). Broker queue depths
-and jobs in flight are read from Redis while the scrape is answered (``shared.metrics.StoreCollector``).
+and jobs in flight are read from Redis while the scrape is answered (``shared.metrics.StoreCollector`` over
+the gateway's ``BrokerQueues`` and ``JobStore``).
 """
 
 from __future__ import annotations
 
 import time
 
-import redis
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client.exposition import choose_encoder
 
 from mmfuse.shared import metrics
-from mmfuse.shared.celery_app import QUEUES
 
 blueprint = Blueprint("metrics", __name__)
 
@@ -25,12 +24,7 @@ SUBMIT_ENDPOINT = "v1.submit_job"
 def init_metrics(app: Flask) -> None:
     """Register ``/metrics`` and the request hooks; call once the app's services exist."""
     services = app.extensions["mmfuse"]
-    settings = services.settings
-    if settings.effective_broker_url == settings.redis_url:
-        broker = services.jobs.redis
-    else:
-        broker = redis.Redis.from_url(settings.effective_broker_url, socket_connect_timeout=3, socket_timeout=5)
-    store = metrics.StoreCollector(broker, QUEUES, services.jobs.count_in_flight)
+    store = metrics.StoreCollector(services.queues.depths, services.stores.jobs.count_in_flight)
     app.extensions["mmfuse_metrics"] = metrics.serving_registry([store])
     app.before_request(_before)
     app.after_request(_after)

@@ -19,7 +19,7 @@ from pydantic.json_schema import models_json_schema
 from mmfuse.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from mmfuse.gateway.idempotency import MAX_KEY_LENGTH
 from mmfuse.shared import responses
-from mmfuse.shared.jobview import ENCODING_FORMATS
+from mmfuse.shared.responses import ENCODING_FORMATS
 from mmfuse.shared.schema import JobOptions, JobRequest
 from mmfuse.shared.settings import Settings
 

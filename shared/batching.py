@@ -2,7 +2,8 @@
 
 Items are collected until ``max_batch_size`` are waiting or ``max_wait_ms`` have passed since the first
 one arrived, whichever comes first — or at once when ``expecting_more`` says no producer is about to
-submit; then one call of ``fn(items)`` answers them all through futures.
+submit; then one call of ``fn(items)`` answers them all through futures, each with its item's result and
+the size of the batch it ran in (:class:`Batched`).
 While the model runs, new items queue up, so a busy model forms full batches without waiting.
 """
 
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,13 @@ class BatcherClosed(RuntimeError):
     """The batcher no longer accepts items."""
 
 
+class Batched(NamedTuple, Generic[Result]):
+    """What a submitted item's future resolves to."""
+
+    value: Result
+    batch_size: int  # how many items ran in the model call that produced it (1 when rerun alone)
+
+
 @dataclass(frozen=True)
 class BatchStats:
     size: int
@@ -36,9 +44,9 @@ class BatchStats:
 
 
 @dataclass
-class _Pending(Generic[Item]):
+class _Pending(Generic[Item, Result]):
     item: Item
-    future: Future
+    future: Future[Batched[Result]]
     enqueued_at: float
 
 
@@ -69,15 +77,15 @@ class DynamicBatcher(Generic[Item, Result]):
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: Item) -> Future:
-        future: Future = Future()
+    def submit(self, item: Item) -> Future[Batched[Result]]:
+        future: Future[Batched[Result]] = Future()
         with self._lock:  # no item can slip in behind the stop marker
             if self._closed:
                 raise BatcherClosed("batcher is closed")
             self._queue.put(_Pending(item, future, time.monotonic()))
         return future
 
-    def submit_many(self, items: Sequence[Item]) -> list[Future]:
+    def submit_many(self, items: Sequence[Item]) -> list[Future[Batched[Result]]]:
         return [self.submit(item) for item in items]
 
     def close(self, timeout: float | None = None) -> None:
@@ -127,7 +135,7 @@ class DynamicBatcher(Generic[Item, Result]):
     def _more_coming(self) -> bool:
         return self.expecting_more is None or self.expecting_more()
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _run(self, batch: list[_Pending[Item, Result]]) -> None:
         batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
         if not batch:
             return
@@ -138,8 +146,7 @@ class DynamicBatcher(Generic[Item, Result]):
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             for pending, result in zip(batch, results, strict=True):
-                pending.future.batch_size = len(batch)  # read by callers that report formed batches
-                pending.future.set_result(result)
+                pending.future.set_result(Batched(result, len(batch)))
         except Exception as batch_error:
             if len(batch) == 1:
                 batch[0].future.set_exception(batch_error)
@@ -149,9 +156,7 @@ class DynamicBatcher(Generic[Item, Result]):
                 log.warning("batch of %d failed (%s); isolating items", len(batch), batch_error)
                 for pending in batch:
                     try:
-                        result = self.fn([pending.item])[0]
-                        pending.future.batch_size = 1
-                        pending.future.set_result(result)
+                        pending.future.set_result(Batched(self.fn([pending.item])[0], 1))
                     except Exception as item_error:
                         pending.future.set_exception(item_error)
                         failed += 1

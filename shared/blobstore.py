@@ -12,8 +12,13 @@ from minio.error import MinioException, S3Error
 
 from mmfuse.shared.settings import Settings
 
+
+class BlobsNotDeleted(RuntimeError):
+    """S3 answered a multi-object delete with errors for some of the objects."""
+
+
 # Errors that mean "the store is unreachable or failing", as opposed to a missing object.
-BLOB_STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
+BLOB_STORE_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError, BlobsNotDeleted)
 
 
 class BlobMissing(KeyError):
@@ -82,7 +87,7 @@ class BlobStore:
             return
         errors = list(self.client.remove_objects(self.bucket, [DeleteObject(key) for key in keys]))
         if errors:
-            raise RuntimeError(f"could not delete {len(errors)} blobs: {errors[0]}")
+            raise BlobsNotDeleted(f"could not delete {len(errors)} blobs: {errors[0]}")
 
     def delete_prefix(self, prefix: str) -> int:
         keys = [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]

@@ -1,4 +1,5 @@
-"""The Celery app every service shares: broker, JSON-only serialisation, queues and task routes.
+"""The Celery app every service shares: broker, JSON-only serialisation, queues and task routes, and the
+one base task with declared retries.
 
 The gateway only sends tasks by name (it never imports model code); each worker pool imports its
 own task module and consumes its own queue.
@@ -6,10 +7,22 @@ own task module and consumes its own queue.
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
 from kombu import Queue
 
+from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.schema import Stage
 from mmfuse.shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# The worker pools; each consumes the one queue named after it (``celery -A mmfuse.workers.<pool>.worker``).
+POOLS = ("image", "text", "fusion", "webhooks", "maintenance")
+QUEUES = POOLS
 
 TASK_ENCODE_IMAGE = "mmfuse.encode.image"
 TASK_ENCODE_TEXT = "mmfuse.encode.text"
@@ -21,7 +34,6 @@ TASK_SWEEP_BLOBS = "mmfuse.maintenance.sweep_blobs"
 TASK_RELEASE_BLOBS = "mmfuse.maintenance.release_blobs"
 
 ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT}
-QUEUES = ("image", "text", "fusion", "webhooks", "maintenance")
 ROUTES = {
     TASK_ENCODE_IMAGE: {"queue": "image"},
     TASK_ENCODE_TEXT: {"queue": "text"},
@@ -33,10 +45,75 @@ ROUTES = {
 }
 
 
-def stage_task_id(job_id: str, stage: str) -> str:
+def stage_task_id(job_id: str, stage: Stage) -> str:
     """The Celery task id of a job's stage (image, text, fusion): known without asking anyone, so a
     cancel can revoke the job's pending tasks (retries and redeliveries keep the id)."""
     return f"{job_id}.{stage}"
+
+
+# --- declared retries ---------------------------------------------------------------------------------
+
+# An error of a backing service (Redis, the broker, S3) is retried: the task runs again after a backoff of
+# up to RETRY_BACKOFF_S x 2^n s (full jitter: anywhere from 0 to that), n = 0, 1, 2, which waits out a
+# restart or a failover of a few seconds. Any other error is final at once: retrying cannot help.
+MAX_RETRIES = 3
+RETRY_BACKOFF_S = 3
+RETRY_BACKOFF_MAX_S = 60
+# Deliveries of one stage's task before its job fails with too_many_attempts (a poison input, a crash
+# loop). Every retry is a delivery too: the attempts left must cover the retries, plus room for a worker
+# lost mid-task.
+MAX_ATTEMPTS = 5
+assert MAX_RETRIES + 1 < MAX_ATTEMPTS, "a stage's retries must not use up its attempts"
+
+GiveUp = Callable[..., None]
+
+
+class DurableTask(Task):
+    """The base of every mmfuse task: retried on BACKEND_ERRORS as declared above, then given up once.
+
+    At-least-once delivery is the app's (``task_acks_late``, ``task_reject_on_worker_lost``; see
+    :func:`create_celery`), so task bodies are idempotent. When a task ends in an exception (its retries
+    spent, or an error not worth retrying), Celery acks its message and calls :meth:`on_failure` once,
+    which calls the task's ``give_up(exc, *args, **kwargs)`` (see :func:`durable_task`): fail the job, mark
+    the delivery failed, or leave it to a sweep. A retry that cannot be published (the broker is down)
+    makes Celery reject the message instead, without ``on_failure``: the reaper is the backstop.
+    """
+
+    autoretry_for = BACKEND_ERRORS
+    retry_backoff = RETRY_BACKOFF_S
+    retry_backoff_max = RETRY_BACKOFF_MAX_S
+    retry_jitter = True
+    max_retries = MAX_RETRIES
+    give_up: GiveUp | None = None
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> None:
+        if self.give_up is None:
+            return
+        try:
+            self.give_up(exc, *args, **kwargs)
+        except Exception:  # the store is still down, say: the reaper (or the sweep) is the backstop
+            log.exception("task %s[%s]: its final failure (%r) could not be recorded", self.name, task_id, exc)
+
+
+def durable_task(app: Celery, name: str, give_up: GiveUp | None = None, **options: Any) -> Callable[..., Task]:
+    """Register the decorated function as task ``name`` on :class:`DurableTask`; ``options`` are Celery's
+    task options (``bind``, or retries declared otherwise than the default)."""
+
+    def register(run: Callable[..., Any]) -> Task:
+        return app.task(
+            name=name,
+            base=DurableTask,
+            # A staticmethod: a plain function stored on the task class would be bound to the task instance.
+            give_up=staticmethod(give_up) if give_up else None,
+            # This app's own task: a shared one would be added to every app created later in the process
+            # (tests build several), running the first app's closure.
+            shared=False,
+            **options,
+        )(run)
+
+    return register
 
 
 def beat_schedule(settings: Settings) -> dict:

@@ -1,13 +1,26 @@
-"""A job's public representation, one home for the API's GET and the webhook payload."""
+"""A job's public representation, one home for the API's GET and the webhook payload.
+
+The view is built as the pydantic :class:`~mmfuse.shared.responses.JobView` that the OpenAPI document
+publishes, and served as its JSON dump: what clients get and what the schema says are one model.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from mmfuse.shared.jobstore import JobRecord
-from mmfuse.shared.schema import STAGES, vector_from_b64
-
-ENCODING_FORMATS = ("float", "base64")
+from mmfuse.shared.responses import (
+    EncodingFormat,
+    JobFailure,
+    JobRequestSummary,
+    JobResult,
+    JobView,
+    StageTiming,
+    Timings,
+    WebhookView,
+)
+from mmfuse.shared.schema import STAGES, FusionStrategy, Output, vector_from_b64, webhook_event
+from mmfuse.shared.stores.jobs import JobRecord
 
 
 def iso(ts: float | None) -> str | None:
@@ -18,37 +31,35 @@ def _duration(start: float | None, end: float | None) -> float | None:
     return round(end - start, 6) if start is not None and end is not None else None
 
 
-def timings(record: JobRecord) -> dict:
-    created = record.timestamp("created_at")
-    started = record.timestamp("started_at")
-    finished = record.timestamp("finished_at")
+def timings(record: JobRecord) -> Timings:
     stages = {}
     for stage in STAGES:
-        stage_start = record.timestamp(f"{stage}_started_at")
-        stage_end = record.timestamp(f"{stage}_finished_at")
-        if stage_start is not None:
-            stages[stage] = {
-                "started_at": iso(stage_start),
-                "finished_at": iso(stage_end),
-                "duration_s": _duration(stage_start, stage_end),
-            }
-            batch_size = record.fields.get(f"{stage}_batch_size")
-            if batch_size is not None:
-                # The largest batch (across jobs) this job's items ran in.
-                stages[stage]["batch_size"] = int(batch_size)
-    return {
-        "created_at": iso(created),
-        "started_at": iso(started),
-        "finished_at": iso(finished),
-        "canceled_at": iso(record.timestamp("canceled_at")),  # set only on a canceled job
-        "queued_s": _duration(created, started),
-        "total_s": _duration(created, finished),
-        "stages": stages,
-    }
+        started = record.stage_started_at(stage)
+        if started is None:
+            continue
+        finished = record.stage_finished_at(stage)
+        batch_size = record.stage_batch_size(stage)  # the largest batch (across jobs) this job's items ran in
+        stages[stage] = StageTiming(
+            started_at=iso(started),
+            finished_at=iso(finished),
+            duration_s=_duration(started, finished),
+            **({"batch_size": batch_size} if batch_size is not None else {}),
+        )
+    return Timings(
+        created_at=iso(record.created_at),
+        started_at=iso(record.started_at),
+        finished_at=iso(record.finished_at),
+        canceled_at=iso(record.canceled_at),  # set only on a canceled job
+        queued_s=_duration(record.created_at, record.started_at),
+        total_s=_duration(record.created_at, record.finished_at),
+        stages=stages,
+    )
 
 
-def _render_embeddings(embeddings: dict, encoding_format: str) -> dict:
-    def render(encoded: str | None):
+def _render_embeddings(embeddings: dict[str, Any], encoding_format: EncodingFormat) -> dict[str, Any]:
+    """Stored vectors are base64 float32; JSON floats are made only here, at the API edge."""
+
+    def render(encoded: str | None) -> str | list[float] | None:
         if encoded is None or encoding_format == "base64":
             return encoded
         return [float(x) for x in vector_from_b64(encoded)]
@@ -61,49 +72,64 @@ def _render_embeddings(embeddings: dict, encoding_format: str) -> dict:
     return rendered
 
 
-def webhook_view(record: JobRecord) -> dict | None:
+def _result(record: JobRecord, encoding_format: EncodingFormat) -> JobResult | None:
+    result = record.result
+    if result is None:
+        return None
+    if "embeddings" in result:
+        result = dict(result, embeddings=_render_embeddings(result["embeddings"], encoding_format))
+    return JobResult.model_validate(result)
+
+
+def webhook_view(record: JobRecord) -> WebhookView | None:
     webhook = record.spec.webhook
     if not webhook:
         return None
     delivery = record.webhook_delivery
-    state, event = delivery.get("state"), delivery.get("event")
+    state, event = delivery.state, delivery.event
     if state is None:
         # Nothing recorded yet: the job is still running (``event`` is null) or its first attempt is queued.
         # A job that ended with an event it did not subscribe to is settled from its status alone, so a
         # reader never sees ``pending`` for a callback that will not come.
         state = "pending"
         if record.status.terminal:
-            event = f"job.{record.status.value}"
+            event = webhook_event(record.status)
             if event not in webhook["events"]:
                 state = "not_subscribed"
-    return {
-        "url": webhook["url"],
-        "events": webhook["events"],
-        "state": state,
-        "event": event,
-        "attempts": delivery.get("attempts", []),
-    }
+    return WebhookView.model_validate(
+        {
+            "url": webhook["url"],
+            "events": webhook["events"],
+            "state": state,
+            "event": event,
+            "attempts": delivery.attempts,
+        }
+    )
 
 
-def public_job(record: JobRecord, encoding_format: str = "float", include_webhook: bool = True) -> dict:
+def job_view(record: JobRecord, encoding_format: EncodingFormat = "float") -> JobView:
     spec = record.spec
-    result = record.result
-    if result is not None and "embeddings" in result:
-        result = dict(result, embeddings=_render_embeddings(result["embeddings"], encoding_format))
-    view = {
-        "id": spec.id,
-        "status": record.status.value,
-        "request": {
-            "images": len(spec.image_keys),
-            "texts": len(spec.texts),
-            "labels": list(spec.labels),
-            "outputs": list(spec.outputs),
-            "fusion": spec.fusion,
-        },
-        "timings": timings(record),
-        "result": result,
-        "error": record.error,
-    }
-    if include_webhook:
-        view["webhook"] = webhook_view(record)
-    return view
+    error = record.error
+    return JobView(
+        id=spec.id,
+        status=record.status,
+        request=JobRequestSummary(
+            images=len(spec.image_keys),
+            texts=len(spec.texts),
+            labels=list(spec.labels),
+            outputs=[Output(output) for output in spec.outputs],
+            fusion=FusionStrategy(spec.fusion),
+        ),
+        timings=timings(record),
+        result=_result(record, encoding_format),
+        error=JobFailure.model_validate(error) if error is not None else None,
+        webhook=webhook_view(record),
+    )
+
+
+def public_job(record: JobRecord, encoding_format: EncodingFormat = "float", include_webhook: bool = True) -> dict:
+    """The job as JSON-ready data. Optional fields left unset are left out, as the API always answered them:
+    a stage's ``batch_size`` until it is known, the outputs a job did not ask for."""
+    return job_view(record, encoding_format).model_dump(
+        mode="json", exclude_unset=True, exclude=None if include_webhook else {"webhook"}
+    )

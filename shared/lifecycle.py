@@ -1,5 +1,5 @@
 """Ending a job, in one place for every worker (and the gateway's cancel): the store's status move, then
-its webhook, then the release of its input blobs.
+the deletion of its vectors, its webhook, and the release of its input blobs.
 
 The store's terminal move is atomic and happens once, so exactly one worker enqueues the callback even
 when tasks are redelivered or two fusions race.
@@ -18,50 +18,68 @@ import time
 from celery import Celery
 
 from mmfuse.shared import metrics
+from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.celery_app import TASK_DELIVER_WEBHOOK, TASK_RELEASE_BLOBS, stage_task_id
-from mmfuse.shared.jobstore import JobStore
-from mmfuse.shared.schema import ErrorCode, JobSpec
+from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Stage, Status, short_error, webhook_event
+from mmfuse.shared.stores import Stores
+from mmfuse.shared.webhooks import Attempt
 
 log = logging.getLogger(__name__)
 
 
-def succeed_job(jobs: JobStore, celery: Celery, spec: JobSpec, result: dict) -> bool:
-    ended = jobs.succeed(spec.id, result)
+def succeed_job(stores: Stores, celery: Celery, spec: JobSpec, result: dict) -> bool:
+    """Store the result and end the job; True if this call ended it (so exactly one caller notifies)."""
+    ended = stores.jobs.succeed(spec.id, result)
     if ended:
-        metrics.observe_job_end(spec.created_at, "succeeded")
-        _notify(jobs, celery, spec, "job.succeeded")
-        _release_blobs(celery, spec)
+        metrics.observe_job_end(spec.created_at, Status.SUCCEEDED.value)
+        _after_end(stores, celery, spec, Status.SUCCEEDED)
     return ended
 
 
-def fail_job(jobs: JobStore, celery: Celery, spec: JobSpec, stage: str, code: ErrorCode | str, message: str) -> bool:
+def fail_job(stores: Stores, celery: Celery, spec: JobSpec, stage: Stage, code: ErrorCode | str, message: str) -> bool:
     code = code.value if isinstance(code, ErrorCode) else code
     log.warning("job %s failed in %s: %s: %s", spec.id, stage, code, message)
-    ended = jobs.fail(spec.id, stage, code, message)
+    ended = stores.jobs.fail(spec.id, stage, code, message)
     if ended:
-        metrics.observe_job_end(spec.created_at, "failed", stage, code)
-        _notify(jobs, celery, spec, "job.failed")
-        _release_blobs(celery, spec)
+        metrics.observe_job_end(spec.created_at, Status.FAILED.value, stage, code)
+        _after_end(stores, celery, spec, Status.FAILED)
     return ended
 
 
-def cancel_job(jobs: JobStore, celery: Celery, spec: JobSpec) -> bool:
+def cancel_job(stores: Stores, celery: Celery, spec: JobSpec) -> bool:
     """Cancel a job that has not ended; True if this call ended it. Its pending tasks are revoked (workers
     drop them unrun); a task already running finds the job ended and writes no status."""
-    ended = jobs.cancel(spec.id)
+    ended = stores.jobs.cancel(spec.id)
     if ended:
         log.info("job %s canceled", spec.id)
-        metrics.observe_job_end(spec.created_at, "canceled")
+        metrics.observe_job_end(spec.created_at, Status.CANCELED.value)
         _revoke(celery, spec)
-        _notify(jobs, celery, spec, "job.canceled")
-        _release_blobs(celery, spec)
+        _after_end(stores, celery, spec, Status.CANCELED)
     return ended
+
+
+def stage_failure(exc: BaseException, unexpected: ErrorCode) -> tuple[ErrorCode, str]:
+    """The job error of a stage task that gave up with ``exc``: its backing services stayed unavailable
+    through every retry, or an error no retry can help (``unexpected``, the stage's own code)."""
+    if isinstance(exc, BACKEND_ERRORS):
+        return ErrorCode.SERVICE_UNAVAILABLE, f"backing service unavailable, retries spent: {type(exc).__name__}: {exc}"
+    return unexpected, f"{type(exc).__name__}: {exc}"
+
+
+def _after_end(stores: Stores, celery: Celery, spec: JobSpec, status: Status) -> None:
+    """What follows the end of a job; never raises (the job already ended, a retry would find it so)."""
+    try:
+        stores.vectors.discard(spec.id)
+    except BACKEND_ERRORS as exc:  # they expire with job_ttl_s anyway
+        log.warning("job %s: could not delete its vectors now (%s); they expire", spec.id, exc)
+    _notify(stores, celery, spec, webhook_event(status))
+    _release_blobs(celery, spec)
 
 
 def _revoke(celery: Celery, spec: JobSpec) -> None:
     """Best effort: a task that is not revoked in time still finds the job ended and does nothing."""
     try:
-        celery.control.revoke([stage_task_id(spec.id, stage) for stage in (*spec.modalities, "fusion")])
+        celery.control.revoke([stage_task_id(spec.id, stage) for stage in (*spec.modalities, FUSION)])
     except Exception:
         log.exception("job %s: could not revoke its tasks", spec.id)
 
@@ -76,7 +94,7 @@ def _release_blobs(celery: Celery, spec: JobSpec) -> None:
         log.exception("job %s: could not queue the release of its blobs; the sweep will", spec.id)
 
 
-def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
+def _notify(stores: Stores, celery: Celery, spec: JobSpec, event: str) -> None:
     """Hand the job's event to the ``webhooks`` queue, or settle the delivery when it is not subscribed.
 
     The job already ended, so nothing here may raise: the caller's retry would find the job terminal and
@@ -87,7 +105,7 @@ def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
         return
     if event not in spec.webhook.get("events", ()):
         try:
-            jobs.set_webhook_state(spec.id, "not_subscribed", event)
+            stores.deliveries.set_state(spec.id, "not_subscribed", event)
         except Exception:  # the public view derives this state from the job's status anyway
             log.exception("job %s: could not record that %s is not subscribed", spec.id, event)
         return
@@ -95,13 +113,8 @@ def _notify(jobs: JobStore, celery: Celery, spec: JobSpec, event: str) -> None:
         celery.send_task(TASK_DELIVER_WEBHOOK, args=[spec.id, event])
     except Exception as exc:
         log.exception("job %s: could not queue its %s webhook", spec.id, event)
-        attempt = {
-            "at": time.time(),
-            "status": None,
-            "duration_s": 0.0,
-            "error": f"not queued: {type(exc).__name__}: {exc}"[:300],
-        }
+        attempt = Attempt(time.time(), None, short_error(f"not queued: {type(exc).__name__}: {exc}"), 0.0)
         try:
-            jobs.record_webhook_attempt(spec.id, event, attempt, "failed")
+            stores.deliveries.record_attempt(spec.id, event, attempt.to_dict(), "failed")
         except Exception:
             log.exception("job %s: could not mark its webhook failed either", spec.id)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import (
     REGISTRY,
@@ -334,14 +334,14 @@ def wipe_multiprocess_dir(directory: str) -> None:
 class StoreCollector(Collector):
     """Broker queue depths and jobs in flight, read from Redis at each scrape (never a stale copy).
 
-    ``queues``: the Celery queues; with the Redis transport each is a list, plus one list per priority
-    step (``<queue>\\x06\\x16<step>``). ``in_flight``: a callable returning ``{status: count}`` (the job
-    store's status index).
+    ``queue_depths``: a callable returning ``{queue: messages waiting}`` (``shared.stores.queues.BrokerQueues``);
+    ``in_flight``: a callable returning ``{status: count}`` (the job store's status index).
     """
 
-    def __init__(self, broker_redis, queues: Sequence[str], in_flight):
-        self.broker = broker_redis
-        self.queues = tuple(queues)
+    def __init__(
+        self, queue_depths: Callable[[], Mapping[str, int]], in_flight: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.queue_depths = queue_depths
         self.in_flight = in_flight
 
     def describe(self):
@@ -354,7 +354,7 @@ class StoreCollector(Collector):
             labels=["store"],
         )
         try:
-            depths = queue_depths(self.broker, self.queues)
+            depths = self.queue_depths()
             depth = GaugeMetricFamily(
                 QUEUE_DEPTH_NAME,
                 "Messages waiting in each Celery queue (all priority lists), not counting those a worker holds.",
@@ -380,19 +380,6 @@ class StoreCollector(Collector):
             log.warning("cannot read jobs in flight: %s", exc)
             up.add_metric(["jobs"], 0)
         yield up
-
-
-def queue_depths(broker_redis, queues: Sequence[str]) -> dict[str, int]:
-    """``LLEN`` of every list kombu's Redis transport keeps for each queue, summed per queue."""
-    from kombu.transport.redis import PRIORITY_STEPS, Channel
-
-    keys = {queue: [queue] + [f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS if step] for queue in queues}
-    with broker_redis.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            for key in keys[queue]:
-                pipe.llen(key)
-        lengths = iter(pipe.execute())
-    return {queue: sum(next(lengths) for _ in keys[queue]) for queue in queues}
 
 
 class DeviceMemoryCollector(Collector):

@@ -1,18 +1,19 @@
 """Pydantic models of what the API answers: the job view, the submit answer, the error body, health.
 
-The handlers build these answers as plain dicts (``shared.jobview``, ``gateway.api``); these models are
-their published schema. The OpenAPI document is generated from them (``gateway/openapi.py``), the unit
-tests validate real answers against them and schemathesis checks the live gateway's answers against the
-served document, so the schema and the code cannot drift apart unnoticed.
+The job view (``GET /v1/jobs/{id}`` and the webhook payload's ``data``) is built as a :class:`JobView` and
+serialised from it (``shared.jobview``), and the OpenAPI document is generated from these same models
+(``gateway/openapi.py``), so the served JSON and the published schema cannot drift apart. The other answers
+are built as plain dicts (``gateway.api``): the unit tests validate real ones against their models, and
+schemathesis checks the live gateway's answers against the served document.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmfuse.shared.schema import ErrorCode, FusionStrategy, Output, Status, WebhookEvent
+from mmfuse.shared.schema import DeliveryState, ErrorCode, FusionStrategy, Output, Stage, Status, WebhookEvent
 
 _ERROR_CODES = ", ".join(f"`{code.value}`" for code in ErrorCode)
 
@@ -81,12 +82,12 @@ class Timings(_Answer):
     canceled_at: str | None = Field(description="When the job was canceled; null unless it was.")
     queued_s: float | None
     total_s: float | None
-    stages: dict[Literal["image", "text", "fusion"], StageTiming] = Field(
-        description="The stages that started, by name."
-    )
+    stages: dict[Stage, StageTiming] = Field(description="The stages that started, by name.")
 
 
 Vector = list[float] | str  # JSON floats, or base64 of little-endian float32 (encoding_format=base64)
+EncodingFormat = Literal["float", "base64"]
+ENCODING_FORMATS: tuple[EncodingFormat, ...] = get_args(EncodingFormat)
 
 
 class Embeddings(_Answer):
@@ -94,7 +95,7 @@ class Embeddings(_Answer):
     texts: list[Vector] = Field(description="One vector per text, in submission order.")
     fused: Vector | None = Field(description="The fused vector of the job's modalities.")
     fusion: FusionStrategy
-    encoding_format: Literal["float", "base64"]
+    encoding_format: EncodingFormat
 
 
 class Classification(_Answer):
@@ -119,7 +120,7 @@ class JobResult(_Answer):
 class JobFailure(_Answer):
     code: str = Field(description="Why the job failed, e.g. `image_decode_failed`, `deadline_exceeded`.")
     message: str
-    stage: Literal["image", "text", "fusion"] = Field(description="The stage that failed (or did not finish).")
+    stage: Stage = Field(description="The stage that failed (or did not finish).")
 
 
 class WebhookAttempt(BaseModel):
@@ -134,7 +135,7 @@ class WebhookAttempt(BaseModel):
 class WebhookView(_Answer):
     url: str
     events: list[WebhookEvent]
-    state: Literal["pending", "delivered", "failed", "not_subscribed"]
+    state: DeliveryState
     event: WebhookEvent | None = Field(description="The event being delivered; null while the job runs.")
     attempts: list[WebhookAttempt]
 

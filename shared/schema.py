@@ -11,13 +11,24 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MODALITIES = ("image", "text")
-STAGES = ("image", "text", "fusion")
+# A job's stages, in pipeline order: one encoder stage per modality, then fusion.
+Modality = Literal["image", "text"]
+Stage = Literal["image", "text", "fusion"]
+MODALITIES: tuple[Modality, ...] = get_args(Modality)
+STAGES: tuple[Stage, ...] = get_args(Stage)
+FUSION: Stage = "fusion"
+
+# Error texts stored with a job or a webhook attempt are cut to this length.
+MAX_ERROR_CHARS = 300
+
+
+def short_error(text: str) -> str:
+    return text[:MAX_ERROR_CHARS]
 
 
 class Status(StrEnum):
@@ -29,7 +40,11 @@ class Status(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
+        return self in TERMINAL_STATUSES
+
+
+# Statuses a job never leaves; the job store's Lua scripts test for them too (shared/stores/jobs.py).
+TERMINAL_STATUSES: tuple[Status, ...] = (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
 
 
 class Output(StrEnum):
@@ -43,7 +58,21 @@ class FusionStrategy(StrEnum):
     CONCAT = "concat"
 
 
+# A webhook event is ``job.<terminal status>``: the job ended that way.
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+
+
+# Where a job's callback stands: ``pending`` until an attempt succeeds (``delivered``) or none is left
+# (``failed``); ``not_subscribed`` when the job ended with an event its webhook did not ask for.
+DeliveryState = Literal["pending", "delivered", "failed", "not_subscribed"]
+
+
+def webhook_event(status: Status) -> WebhookEvent:
+    """The event of a job that ended with ``status``."""
+    if not status.terminal:
+        raise ValueError(f"a {status.value} job has not ended: no webhook event")
+    return cast(WebhookEvent, f"job.{status.value}")
 
 
 class ErrorCode(StrEnum):
@@ -176,9 +205,9 @@ class JobSpec:
     owner: str = ""  # the id of the API key that submitted it; other keys get 404
 
     @property
-    def modalities(self) -> list[str]:
+    def modalities(self) -> list[Modality]:
         """The encoder pools this job needs; labels are encoded by the text tower."""
-        needed = []
+        needed: list[Modality] = []
         if self.image_keys:
             needed.append("image")
         if self.texts or self.labels:

@@ -26,13 +26,12 @@ from urllib.parse import urlsplit
 
 import requests
 
+from mmfuse.shared.schema import WEBHOOK_EVENTS, short_error
 from mmfuse_client.webhooks import sign
 
-EVENTS = ("job.succeeded", "job.failed", "job.canceled")
 USER_AGENT = "mmfuse-webhooks/1"
 MAX_RETRY_AFTER_S = 24 * 3600.0  # a receiver's Retry-After is honoured up to this, not beyond
 JITTER = 0.2  # delays vary by ±20 % so retries for many jobs do not hit a recovering receiver at once
-MAX_ERROR_CHARS = 300  # attempt errors are stored with the job; keep them short
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
@@ -135,8 +134,8 @@ def build_payload(event: str, job: Mapping[str, Any], job_url: str, max_bytes: i
     When the body would exceed ``max_bytes``, ``data["result"]`` (the only part that grows with the
     request) becomes ``{"truncated": true, "href": job_url}`` and the receiver fetches it from the API.
     """
-    if event not in EVENTS:
-        raise ValueError(f"unknown webhook event {event!r}; expected one of {EVENTS}")
+    if event not in WEBHOOK_EVENTS:
+        raise ValueError(f"unknown webhook event {event!r}; expected one of {WEBHOOK_EVENTS}")
     sent_at = datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def encode(data: Mapping[str, Any]) -> bytes:
@@ -201,7 +200,7 @@ def deliver_once(
     started, clock = time.time(), time.monotonic()
 
     def outcome(status: int | None = None, error: str | None = None, **kwargs: Any) -> DeliveryOutcome:
-        error = error[:MAX_ERROR_CHARS] if error else None
+        error = short_error(error) if error else None  # stored with the job
         return DeliveryOutcome(Attempt(started, status, error, time.monotonic() - clock), **kwargs)
 
     try:

@@ -96,9 +96,9 @@ def api(stack):
 
 @pytest.fixture(scope="session")
 def redis_client(stack):
-    import redis
+    from mmfuse.shared.stores import connect
 
-    return redis.Redis.from_url(stack.env["MMFUSE_REDIS_URL"])
+    return connect(stack.env["MMFUSE_REDIS_URL"])
 
 
 @pytest.fixture(scope="session")

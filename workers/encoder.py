@@ -4,6 +4,10 @@ Run with Celery's ``threads`` pool: each task thread fetches and prepares its jo
 preprocess), hands them to the process's one ``DynamicBatcher`` and waits on futures, while the batcher's
 inference thread runs the model over items from many jobs at once. Every task stays a normal Celery task,
 so acks_late still covers a crash, and the fan-in to fusion is a set in the job store.
+
+Errors: an input the model cannot take fails its job at once (``InputError``, a missing blob); errors of
+the backing services are retried as ``shared.celery_app.DurableTask`` declares, and a task that gives up
+fails its job (``service_unavailable``, or ``encoder_error`` for anything unexpected).
 """
 
 from __future__ import annotations
@@ -11,33 +15,30 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import wait
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 
 from mmfuse.shared import metrics
-from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.batching import BatchStats, DynamicBatcher
 from mmfuse.shared.blobstore import BlobMissing, BlobStore
-from mmfuse.shared.celery_app import ENCODE_TASKS, TASK_FUSE, create_celery, stage_task_id
-from mmfuse.shared.jobstore import JobStore
-from mmfuse.shared.lifecycle import fail_job
+from mmfuse.shared.celery_app import ENCODE_TASKS, MAX_ATTEMPTS, TASK_FUSE, create_celery, durable_task, stage_task_id
+from mmfuse.shared.lifecycle import fail_job, stage_failure
 from mmfuse.shared.models import Encoder, InputError, get_encoder
-from mmfuse.shared.schema import ErrorCode, JobSpec
+from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Modality
 from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.stores import Stores
 
 log = logging.getLogger(__name__)
 
 # What an encoder pool reads for a job: (vector kind, raw inputs) pairs, e.g. ("label", ["cat", "dog"]).
-GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence]]]
+GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence[Any]]]]
 
-# Errors of the stores and broker: worth a retry, the job itself is fine.
-MAX_ATTEMPTS = 5  # deliveries of one stage's task before the job fails (poison input, crash loops)
-RETRY_DELAYS_S = (1, 4, 15)
 # The inference thread needs the GIL between torch ops; with Python's default 5 ms switch interval it
 # waits behind task threads (decode, preprocessing, Redis) and the Celery consumer for up to 5 ms per op,
 # while its other torch threads idle. On 2 CPU cores with MMFUSE_TORCH_THREADS=2 for the image pool, 0.2 ms
@@ -47,15 +48,23 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 class EncoderWorker:
-    def __init__(self, modality: str, gather_inputs: GatherInputs, settings: Settings, celery: Celery):
-        self.modality = modality
+    def __init__(
+        self,
+        modality: Modality,
+        gather_inputs: GatherInputs,
+        settings: Settings,
+        celery: Celery,
+        stores: Stores,
+        blobs: BlobStore,
+    ) -> None:
+        self.modality: Modality = modality
         self.gather_inputs = gather_inputs
         self.settings = settings
         self.celery = celery
-        self.jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
-        self.blobs = BlobStore(settings)
+        self.stores = stores
+        self.blobs = blobs
         self.encoder: Encoder | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: DynamicBatcher[Any, np.ndarray] | None = None
         # Tasks running, and those of them whose items are already in the batcher (see _expecting_more).
         self._count_lock = threading.Lock()
         self._active_tasks = 0
@@ -119,7 +128,8 @@ class EncoderWorker:
         metrics.ENCODER_BATCH_WAIT.labels(self.modality).observe(stats.max_queue_wait_s)
         metrics.ENCODER_INFERENCE_DURATION.labels(self.modality).observe(stats.inference_s)
 
-    def _prepare(self, raw):
+    def _prepare(self, raw: Any) -> Any:
+        assert self.encoder is not None
         with metrics.Timer() as prep:
             prepared = self.encoder.prepare(raw)
         metrics.ENCODER_PREPROCESS_DURATION.labels(self.modality).observe(prep.seconds)
@@ -130,17 +140,18 @@ class EncoderWorker:
 
         Returns the vectors and the largest batch any of them ran in (recorded on the job).
         """
+        assert self.encoder is not None and self.batcher is not None, "start() loads the model first"
         prepared = [self._prepare(raw) for raw in raw_items]
         with self._submitting():
             futures = self.batcher.submit_many(prepared)
             wait(futures)
         if not futures:
             return np.zeros((0, self.encoder.dim), "f4"), 0
-        vectors = np.stack([f.result() for f in futures])
-        return vectors, max(getattr(f, "batch_size", 1) for f in futures)
+        results = [f.result() for f in futures]
+        return np.stack([r.value for r in results]), max(r.batch_size for r in results)
 
     @contextmanager
-    def _active(self):
+    def _active(self) -> Iterator[None]:
         with self._count_lock:
             self._active_tasks += 1
         try:
@@ -150,7 +161,7 @@ class EncoderWorker:
                 self._active_tasks -= 1
 
     @contextmanager
-    def _submitting(self):
+    def _submitting(self) -> Iterator[None]:
         with self._count_lock:
             self._submitted_tasks += 1
         try:
@@ -169,16 +180,15 @@ class EncoderWorker:
             self._run(job_id)
 
     def _run(self, job_id: str) -> None:
-        attempt = self.jobs.start_stage(job_id, self.modality)
-        record = self.jobs.get(job_id) if attempt > 0 else None
+        jobs, vectors = self.stores.jobs, self.stores.vectors
+        attempt = jobs.start_stage(job_id, self.modality)
+        record = jobs.get(job_id) if attempt > 0 else None
         if record is None or record.status.terminal:
             log.info("job %s: unknown, expired or already ended; nothing to do", job_id)
             return
         spec = record.spec
         if attempt == 1:
-            metrics.observe_queue_wait(
-                self.modality, record.timestamp("created_at"), record.timestamp(f"{self.modality}_started_at")
-            )
+            metrics.observe_queue_wait(self.modality, record.created_at, record.stage_started_at(self.modality))
         if attempt > MAX_ATTEMPTS:
             self.fail(
                 spec,
@@ -198,40 +208,54 @@ class EncoderWorker:
         except BlobMissing as exc:
             self.fail(spec, ErrorCode.BLOB_MISSING, f"input blob {exc.args[0]} is missing")
             return
-        for kind, vectors, _ in encoded:
-            self.jobs.save_vectors(job_id, kind, vectors)
-        self.jobs.finish_stage(job_id, self.modality, batch_size=max(size for _, _, size in encoded))
-        if self.jobs.mark_encoded(job_id, self.modality, spec.modalities):
-            self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, "fusion"))
+        except MemoryError as exc:
+            # One input too large for this process (e.g. an extreme aspect ratio scaled up by preprocessing):
+            # that job's failure. Raised out of the task, Celery would treat it as the worker's and never ack
+            # the message, so the input would come back until MAX_ATTEMPTS.
+            self.fail(spec, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        # One transaction for the vectors of every kind and the stage's end, then the fan-in.
+        with vectors.pipeline() as pipe:
+            for kind, kind_vectors, _ in encoded:
+                vectors.save(job_id, kind, kind_vectors, pipeline=pipe)
+            jobs.finish_stage(job_id, self.modality, batch_size=max(size for _, _, size in encoded), pipeline=pipe)
+            pipe.execute()
+        if vectors.mark_encoded(job_id, self.modality, spec.modalities):
+            self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, FUSION))
 
     def fail(self, spec: JobSpec, code: ErrorCode | str, message: str) -> None:
         metrics.ENCODER_FAILURES.labels(self.modality, code.value if isinstance(code, ErrorCode) else code).inc()
-        fail_job(self.jobs, self.celery, spec, self.modality, code, message)
+        fail_job(self.stores, self.celery, spec, self.modality, code, message)
 
-    def fail_by_id(self, job_id: str, code: ErrorCode | str, message: str) -> None:
-        record = self.jobs.get(job_id)
+    def give_up(self, exc: BaseException, job_id: str) -> None:
+        """The task's final failure: retries spent, or an error no retry can help (a bug, a model error)."""
+        record = self.stores.jobs.get(job_id)
         if record is not None:
-            self.fail(record.spec, code, message)
+            self.fail(record.spec, *stage_failure(exc, ErrorCode.ENCODER_ERROR))
 
 
-def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Celery:
+def create_encoder_app(
+    modality: Modality,
+    gather_inputs: GatherInputs,
+    settings: Settings | None = None,
+    stores: Stores | None = None,
+    blobs: BlobStore | None = None,
+) -> Celery:
     """The Celery app of one encoder pool, with its task registered and its model loaded at start."""
-    settings = get_settings()
+    settings = settings or get_settings()
     celery = create_celery(settings)
-    worker = EncoderWorker(modality, gather_inputs, settings, celery)
+    worker = EncoderWorker(
+        modality,
+        gather_inputs,
+        settings,
+        celery,
+        stores or Stores.connect(settings.redis_url, settings.job_ttl_s),
+        blobs or BlobStore(settings),
+    )
 
-    @celery.task(name=ENCODE_TASKS[modality], bind=True, max_retries=len(RETRY_DELAYS_S))
-    def encode(task, job_id: str) -> None:
-        try:
-            worker.run(job_id)
-        except BACKEND_ERRORS as exc:
-            if task.request.retries >= task.max_retries:
-                worker.fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
-                return
-            raise task.retry(exc=exc, countdown=RETRY_DELAYS_S[task.request.retries]) from exc
-        except Exception as exc:  # a bug or a model error: fail the job with the reason, never hang it
-            log.exception("job %s: %s encoding failed", job_id, modality)
-            worker.fail_by_id(job_id, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
+    @durable_task(celery, ENCODE_TASKS[modality], give_up=worker.give_up)
+    def encode(job_id: str) -> None:
+        worker.run(job_id)
 
     # Serving starts before the model loads (the receivers run in this order).
     metrics.serve_celery_worker_metrics(
@@ -240,13 +264,13 @@ def create_encoder_worker_app(modality: str, gather_inputs: GatherInputs) -> Cel
     )
 
     @worker_init.connect(weak=False)
-    def _load_model(**_kwargs) -> None:
+    def _load_model(**_kwargs: Any) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # this process is the worker: set it here, not at import
         worker.start()
 
     @worker_shutdown.connect(weak=False)
-    def _drain(**_kwargs) -> None:
+    def _drain(**_kwargs: Any) -> None:
         worker.stop()
 
-    celery.encoder_worker = worker  # for tests and metrics
+    celery.encoder_worker = worker  # type: ignore[attr-defined]  # for tests and metrics
     return celery

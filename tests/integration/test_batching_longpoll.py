@@ -8,8 +8,9 @@ from datetime import datetime
 
 import numpy as np
 
-from mmfuse.shared.jobstore import JobStore
 from mmfuse.shared.schema import JobSpec, new_job_id
+from mmfuse.shared.stores import connect
+from mmfuse.shared.stores.jobs import JobStore
 from tests.conftest import make_png
 from tests.integration.test_pipeline import TOL, ref_vectors
 
@@ -49,7 +50,7 @@ def test_long_poll_returns_when_the_job_ends(client):
 
 def test_long_poll_times_out_cleanly_on_an_unfinished_job(stack, api):
     # A record with no task behind it stays queued: the wait must end at its deadline, not hang.
-    jobs = JobStore.from_url(stack.env["MMFUSE_REDIS_URL"], ttl_s=60)
+    jobs = JobStore(connect(stack.env["MMFUSE_REDIS_URL"]), ttl_s=60)
     job_id = new_job_id()
     owner = stack.api_key.split("_")[1]
     jobs.create(JobSpec(id=job_id, created_at=time.time(), texts=["never enqueued"], owner=owner))

@@ -309,8 +309,8 @@ def test_a_pickled_message_is_refused_and_never_executed(stack, api, rds, tmp_pa
     from kombu import Connection
 
     from mmfuse.shared.celery_app import TASK_ENCODE_IMAGE
-    from mmfuse.shared.jobstore import JobStore
     from mmfuse.shared.schema import JobSpec, new_job_id
+    from mmfuse.shared.stores.jobs import JobStore
 
     ensure_image_worker(stack)
     job_id = new_job_id()
@@ -547,7 +547,7 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_max_attempts_and_ot
     told to consume ``image`` once the last death is due: it gets the final delivery and the jobs after.
     """
     from mmfuse.cli.stack import worker_command
-    from mmfuse.workers.encoder import MAX_ATTEMPTS
+    from mmfuse.shared.celery_app import MAX_ATTEMPTS
 
     stack.stop_process("worker-image")
     holding = [f"worker-image-hold{n}" for n in range(1, MAX_ATTEMPTS + 1)]

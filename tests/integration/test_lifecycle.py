@@ -21,10 +21,11 @@ import requests
 
 from mmfuse.shared.blobstore import BlobStore, image_key
 from mmfuse.shared.celery_app import create_celery
-from mmfuse.shared.jobstore import JobStore
 from mmfuse.shared.lifecycle import succeed_job
 from mmfuse.shared.schema import JobSpec, Status, new_job_id
 from mmfuse.shared.settings import Settings
+from mmfuse.shared.stores import Stores
+from mmfuse.shared.stores.jobs import JobStore
 from mmfuse.workers.maintenance import tasks
 from tests.conftest import make_png
 
@@ -40,8 +41,13 @@ def settings(stack) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def jobs(settings, redis_client) -> JobStore:
-    return JobStore(redis_client, settings.job_ttl_s)
+def stores(settings, redis_client) -> Stores:
+    return Stores.over(redis_client, settings.job_ttl_s)
+
+
+@pytest.fixture(scope="module")
+def jobs(stores) -> JobStore:
+    return stores.jobs
 
 
 @pytest.fixture(scope="module")
@@ -294,12 +300,12 @@ def test_cancel_sends_no_webhook_it_did_not_subscribe(stack, api, jobs, receiver
     assert receiver.events_for(spec.id) == []
 
 
-def test_work_under_way_does_not_overwrite_a_cancel(stack, api, jobs, celery):
+def test_work_under_way_does_not_overwrite_a_cancel(stack, api, stores, jobs, celery):
     spec = write_job(stack, jobs)
     assert jobs.start_stage(spec.id, "text") == 1  # a worker has taken the task
     assert MmfuseJob(api, stack, spec.id).cancel().status_code == 200
     # ... and finishes it afterwards: the store refuses the status, nothing is sent.
-    assert succeed_job(jobs, celery, spec, {"embeddings": None}) is False
+    assert succeed_job(stores, celery, spec, {"embeddings": None}) is False
     assert jobs.fail(spec.id, "text", "encoder_error", "late") is False
     assert jobs.start_stage(spec.id, "fusion") == 0
     view = MmfuseJob(api, stack, spec.id).get().json()
@@ -397,7 +403,7 @@ def test_sweep_deletes_blobs_of_ended_and_expired_jobs_only(stack, jobs, blobs):
 # --- the reaper -------------------------------------------------------------------------------------
 
 
-def test_reaper_fails_jobs_past_their_deadline(stack, api, jobs, celery, receiver):
+def test_reaper_fails_jobs_past_their_deadline(stack, api, stores, jobs, celery, receiver):
     queued = write_job(
         stack, jobs, age_s=DEADLINE_S + 30, images=1, webhook={"url": receiver.url("reaped"), "events": ["job.failed"]}
     )
@@ -406,7 +412,7 @@ def test_reaper_fails_jobs_past_their_deadline(stack, api, jobs, celery, receive
     jobs.finish_stage(running.id, "image")
     jobs.start_stage(running.id, "text")
     fresh = write_job(stack, jobs, age_s=DEADLINE_S - 60)
-    tasks.reap_overdue(jobs, celery, DEADLINE_S)  # beat may have got there first: both are fine
+    tasks.reap_overdue(stores, celery, DEADLINE_S)  # beat may have got there first: both are fine
 
     queued_view = MmfuseJob(api, stack, queued.id).get().json()
     assert queued_view["status"] == "failed"
@@ -423,7 +429,7 @@ def test_reaper_fails_jobs_past_their_deadline(stack, api, jobs, celery, receive
     assert jobs.cancel(fresh.id)  # tidy: it would be reaped in 60 s
 
 
-def test_beat_runs_the_maintenance_tasks(stack, api, jobs, redis_client):
+def test_beat_runs_the_maintenance_tasks(stack, api, stores, jobs):
     """Nothing calls the tasks here: celery beat sends them to the maintenance pool on its own."""
     started = time.time()
     stuck = write_job(stack, jobs, age_s=DEADLINE_S + 5)
@@ -435,8 +441,8 @@ def test_beat_runs_the_maintenance_tasks(stack, api, jobs, redis_client):
     assert view["error"]["code"] == "deadline_exceeded"
 
     def ran_since() -> bool:
-        runs = {k.decode(): float(v.split()[0]) for k, v in redis_client.hgetall(tasks.LAST_RUN_KEY).items()}
-        return all(runs.get(name, 0) > started for name in ("reap_jobs", "sweep_blobs"))
+        runs = stores.maintenance.last_runs()
+        return all(runs.get(name, (0.0, 0))[0] > started for name in ("reap_jobs", "sweep_blobs"))
 
     wait_for(ran_since, timeout_s=30, what="both periodic tasks run")
     assert stack.processes["beat"].poll() is None

@@ -37,9 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from mmfuse.cli.stack import free_port, gateway_command, port_open
 from mmfuse.shared import metrics
 from mmfuse.shared.celery_app import QUEUES
-from mmfuse.shared.jobstore import JobStore
 from mmfuse.shared.schema import JobSpec, new_job_id
 from mmfuse.shared.settings import Settings
+from mmfuse.shared.stores import connect
+from mmfuse.shared.stores.jobs import JobStore
+from mmfuse.shared.stores.queues import BrokerQueues
 from tests.conftest import make_png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +113,7 @@ def wait_for(check, what: str, timeout_s: float = 15.0, interval_s: float = 0.1)
 def quiesce(redis_client) -> None:
     """Nothing queued and (as far as it ends soon) nothing running: counts taken now are not moved by
     earlier tests' work. With acks_late a task is in kombu's ``unacked`` hash while it runs."""
-    wait_for(lambda: sum(metrics.queue_depths(redis_client, QUEUES).values()) == 0, "empty queues", timeout_s=30)
+    wait_for(lambda: sum(BrokerQueues(redis_client, QUEUES).depths().values()) == 0, "empty queues", timeout_s=30)
     # Webhook retries waiting for their countdown are held unacked too; give short ones time to finish.
     deadline = time.monotonic() + 15
     while redis_client.hlen("unacked") and time.monotonic() < deadline:
@@ -363,7 +365,7 @@ def test_queue_depth_counts_every_priority_list(stack, redis_client):
                     priority=priority,
                     serializer="json",
                 )
-        assert metrics.queue_depths(redis_client, [name]) == {name: 4}
+        assert BrokerQueues(redis_client, [name]).depths() == {name: 4}
     finally:
         for key in redis_client.scan_iter(f"{name}*"):
             redis_client.delete(key)
@@ -403,7 +405,7 @@ def test_gateway_sums_gunicorn_workers_and_forgets_dead_ones(stack, tmp_path):
     process = stack.spawn(
         name, gateway_command(f"127.0.0.1:{port}", workers=2, threads=4), {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
     )
-    store = JobStore.from_url(stack.env["MMFUSE_REDIS_URL"], 3600)
+    store = JobStore(connect(stack.env["MMFUSE_REDIS_URL"]), 3600)
     # Stays queued (no task), owned by the tests' key so that a GET may long-poll it.
     spec = JobSpec(id=new_job_id(), created_at=time.time(), texts=["x"], owner=stack.api_key.split("_")[1])
     try:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mmfuse.shared.batching import BatcherClosed, DynamicBatcher
+from mmfuse.shared.batching import Batched, BatcherClosed, DynamicBatcher
 
 
 class Recorder:
@@ -30,10 +30,9 @@ def test_flushes_when_batch_is_full_without_waiting():
     batcher = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=10_000)
     started = time.monotonic()
     futures = batcher.submit_many([1, 2, 3, 4])
-    assert [f.result(timeout=5) for f in futures] == [10, 20, 30, 40]
+    assert [f.result(timeout=5) for f in futures] == [Batched(10, 4), Batched(20, 4), Batched(30, 4), Batched(40, 4)]
     assert time.monotonic() - started < 2  # did not wait for the 10 s deadline
     assert fn.batches == [[1, 2, 3, 4]]
-    assert all(f.batch_size == 4 for f in futures)
     batcher.close()
 
 
@@ -42,7 +41,7 @@ def test_flushes_partial_batch_after_max_wait():
     batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=100)
     started = time.monotonic()
     futures = batcher.submit_many([1, 2])
-    assert [f.result(timeout=5) for f in futures] == [10, 20]
+    assert [f.result(timeout=5) for f in futures] == [Batched(10, 2), Batched(20, 2)]
     elapsed = time.monotonic() - started
     assert 0.09 <= elapsed < 2
     assert fn.batches == [[1, 2]]
@@ -56,7 +55,7 @@ def test_results_go_to_their_own_callers_across_threads():
 
     def producer(base):
         futures = batcher.submit_many(list(range(base, base + 10)))
-        results[base] = [f.result(timeout=10) for f in futures]
+        results[base] = [f.result(timeout=10).value for f in futures]
 
     threads = [threading.Thread(target=producer, args=(base,)) for base in range(0, 200, 10)]
     for t in threads:
@@ -75,11 +74,11 @@ def test_a_failing_item_fails_only_itself():
     fn = Recorder(fail_on=3)
     batcher = DynamicBatcher(fn, max_batch_size=5, max_wait_ms=10_000)
     futures = batcher.submit_many([1, 2, 3, 4, 5])
-    assert futures[0].result(timeout=5) == 10
-    assert futures[4].result(timeout=5) == 50
+    assert futures[0].result(timeout=5) == Batched(10, 1)  # rerun alone after the batch failed
+    assert futures[4].result(timeout=5) == Batched(50, 1)
     with pytest.raises(ValueError, match="bad item 3"):
         futures[2].result(timeout=5)
-    assert futures[1].result() == 20 and futures[3].result() == 40
+    assert futures[1].result().value == 20 and futures[3].result().value == 40
     batcher.close()
 
 
@@ -87,7 +86,7 @@ def test_wrong_result_count_is_an_error_for_the_batch():
     batcher = DynamicBatcher(lambda items: [0], max_batch_size=2, max_wait_ms=10_000)
     futures = batcher.submit_many(["a", "b"])
     # isolated reruns return one result each, so each item gets its own answer
-    assert [f.result(timeout=5) for f in futures] == [0, 0]
+    assert [f.result(timeout=5) for f in futures] == [Batched(0, 1), Batched(0, 1)]
     single = DynamicBatcher(lambda items: [], max_batch_size=1, max_wait_ms=0)
     with pytest.raises(RuntimeError, match="0 results for 1"):
         single.submit("x").result(timeout=5)
@@ -100,7 +99,7 @@ def test_close_answers_every_pending_item_once():
     batcher = DynamicBatcher(fn, max_batch_size=3, max_wait_ms=50)
     futures = batcher.submit_many(list(range(20)))
     batcher.close(timeout=10)
-    assert [f.result(timeout=0) for f in futures] == [i * 10 for i in range(20)]
+    assert [f.result(timeout=0).value for f in futures] == [i * 10 for i in range(20)]
     assert sorted(i for b in fn.batches for i in b) == list(range(20))
     with pytest.raises(BatcherClosed):
         batcher.submit(99)
@@ -121,12 +120,12 @@ def test_no_wait_when_no_producer_is_preparing_items():
     expecting = {"more": False}
     batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=2_000, expecting_more=lambda: expecting["more"])
     started = time.monotonic()
-    assert batcher.submit(1).result(timeout=5) == 10
+    assert batcher.submit(1).result(timeout=5) == Batched(10, 1)
     assert time.monotonic() - started < 1  # not the 2 s deadline
     expecting["more"] = True  # someone is preparing: the batcher waits for them, up to the deadline
     first = batcher.submit(2)
     time.sleep(0.2)
     second = batcher.submit(3)
-    assert [first.result(timeout=5), second.result(timeout=5)] == [20, 30]
+    assert [first.result(timeout=5), second.result(timeout=5)] == [Batched(20, 2), Batched(30, 2)]
     assert fn.batches == [[1], [2, 3]]
     batcher.close()

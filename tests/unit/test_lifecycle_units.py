@@ -15,9 +15,9 @@ from PIL import Image
 from mmfuse.gateway import idempotency
 from mmfuse.gateway.validation import parse_job_request
 from mmfuse.shared.celery_app import TASK_REAP_JOBS, TASK_SWEEP_BLOBS, beat_schedule, create_celery, stage_task_id
-from mmfuse.shared.jobstore import JobRecord
 from mmfuse.shared.schema import ApiError, JobSpec, Status
 from mmfuse.shared.settings import Settings, SettingsError
+from mmfuse.shared.stores.jobs import JobRecord
 from mmfuse.workers.maintenance.tasks import _objects_by_job, deadline_message, unfinished_stages
 
 app = Flask(__name__)

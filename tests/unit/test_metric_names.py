@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Metric, generate_late
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmfuse.shared import metrics
+from mmfuse.shared.stores.queues import BrokerQueues
 
 NAME = re.compile(r"^mmfuse_[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 LABEL = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -69,7 +70,7 @@ FORBIDDEN_LABELS = {
 
 
 class _FakeRedis:
-    """Just enough of redis.Redis for StoreCollector: a pipeline of LLEN."""
+    """Just enough of redis.Redis for BrokerQueues: a pipeline of LLEN."""
 
     def __init__(self, lengths: dict[str, int], fail: bool = False):
         self.lengths = lengths
@@ -121,7 +122,8 @@ def fake_cuda(monkeypatch):
 def all_families(fake_cuda) -> list[Metric]:
     """The registry's mmfuse metrics, plus what the scrape-time collectors yield."""
     families = [family for family in REGISTRY.collect() if family.name.startswith("mmfuse_")]
-    store = metrics.StoreCollector(_FakeRedis({"image": 3}), ("image", "text"), lambda: {"queued": 1, "running": 2})
+    queues = BrokerQueues(_FakeRedis({"image": 3}), ("image", "text"))
+    store = metrics.StoreCollector(queues.depths, lambda: {"queued": 1, "running": 2})
     families += list(store.collect())
     families += list(metrics.DeviceMemoryCollector("image", "cuda:1").collect())
     return families
@@ -198,7 +200,8 @@ def test_the_exposition_parses_back(fake_cuda):
     registry = CollectorRegistry()
     registry.register(
         metrics.StoreCollector(
-            _FakeRedis({"image": 3, "image\x06\x166": 2}), ("image", "text"), lambda: {"queued": 1, "running": 2}
+            BrokerQueues(_FakeRedis({"image": 3, "image\x06\x166": 2}), ("image", "text")).depths,
+            lambda: {"queued": 1, "running": 2},
         )
     )
     registry.register(metrics.DeviceMemoryCollector("image", "cuda:1"))
@@ -222,7 +225,8 @@ def test_store_collector_answers_when_redis_is_down():
     def no_store():
         raise ConnectionError("down")
 
-    families = {f.name: f for f in metrics.StoreCollector(_FakeRedis({}, fail=True), ("image",), no_store).collect()}
+    queues = BrokerQueues(_FakeRedis({}, fail=True), ("image",))
+    families = {f.name: f for f in metrics.StoreCollector(queues.depths, no_store).collect()}
     assert set(families) == {metrics.REDIS_UP_NAME}
     assert {s.labels["store"]: s.value for s in families[metrics.REDIS_UP_NAME].samples} == {"broker": 0, "jobs": 0}
 

@@ -11,11 +11,11 @@ from openapi_spec_validator import validate
 
 from mmfuse.gateway.app import create_app
 from mmfuse.gateway.openapi import build_spec, render_html
-from mmfuse.shared.jobstore import JobRecord
 from mmfuse.shared.jobview import public_job
 from mmfuse.shared.responses import ErrorBody, JobView, SubmitAnswer
 from mmfuse.shared.schema import ApiError, ErrorCode, JobSpec, Status, vector_to_b64
 from mmfuse.shared.settings import Settings
+from mmfuse.shared.stores.jobs import JobRecord
 
 # No Redis or S3 behind these apps: nothing here reaches them (the bucket check at start fails fast).
 UNREACHABLE = {"redis_url": "redis://127.0.0.1:1/0", "s3_endpoint": "127.0.0.1:1"}

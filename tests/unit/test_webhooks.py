@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import pytest
 
+from mmfuse.shared.schema import WEBHOOK_EVENTS
 from mmfuse.shared.webhooks import (
-    EVENTS,
     MAX_RETRY_AFTER_S,
     USER_AGENT,
     Attempt,
@@ -312,7 +312,7 @@ def test_build_payload_without_a_result_and_unknown_events():
     failed = {"id": "job_2", "status": "failed", "error": {"code": "bad_image"}}
     body = build_payload("job.failed", failed, JOB_URL, max_bytes=10, timestamp=0)
     assert json.loads(body) == {"type": "job.failed", "timestamp": "1970-01-01T00:00:00Z", "data": failed}
-    assert EVENTS == ("job.succeeded", "job.failed", "job.canceled")
+    assert WEBHOOK_EVENTS == ("job.succeeded", "job.failed", "job.canceled")
     with pytest.raises(ValueError, match="unknown webhook event"):
         build_payload("job.exploded", failed, JOB_URL, max_bytes=10, timestamp=0)
 

@@ -1,35 +1,37 @@
 """The fusion pool: ``celery -A mmfuse.workers.fusion.worker worker -Q fusion -P threads``.
 
 Runs once every encoder pool of a job is done: combines the vectors, writes the result and the final
-status, and hands the webhook (if any) to the ``webhooks`` queue.
+status, and hands the webhook (if any) to the ``webhooks`` queue. Errors of the backing services are
+retried as ``shared.celery_app.DurableTask`` declares; a task that gives up fails its job
+(``service_unavailable``, or ``fusion_error`` for anything unexpected).
 """
 
 from __future__ import annotations
 
 import logging
 
+from celery import Celery
+
 from mmfuse.shared import metrics
-from mmfuse.shared.backends import BACKEND_ERRORS
-from mmfuse.shared.celery_app import TASK_FUSE, create_celery
-from mmfuse.shared.jobstore import JobStore
-from mmfuse.shared.lifecycle import fail_job, succeed_job
-from mmfuse.shared.schema import ErrorCode
-from mmfuse.shared.settings import get_settings
+from mmfuse.shared.celery_app import MAX_ATTEMPTS, TASK_FUSE, create_celery, durable_task
+from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
+from mmfuse.shared.schema import FUSION, ErrorCode
+from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.stores import Stores
 from mmfuse.workers.fusion.fusion import FusionError, build_result
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
-app = create_celery(settings)
-jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
-MAX_ATTEMPTS = 5
-metrics.serve_celery_worker_metrics(settings.metrics_port)
 
+class FusionWorker:
+    def __init__(self, settings: Settings, celery: Celery, stores: Stores) -> None:
+        self.settings = settings
+        self.celery = celery
+        self.stores = stores
 
-@app.task(name=TASK_FUSE, bind=True, max_retries=3)
-def fuse_job(task, job_id: str) -> None:
-    try:
-        attempt = jobs.start_stage(job_id, "fusion")
+    def run(self, job_id: str) -> None:
+        jobs, vectors = self.stores.jobs, self.stores.vectors
+        attempt = jobs.start_stage(job_id, FUSION)
         if attempt <= 0:
             return
         record = jobs.get(job_id)
@@ -37,45 +39,45 @@ def fuse_job(task, job_id: str) -> None:
             return
         spec = record.spec
         if attempt == 1:  # enqueued when the last encoder stage finished
-            encoded = [record.timestamp(f"{m}_finished_at") for m in spec.modalities]
+            encoded = [record.stage_finished_at(m) for m in spec.modalities]
             metrics.observe_queue_wait(
-                "fusion",
-                max((t for t in encoded if t is not None), default=None),
-                record.timestamp("fusion_started_at"),
+                FUSION, max((t for t in encoded if t is not None), default=None), record.stage_started_at(FUSION)
             )
         if attempt > MAX_ATTEMPTS:
-            fail_job(
-                jobs,
-                app,
-                spec,
-                "fusion",
-                ErrorCode.TOO_MANY_ATTEMPTS,
-                f"fusion was attempted {attempt - 1} times without finishing",
-            )
+            message = f"fusion was attempted {attempt - 1} times without finishing"
+            fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.TOO_MANY_ATTEMPTS, message)
             return
         try:
             with metrics.Timer() as fusion:
-                images = jobs.load_vectors(job_id, "image", len(spec.image_keys))
-                texts = jobs.load_vectors(job_id, "text", len(spec.texts))
-                labels = jobs.load_vectors(job_id, "label", len(spec.labels))
-                result = build_result(spec, images, texts, labels, settings.logit_scale)
+                images = vectors.load(job_id, "image", len(spec.image_keys))
+                texts = vectors.load(job_id, "text", len(spec.texts))
+                labels = vectors.load(job_id, "label", len(spec.labels))
+                result = build_result(spec, images, texts, labels, self.settings.logit_scale)
         except (FusionError, KeyError) as exc:
-            fail_job(jobs, app, spec, "fusion", ErrorCode.FUSION_ERROR, str(exc))
+            fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.FUSION_ERROR, str(exc))
             return
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
-        jobs.finish_stage(job_id, "fusion")
-        succeed_job(jobs, app, spec, result)
-    except BACKEND_ERRORS as exc:
-        if task.request.retries >= task.max_retries:
-            _fail_by_id(job_id, ErrorCode.SERVICE_UNAVAILABLE, f"store unavailable: {exc}")
-            return
-        raise task.retry(exc=exc, countdown=2**task.request.retries) from exc
-    except Exception as exc:  # a bug or bad data: fail the job with the reason, never leave it running
-        log.exception("job %s: fusion failed", job_id)
-        _fail_by_id(job_id, ErrorCode.FUSION_ERROR, f"{type(exc).__name__}: {exc}")
+        jobs.finish_stage(job_id, FUSION)
+        succeed_job(self.stores, self.celery, spec, result)
+
+    def give_up(self, exc: BaseException, job_id: str) -> None:
+        """The task's final failure: retries spent, or an error no retry can help (a bug, bad data)."""
+        record = self.stores.jobs.get(job_id)
+        if record is not None:
+            fail_job(self.stores, self.celery, record.spec, FUSION, *stage_failure(exc, ErrorCode.FUSION_ERROR))
 
 
-def _fail_by_id(job_id: str, code: ErrorCode, message: str) -> None:
-    record = jobs.get(job_id)
-    if record is not None:
-        fail_job(jobs, app, record.spec, "fusion", code, message)
+def create_fusion_app(settings: Settings | None = None, stores: Stores | None = None) -> Celery:
+    settings = settings or get_settings()
+    celery = create_celery(settings)
+    worker = FusionWorker(settings, celery, stores or Stores.connect(settings.redis_url, settings.job_ttl_s))
+
+    @durable_task(celery, TASK_FUSE, give_up=worker.give_up)
+    def fuse_job(job_id: str) -> None:
+        worker.run(job_id)
+
+    metrics.serve_celery_worker_metrics(settings.metrics_port)
+    return celery
+
+
+app = create_fusion_app()

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from celery import Celery
 
 from mmfuse.shared.blobstore import BlobStore, job_prefix
-from mmfuse.shared.jobstore import JobRecord, JobStore
 from mmfuse.shared.lifecycle import fail_job
-from mmfuse.shared.schema import ErrorCode, Status
+from mmfuse.shared.schema import FUSION, ErrorCode, Stage, Status
+from mmfuse.shared.stores import Stores
+from mmfuse.shared.stores.jobs import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -25,29 +26,22 @@ log = logging.getLogger(__name__)
 SWEEP_MIN_AGE_S = 600.0
 SWEEP_BATCH_JOBS = 500  # jobs whose status is read in one Redis round trip
 REAP_BATCH = 1000  # jobs failed per run at most; the next run takes the rest
-LAST_RUN_KEY = "mmfuse:maintenance:last_run"  # hash: task name -> "<unix time> <jobs handled>"
-
-
-def record_run(jobs: JobStore, task: str, handled: int) -> None:
-    """When a periodic task last ran and how many jobs it handled: for operators and for the tests that
-    prove beat runs them."""
-    jobs.redis.hset(LAST_RUN_KEY, task, f"{time.time():.3f} {handled}")
 
 
 # --- the reaper -------------------------------------------------------------------------------------
 
 
-def unfinished_stages(record: JobRecord) -> list[tuple[str, str]]:
+def unfinished_stages(record: JobRecord) -> list[tuple[Stage, str]]:
     """``(stage, what happened to it)`` for each stage of the job that has not finished, in pipeline order."""
     encoders = record.spec.modalities
-    unfinished = []
-    for stage in (*encoders, "fusion"):
-        if record.timestamp(f"{stage}_finished_at") is not None:
+    unfinished: list[tuple[Stage, str]] = []
+    for stage in (*encoders, FUSION):
+        if record.stage_finished_at(stage) is not None:
             continue
-        attempts = int(record.fields.get(f"{stage}_attempts", "0"))
+        attempts = record.stage_attempts(stage)
         if attempts:
             state = f"started {attempts} time(s), never finished"
-        elif stage == "fusion" and any(record.timestamp(f"{m}_finished_at") is None for m in encoders):
+        elif stage == FUSION and any(record.stage_finished_at(m) is None for m in encoders):
             state = "not reached"
         else:
             state = "queued, never started: no worker of its pool took it"
@@ -55,9 +49,9 @@ def unfinished_stages(record: JobRecord) -> list[tuple[str, str]]:
     return unfinished
 
 
-def deadline_message(record: JobRecord, deadline_s: float) -> tuple[str, str]:
+def deadline_message(record: JobRecord, deadline_s: float) -> tuple[Stage, str]:
     """The stage to blame (the first unfinished one) and the job's error message."""
-    unfinished = unfinished_stages(record) or [("fusion", "never finished")]
+    unfinished = unfinished_stages(record) or [(FUSION, "never finished")]
     listed = "; ".join(f"{stage}: {state}" for stage, state in unfinished)
     message = (
         f"the job was still {record.status.value} {deadline_s:g} s after submission "
@@ -67,11 +61,12 @@ def deadline_message(record: JobRecord, deadline_s: float) -> tuple[str, str]:
 
 
 def reap_overdue(
-    jobs: JobStore, celery: Celery, deadline_s: float, now: float | None = None, limit: int = REAP_BATCH
+    stores: Stores, celery: Celery, deadline_s: float, now: float | None = None, limit: int = REAP_BATCH
 ) -> list[str]:
     """Fail every job still queued or running ``deadline_s`` after it was submitted (``deadline_exceeded``,
     naming the stages that did not finish; ``job.failed`` webhooks as for any failure). Returns their ids."""
     now = time.time() if now is None else now
+    jobs = stores.jobs
     reaped = []
     for job_id in jobs.overdue(now - deadline_s, limit):
         try:
@@ -86,7 +81,7 @@ def reap_overdue(
         if record.status.terminal:
             continue
         stage, message = deadline_message(record, deadline_s)
-        if fail_job(jobs, celery, record.spec, stage, ErrorCode.DEADLINE_EXCEEDED, message):
+        if fail_job(stores, celery, record.spec, stage, ErrorCode.DEADLINE_EXCEEDED, message):
             reaped.append(job_id)
     if reaped:
         log.warning("failed %d job(s) past their deadline of %g s: %s", len(reaped), deadline_s, ", ".join(reaped[:20]))
@@ -128,9 +123,11 @@ def sweep_blobs(jobs: JobStore, blobs: BlobStore, min_age_s: float = SWEEP_MIN_A
     return cleaned
 
 
-def _objects_by_job(objects: Iterable[tuple[str, float]]):
+def _objects_by_job(objects: Iterable[tuple[str, float]]) -> Iterator[tuple[str, list[str], float]]:
     """``(job id, its keys, newest modification)`` per job, from a listing sorted by key."""
-    current, keys, newest = None, [], 0.0
+    current: str | None = None
+    keys: list[str] = []
+    newest = 0.0
     for key, modified in objects:
         parts = key.split("/", 2)
         if len(parts) < 3 or not parts[1]:

@@ -6,52 +6,60 @@
   it sends ``reap_jobs`` every ``MMFUSE_REAPER_INTERVAL_S`` and ``sweep_blobs`` every
   ``MMFUSE_CLEANUP_INTERVAL_S`` (``shared.celery_app.beat_schedule``). A second beat by mistake only runs
   them twice as often: they are idempotent.
+
+The periodic tasks are not retried: the next run is their retry. ``release_blobs`` is retried on errors of
+S3 or Redis; if it gives up, the periodic sweep deletes the blobs.
 """
 
 from __future__ import annotations
 
 import logging
 
-import redis
+from celery import Celery
 
 from mmfuse.shared import metrics
-from mmfuse.shared.blobstore import BLOB_STORE_ERRORS, BlobStore
-from mmfuse.shared.celery_app import TASK_REAP_JOBS, TASK_RELEASE_BLOBS, TASK_SWEEP_BLOBS, create_celery
-from mmfuse.shared.jobstore import JobStore
-from mmfuse.shared.settings import get_settings
+from mmfuse.shared.blobstore import BlobStore
+from mmfuse.shared.celery_app import TASK_REAP_JOBS, TASK_RELEASE_BLOBS, TASK_SWEEP_BLOBS, create_celery, durable_task
+from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.stores import Stores
 from mmfuse.workers.maintenance import tasks
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
-app = create_celery(settings)
-jobs = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
-blobs = BlobStore(settings)
-metrics.serve_celery_worker_metrics(settings.metrics_port)
-
-RELEASE_RETRY_S = (10, 60, 300)
+# release_blobs: up to 10 x 2^n s between tries (full jitter), n = 0, 1, 2.
+RELEASE_RETRY_BACKOFF_S = 10
 
 
-@app.task(name=TASK_REAP_JOBS)
-def reap_jobs() -> int:
-    reaped = tasks.reap_overdue(jobs, app, settings.job_deadline_s)
-    tasks.record_run(jobs, "reap_jobs", len(reaped))
-    return len(reaped)
+def _blobs_left_to_the_sweep(exc: BaseException, job_id: str) -> None:
+    log.warning("job %s: blobs not released (%s: %s); the periodic sweep will", job_id, type(exc).__name__, exc)
 
 
-@app.task(name=TASK_SWEEP_BLOBS)
-def sweep_blobs() -> int:
-    cleaned = tasks.sweep_blobs(jobs, blobs)
-    tasks.record_run(jobs, "sweep_blobs", cleaned)
-    return cleaned
+def create_maintenance_app(
+    settings: Settings | None = None, stores: Stores | None = None, blobs: BlobStore | None = None
+) -> Celery:
+    settings = settings or get_settings()
+    celery = create_celery(settings)
+    stores = stores or Stores.connect(settings.redis_url, settings.job_ttl_s)
+    blobs = blobs or BlobStore(settings)
+
+    @durable_task(celery, TASK_REAP_JOBS, autoretry_for=())
+    def reap_jobs() -> int:
+        reaped = tasks.reap_overdue(stores, celery, settings.job_deadline_s)
+        stores.maintenance.record("reap_jobs", len(reaped))
+        return len(reaped)
+
+    @durable_task(celery, TASK_SWEEP_BLOBS, autoretry_for=())
+    def sweep_blobs() -> int:
+        cleaned = tasks.sweep_blobs(stores.jobs, blobs)
+        stores.maintenance.record("sweep_blobs", cleaned)
+        return cleaned
+
+    @durable_task(celery, TASK_RELEASE_BLOBS, give_up=_blobs_left_to_the_sweep, retry_backoff=RELEASE_RETRY_BACKOFF_S)
+    def release_blobs(job_id: str) -> int:
+        return tasks.release_blobs(stores.jobs, blobs, job_id)
+
+    metrics.serve_celery_worker_metrics(settings.metrics_port)
+    return celery
 
 
-@app.task(name=TASK_RELEASE_BLOBS, bind=True, max_retries=len(RELEASE_RETRY_S))
-def release_blobs(task, job_id: str) -> int:
-    try:
-        return tasks.release_blobs(jobs, blobs, job_id)
-    except (redis.RedisError, *BLOB_STORE_ERRORS, RuntimeError) as exc:
-        if task.request.retries >= task.max_retries:
-            log.warning("job %s: blobs not released (%s); the periodic sweep will", job_id, exc)
-            return 0
-        raise task.retry(exc=exc, countdown=RELEASE_RETRY_S[task.request.retries]) from exc
+app = create_maintenance_app()

@@ -3,13 +3,24 @@
 It also encodes a job's zero-shot labels, with the same text tower as its texts.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+
 from mmfuse.shared.blobstore import BlobStore
 from mmfuse.shared.schema import JobSpec
-from mmfuse.workers.encoder import create_encoder_worker_app
+from mmfuse.shared.settings import Settings
+from mmfuse.workers.encoder import create_encoder_app
 
 
-def gather_text_inputs(spec: JobSpec, blobs: BlobStore):
+def gather_text_inputs(spec: JobSpec, blobs: BlobStore) -> list[tuple[str, Sequence[str]]]:
     return [("text", spec.texts), ("label", spec.labels)]
 
 
-app = create_encoder_worker_app("text", gather_text_inputs)
+def create_text_app(settings: Settings | None = None) -> Celery:
+    return create_encoder_app("text", gather_text_inputs, settings)
+
+
+app = create_text_app()

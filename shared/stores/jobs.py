@@ -1,0 +1,369 @@
+"""Job records and their status moves.
+
+Keys (the record expires ``job_ttl_s`` after submit):
+- ``mmfuse:job:<id>``  hash: the fields named in :class:`Fields` (spec, status, timestamps, per-stage
+  attempts and batch sizes, error, result, the webhook's delivery and frozen body)
+- channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (long-poll wake-up)
+- ``mmfuse:jobs:queued``, ``mmfuse:jobs:running``  sorted sets of the jobs in that status, scored by
+  ``created_at``: the jobs-in-flight gauges count them and the reaper reads them; moved in the same atomic
+  steps as the status, and entries older than ``job_ttl_s`` (whose record expired) are not counted and are
+  trimmed at each submit
+
+Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import redis
+from redis.client import Pipeline
+
+from mmfuse.shared.schema import TERMINAL_STATUSES, DeliveryState, JobSpec, Stage, Status
+from mmfuse.shared.stores.client import RedisStore, raw, text
+
+
+class Fields:
+    """The names of a job hash's fields, defined here only: the Lua scripts get them from here too."""
+
+    SPEC = "spec"
+    STATUS = "status"
+    CREATED_AT = "created_at"
+    STARTED_AT = "started_at"  # when the first stage started: queued -> running
+    FINISHED_AT = "finished_at"  # when the job ended, however it ended
+    CANCELED_AT = "canceled_at"
+    ERROR = "error"  # JSON {code, message, stage} of a failed job
+    RESULT = "result"  # JSON of a succeeded job's outputs
+    WEBHOOK_DELIVERY = "webhook_delivery"  # JSON of a WebhookDelivery
+    WEBHOOK_BODY = "webhook_body"  # the callback's bytes, frozen at its first attempt
+
+    @staticmethod
+    def stage_started_at(stage: Stage) -> str:
+        return f"{stage}_started_at"  # the stage's first attempt
+
+    @staticmethod
+    def stage_finished_at(stage: Stage) -> str:
+        return f"{stage}_finished_at"
+
+    @staticmethod
+    def stage_attempts(stage: Stage) -> str:
+        return f"{stage}_attempts"  # deliveries of the stage's task so far
+
+    @staticmethod
+    def stage_batch_size(stage: Stage) -> str:
+        return f"{stage}_batch_size"  # the largest model batch the stage's items ran in
+
+
+def job_key(job_id: str) -> str:
+    return f"mmfuse:job:{job_id}"
+
+
+def _events_channel(job_id: str) -> str:
+    return f"{job_key(job_id)}:events"
+
+
+# Jobs not ended yet, by status (sorted sets, score created_at).
+_QUEUED_KEY = "mmfuse:jobs:queued"
+_RUNNING_KEY = "mmfuse:jobs:running"
+
+# The Lua test for "the job already ended", from the one Python definition of the terminal statuses.
+_ENDED_LUA = " or ".join(f"status == '{status.value}'" for status in TERMINAL_STATUSES)
+
+# Move to a terminal status unless the job already ended; publish the wake-up. Returns 1 if it moved,
+# 0 if the job had ended, -1 if there is no record.
+_END_LUA = f"""
+local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
+if not status then return -1 end
+if {_ENDED_LUA} then return 0 end
+redis.call('HSET', KEYS[1], '{Fields.STATUS}', ARGV[1], ARGV[2], ARGV[3], '{Fields.FINISHED_AT}', ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[5])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return 1
+"""
+
+# queued -> running, once; the stage's start time is kept from its first attempt. Returns the attempt
+# number (ARGV[4] is the stage's attempt counter), 0 if the job already ended, -1 if there is no record.
+_START_STAGE_LUA = f"""
+local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
+if not status then return -1 end
+if {_ENDED_LUA} then return 0 end
+if status == '{Status.QUEUED.value}' then
+  redis.call('HSET', KEYS[1], '{Fields.STATUS}', '{Status.RUNNING.value}', '{Fields.STARTED_AT}', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], '{Fields.CREATED_AT}'), ARGV[3])
+end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
+"""
+
+# A stage's end time (the first one kept) and formed batch size, only while the job has not ended.
+_FINISH_STAGE_LUA = f"""
+local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
+if not status or {_ENDED_LUA} then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[3]) end
+return 1
+"""
+
+
+@dataclass
+class WebhookDelivery:
+    """Where a job's callback stands (the record's ``webhook_delivery`` field)."""
+
+    event: str | None = None
+    state: DeliveryState | None = None  # None: nothing recorded yet
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # shared.webhooks.Attempt as dicts
+    next_attempt_at: float | None = None  # unix time the next attempt is due, while pending
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | None) -> WebhookDelivery:
+        if not raw:
+            return cls()
+        stored = json.loads(raw)
+        return cls(
+            event=stored.get("event"),
+            state=stored.get("state"),
+            attempts=list(stored.get("attempts", [])),
+            next_attempt_at=stored.get("next_attempt_at"),
+        )
+
+    def to_json(self) -> str:
+        stored = asdict(self)
+        if self.next_attempt_at is None:
+            del stored["next_attempt_at"]
+        return json.dumps(stored)
+
+
+@dataclass
+class JobRecord:
+    """A job as its hash holds it; read the fields through the accessors, which know their names."""
+
+    spec: JobSpec
+    status: Status
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def _time(self, name: str) -> float | None:
+        raw = self.fields.get(name)
+        return float(raw) if raw else None
+
+    def _json(self, name: str) -> Any:
+        raw = self.fields.get(name)
+        return json.loads(raw) if raw else None
+
+    @property
+    def created_at(self) -> float | None:
+        return self._time(Fields.CREATED_AT)
+
+    @property
+    def started_at(self) -> float | None:
+        return self._time(Fields.STARTED_AT)
+
+    @property
+    def finished_at(self) -> float | None:
+        return self._time(Fields.FINISHED_AT)
+
+    @property
+    def canceled_at(self) -> float | None:
+        return self._time(Fields.CANCELED_AT)
+
+    def stage_started_at(self, stage: Stage) -> float | None:
+        return self._time(Fields.stage_started_at(stage))
+
+    def stage_finished_at(self, stage: Stage) -> float | None:
+        return self._time(Fields.stage_finished_at(stage))
+
+    def stage_attempts(self, stage: Stage) -> int:
+        return int(self.fields.get(Fields.stage_attempts(stage)) or 0)
+
+    def stage_batch_size(self, stage: Stage) -> int | None:
+        raw = self.fields.get(Fields.stage_batch_size(stage))
+        return int(raw) if raw else None
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return self._json(Fields.ERROR)
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self._json(Fields.RESULT)
+
+    @property
+    def webhook_delivery(self) -> WebhookDelivery:
+        return WebhookDelivery.from_json(self.fields.get(Fields.WEBHOOK_DELIVERY))
+
+    @property
+    def webhook_body(self) -> bytes | None:
+        raw = self.fields.get(Fields.WEBHOOK_BODY)
+        return raw.encode("utf-8") if raw is not None else None
+
+
+class JobStore(RedisStore):
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        super().__init__(client)
+        self.ttl_s = ttl_s
+        self._end_script = client.register_script(_END_LUA)
+        self._start_stage = client.register_script(_START_STAGE_LUA)
+        self._finish_stage = client.register_script(_FINISH_STAGE_LUA)
+
+    # --- create and read ---
+
+    def create(self, spec: JobSpec, idempotency: tuple[str, str] | None = None) -> bytes | None:
+        """Write a new job's record. With ``idempotency`` (entry key, value), only if that entry is not set
+        yet, and then it is set in the same transaction: returns the entry's value instead when it was."""
+        key = job_key(spec.id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            if idempotency is not None:
+                pipe.watch(idempotency[0])
+                existing = raw(pipe.get(idempotency[0]))
+                if existing is not None:
+                    return existing
+                pipe.multi()
+                pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
+            pipe.hset(
+                key,
+                mapping={
+                    Fields.SPEC: spec.to_json(),
+                    Fields.STATUS: Status.QUEUED.value,
+                    Fields.CREATED_AT: repr(spec.created_at),
+                },
+            )
+            pipe.expire(key, self.ttl_s)
+            pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
+            for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
+                pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s!r}")
+            try:
+                pipe.execute()
+            except redis.WatchError:  # a concurrent request set the idempotency entry first: its job wins
+                assert idempotency is not None  # only the entry is watched
+                existing = raw(self._redis.get(idempotency[0]))
+                if existing is None:  # ... and was rolled back since: try again
+                    return self.create(spec, idempotency)
+                return existing
+        return None
+
+    def delete(self, job_id: str, idempotency_key: str | None = None, pipeline: Pipeline | None = None) -> None:
+        """Remove a job's record (a failed submit), and the idempotency entry that points at it."""
+        with self._writing(pipeline) as pipe:
+            pipe.delete(job_key(job_id), *([idempotency_key] if idempotency_key else []))
+            pipe.zrem(_QUEUED_KEY, job_id)
+            pipe.zrem(_RUNNING_KEY, job_id)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        stored = self._redis.hgetall(job_key(job_id))
+        if not stored or Fields.SPEC.encode() not in stored:
+            return None
+        fields = {text(k): text(v) for k, v in stored.items()}
+        return JobRecord(
+            spec=JobSpec.from_json(fields[Fields.SPEC]), status=Status(fields[Fields.STATUS]), fields=fields
+        )
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+    def count_in_flight(self) -> dict[str, int]:
+        """Jobs submitted and not ended, by status (queued, running); expired records are not counted."""
+        since = f"({time.time() - self.ttl_s!r}"
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(_QUEUED_KEY, since, "+inf")
+            pipe.zcount(_RUNNING_KEY, since, "+inf")
+            queued, running = pipe.execute()
+        return {Status.QUEUED.value: int(queued), Status.RUNNING.value: int(running)}
+
+    def overdue(self, created_before: float, limit: int = 1000) -> list[str]:
+        """Ids of jobs still queued or running that were submitted before ``created_before`` (oldest first)."""
+        ids: list[str] = []
+        for index in (_QUEUED_KEY, _RUNNING_KEY):
+            members = self._redis.zrangebyscore(index, "-inf", f"({created_before!r}", start=0, num=limit)
+            ids += [text(cast(bytes, member)) for member in members]  # no scores asked for: members only
+        return ids[:limit]
+
+    def forget_in_flight(self, job_id: str, pipeline: Pipeline | None = None) -> None:
+        """Drop a job from the in-flight indexes (its record is gone)."""
+        with self._writing(pipeline) as pipe:
+            pipe.zrem(_QUEUED_KEY, job_id)
+            pipe.zrem(_RUNNING_KEY, job_id)
+
+    def statuses(self, job_ids: list[str]) -> dict[str, Status | None]:
+        """The status of each job, None where its record is gone (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), Fields.STATUS)
+            replies = pipe.execute()
+        return {job_id: Status(text(value)) if value else None for job_id, value in zip(job_ids, replies, strict=True)}
+
+    # --- stages ---
+
+    def start_stage(self, job_id: str, stage: Stage) -> int:
+        """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
+        return int(
+            self._start_stage(
+                keys=[job_key(job_id), _QUEUED_KEY, _RUNNING_KEY],
+                args=[Fields.stage_started_at(stage), repr(time.time()), job_id, Fields.stage_attempts(stage)],
+            )
+        )
+
+    def finish_stage(
+        self, job_id: str, stage: Stage, batch_size: int | None = None, pipeline: Pipeline | None = None
+    ) -> None:
+        """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put."""
+        with self._writing(pipeline) as pipe:
+            self._finish_stage(
+                keys=[job_key(job_id)],
+                args=[
+                    Fields.stage_finished_at(stage),
+                    repr(time.time()),
+                    "" if batch_size is None else str(batch_size),
+                    Fields.stage_batch_size(stage),
+                ],
+                client=pipe,
+            )
+
+    # --- terminal moves: each True only for the call that ended the job (so exactly one sends its webhook) ---
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
+        return self._end(job_id, Status.SUCCEEDED, Fields.RESULT, json.dumps(result))
+
+    def fail(self, job_id: str, stage: Stage, code: str, message: str) -> bool:
+        error = json.dumps({"code": code, "message": message, "stage": stage})
+        return self._end(job_id, Status.FAILED, Fields.ERROR, error)
+
+    def cancel(self, job_id: str) -> bool:
+        """Workers still holding one of the job's tasks find it ended: their writes of a status are refused."""
+        return self._end(job_id, Status.CANCELED, Fields.CANCELED_AT, repr(time.time()))
+
+    def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
+        moved = self._end_script(
+            keys=[job_key(job_id), _events_channel(job_id), _QUEUED_KEY, _RUNNING_KEY],
+            args=[status.value, field_name, value, repr(time.time()), job_id],
+        )
+        return int(moved) == 1
+
+    # --- long-poll ---
+
+    def wait_until_ended(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """The record once it is terminal or ``timeout_s`` passed, woken by pub/sub (no sleep loop)."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(_events_channel(job_id))
+            # Subscribed first, then read: an end published in between is not missed.
+            record = self.get(job_id)
+            deadline = time.monotonic() + timeout_s
+            while record is not None and not record.status.terminal:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    record = self.get(job_id)
+            return record
+        finally:
+            pubsub.close()
