@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmfuse.shared.celery_app import POOLS
+
 DEFAULT_VAR_DIR = Path("var")
 
 
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(func=cmd_gateway)
 
     worker = commands.add_parser("worker", help="run one worker pool (Celery)")
-    worker.add_argument("pool", choices=("image", "text", "fusion", "webhooks", "maintenance"))
+    worker.add_argument("pool", choices=POOLS)
     worker.add_argument("--concurrency", type=int, default=0)
     worker.set_defaults(func=cmd_worker)
 

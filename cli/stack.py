@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 
 import requests
 
+from mmfuse.shared.celery_app import POOLS
 from mmfuse.shared.settings import Settings
 
-POOLS = ("image", "text", "fusion", "webhooks", "maintenance")
 # The installed package's modules, so the commands work from any directory (the image runs in $HOME).
 POOL_MODULES = {pool: f"mmfuse.workers.{pool}.worker" for pool in POOLS}
 BEAT_MODULE = POOL_MODULES["maintenance"]  # its Celery app carries the schedule (shared.celery_app.beat_schedule)
@@ -329,11 +329,10 @@ class LocalStack:
 
     def create_api_key(self, name: str, rate_per_s: float | None = None, burst: int | None = None) -> str:
         """A new API key in this stack's Redis (the plaintext, shown once)."""
-        import redis
-
         from mmfuse.shared.apikeys import KeyStore
+        from mmfuse.shared.stores import connect
 
-        client = redis.Redis.from_url(self.settings().redis_url)
+        client = connect(self.settings().redis_url)
         try:
             return KeyStore(client).create(name, rate_per_s, burst)[0]
         finally:

@@ -13,9 +13,7 @@ Where the values come from:
   all its processes together, plus the broker and job-store gauges of :class:`StoreCollector`, read from
   Redis at scrape time;
 - each Celery worker serves its own ``/metrics`` on ``MMFUSE_METRICS_PORT`` (:func:`start_metrics_server`).
-  The pools run the ``threads`` pool, one process; a pool run with ``-P prefork`` needs
-  ``PROMETHEUS_MULTIPROC_DIR`` set (an empty directory) before it starts, and then the children's values
-  are served together, with :func:`mark_process_dead` called as each child exits.
+  Every pool runs Celery's ``threads`` pool: one process, so its own registry is all there is to serve.
 
 Every metric has at least one label, so a process exports only the series it actually recorded (an
 unlabelled metric would show up as zeros in every process that imports this module).
@@ -23,7 +21,6 @@ unlabelled metric would show up as zeros in every process that imports this modu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -256,19 +253,11 @@ def start_metrics_server(port: int, collectors: Iterable[Collector] = (), addr: 
     Raises with the variable's name when the port cannot be bound: a worker without its metrics would
     look dead to Prometheus, better it fails at start.
     """
-    directory = multiprocess_dir()
-    if directory:
-        _remove_dead_files(directory)
     try:
         server, _thread = start_http_server(port, addr, registry=serving_registry(collectors))
     except OSError as exc:
         raise RuntimeError(f"MMFUSE_METRICS_PORT={port}: cannot serve metrics there: {exc}") from exc
-    log.info(
-        "serving Prometheus metrics on %s:%d/metrics%s",
-        addr,
-        port,
-        f" (multiprocess, {directory})" if directory else "",
-    )
+    log.info("serving Prometheus metrics on %s:%d/metrics", addr, port)
     return server
 
 
@@ -276,48 +265,23 @@ def serve_celery_worker_metrics(port: int, collectors: Iterable[Collector] = ())
     """Serve this Celery worker's metrics on ``port`` (0: not at all) once the worker starts.
 
     Call at import of a worker module, before connecting other ``worker_init`` receivers: the server
-    then answers while the model loads. In multiprocess mode (prefork), each pool child forgets its live
-    gauges as it exits.
+    then answers while the model loads.
     """
     if not port:
         return
-    from celery.signals import worker_init, worker_process_shutdown
+    from celery.signals import worker_init
 
     collectors = tuple(collectors)
 
     def _serve(**_kwargs) -> None:
         start_metrics_server(port, collectors)
 
-    def _child_exit(**_kwargs) -> None:
-        mark_process_dead(os.getpid())
-
     worker_init.connect(_serve, weak=False, dispatch_uid="mmfuse-metrics-server")
-    worker_process_shutdown.connect(_child_exit, weak=False, dispatch_uid="mmfuse-metrics-child-exit")
-
-
-def _remove_dead_files(directory: str) -> None:
-    """Drop multiprocess files of processes that no longer run (a previous run's leftovers)."""
-    for name in os.listdir(directory):
-        if not name.endswith(".db"):
-            continue
-        pid_part = name[:-3].rsplit("_", 1)[-1]
-        if pid_part.isdigit() and int(pid_part) != os.getpid() and not _alive(int(pid_part)):
-            with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
-                os.remove(os.path.join(directory, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mark_process_dead(pid: int) -> None:
-    """Forget a dead process's live gauges (multiprocess mode); its counters and histograms stay counted."""
+    """Forget a dead gunicorn worker's live gauges (multiprocess mode); its counters and histograms stay
+    counted."""
     directory = multiprocess_dir()
     if directory:
         _mark_process_dead(pid, directory)

@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -119,7 +119,7 @@ class ApiError(Exception):
         self.headers: dict[str, str] = {}
 
     def body(self) -> dict:
-        error = {"code": self.code, "message": self.message}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
             error["details"] = self.details
         return {"error": error}
@@ -128,11 +128,15 @@ class ApiError(Exception):
 # --- request models (the API boundary) ------------------------------------------------------------
 
 
+def _default_webhook_events() -> list[WebhookEvent]:
+    return ["job.succeeded", "job.failed"]
+
+
 class WebhookRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2048)
-    events: list[WebhookEvent] = Field(default_factory=lambda: ["job.succeeded", "job.failed"], min_length=1)
+    events: list[WebhookEvent] = Field(default_factory=_default_webhook_events, min_length=1)
 
 
 class ModalityWeights(BaseModel):

@@ -94,7 +94,7 @@ class EncoderWorker:
         else:
             max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
         self.batcher = DynamicBatcher(
-            self.encoder.encode,
+            self._encode_batch,
             max_batch,
             max_wait,
             name=f"{self.modality}-inference",
@@ -113,6 +113,11 @@ class EncoderWorker:
     def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.close(timeout=30)
+
+    def _encode_batch(self, items: list[Any]) -> list[np.ndarray]:
+        """The inference thread's call: one row (a view, no copy) per item."""
+        assert self.encoder is not None  # start() loaded it before the batcher exists
+        return list(self.encoder.encode(items))
 
     def _on_batch(self, stats: BatchStats) -> None:
         log.debug(
