@@ -1,25 +1,28 @@
-"""The gateway's app factory: ``gunicorn 'mmfuse.gateway.app:create_app()'``."""
+"""The gateway's app factory: ``gunicorn 'mmfuse.gateway.app:create_app()'``.
+
+Every error answer is ``{"error": {"code", "message"}}`` from one of the handlers registered here: an
+``ApiError`` raised by a view, an HTTP error of Flask's (404 route, 405, 413), an error of a backing service
+(``BACKEND_ERRORS``: Redis, the broker, S3) as 503 ``service_unavailable``, anything else as 500.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from celery import Celery
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider
+from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from mmfuse.gateway.api import api
 from mmfuse.gateway.health import health
 from mmfuse.gateway.metrics import init_metrics
 from mmfuse.gateway.openapi import docs
-from mmfuse.shared.apikeys import KeyStore
-from mmfuse.shared.blobstore import BlobStore
-from mmfuse.shared.celery_app import QUEUES, create_celery
+from mmfuse.gateway.services import init_services
+from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.logs import configure_logging
 from mmfuse.shared.schema import ApiError, ErrorCode
 from mmfuse.shared.settings import Settings, get_settings
-from mmfuse.shared.stores import Stores, connect
-from mmfuse.shared.stores.queues import BrokerQueues
 
 log = logging.getLogger(__name__)
 
@@ -30,62 +33,76 @@ HTTP_ERROR_CODES = {
     413: ErrorCode.PAYLOAD_TOO_LARGE,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
 }
+# Sent with a 503: a Redis restart, a broker failover or an S3 blip is over in seconds.
+BACKEND_RETRY_AFTER_S = 2
 
 
-@dataclass
-class Services:
-    """What request handlers use; one per app, shared by its threads."""
+class InsertionOrderJSONProvider(DefaultJSONProvider):
+    """JSON answers keep their keys in the order the code (and the OpenAPI document) lists them."""
 
-    settings: Settings
-    stores: Stores
-    blobs: BlobStore
-    celery: Celery
-    keys: KeyStore
-    queues: BrokerQueues  # the broker's queue depths, for /metrics
+    sort_keys = False
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
+    # Also when served by anything but `mmfuse gateway` (whose gunicorn logger class configured it already:
+    # a second call replaces the handler, it does not add one).
+    configure_logging(settings, role="gateway")
     app = Flask(__name__, static_folder=None)  # no static files: no /static route
+    app.json = InsertionOrderJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
-    client = connect(settings.redis_url)  # one client (and connection pool) for every store of this process
-    broker = client if settings.effective_broker_url == settings.redis_url else connect(settings.effective_broker_url)
-    app.extensions["mmfuse"] = Services(
-        settings=settings,
-        stores=Stores.over(client, settings.job_ttl_s),
-        blobs=BlobStore(settings),
-        celery=create_celery(settings),
-        keys=KeyStore(client),
-        queues=BrokerQueues(broker, QUEUES),
-    )
+    services = init_services(app, settings)
     try:
-        app.extensions["mmfuse"].blobs.ensure_bucket()
+        services.blobs.ensure_bucket()
     except Exception as exc:  # S3 may start after us: /readyz retries and reports it
         log.warning("could not ensure bucket %s at start: %s", settings.s3_bucket, exc)
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_blueprint(docs)
     init_metrics(app)
+    register_error_handlers(app, settings)
+    return app
 
-    @app.errorhandler(ApiError)
-    def _api_error(error: ApiError):
-        headers = dict(error.headers)
-        if error.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="mmfuse"'
-        return jsonify(error.body()), error.status, headers
+
+def register_error_handlers(app: Flask, settings: Settings) -> None:
+    app.register_error_handler(ApiError, _api_error_answer)
+    for backend_error in BACKEND_ERRORS:
+        app.register_error_handler(backend_error, _backend_unavailable)
 
     @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException):
-        code = HTTP_ERROR_CODES.get(error.code, ErrorCode.INTERNAL_ERROR if error.code >= 500 else "http_error")
+    def _http_error(error: HTTPException) -> ResponseReturnValue:
+        # Flask answers code-less (proxy) exceptions itself, without calling handlers: never None here.
+        status = error.code or 500
         message = error.description or error.name
-        if error.code == 413:
+        if status == 413:
             message = f"request body exceeds {settings.max_body_bytes} bytes (MMFUSE_MAX_BODY_BYTES)"
-        return jsonify(ApiError(error.code, code, message).body()), error.code
+        return _api_error_answer(ApiError(status, _http_error_code(status), message))
 
     @app.errorhandler(Exception)
-    def _unexpected(error: Exception):
+    def _unexpected(error: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")
-        return jsonify(ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error").body()), 500
+        return _api_error_answer(ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error"))
 
-    return app
+
+def _api_error_answer(error: ApiError) -> ResponseReturnValue:
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="mmfuse"'
+    return jsonify(error.body()), error.status, headers
+
+
+def _backend_unavailable(error: Exception) -> ResponseReturnValue:
+    """503 for an error of Redis, the broker or S3, wherever in a request it happened; a submit has removed
+    what it wrote before the error reaches this handler."""
+    log.warning("a backing service is unavailable: %s: %s", type(error).__name__, error)
+    unavailable = ApiError(
+        503, ErrorCode.SERVICE_UNAVAILABLE, f"a backing service is unavailable ({type(error).__name__}); retry later"
+    )
+    unavailable.headers = {"Retry-After": str(BACKEND_RETRY_AFTER_S)}
+    return _api_error_answer(unavailable)
+
+
+def _http_error_code(status: int) -> str:
+    if status in HTTP_ERROR_CODES:
+        return HTTP_ERROR_CODES[status]
+    return ErrorCode.INTERNAL_ERROR if status >= 500 else "http_error"

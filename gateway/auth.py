@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import redis
-from flask import current_app, g, request
+from flask import g, request
 
+from mmfuse.gateway.services import services
 from mmfuse.shared.apikeys import ApiKey
 from mmfuse.shared.schema import ApiError, ErrorCode
 
@@ -15,18 +15,14 @@ ANONYMOUS = ApiKey(id="", name="anonymous", created_at=0.0)
 
 def authenticate() -> None:
     """``before_request`` of ``/v1``: sets ``g.api_key`` or answers 401."""
-    services = current_app.extensions["mmfuse"]
-    if not services.settings.auth_required:
+    if not services().settings.auth_required:
         g.api_key = ANONYMOUS
         return
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise ApiError(401, ErrorCode.UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'")
-    try:
-        key = services.keys.authenticate(presented.strip())
-    except redis.RedisError as exc:
-        raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"key store unavailable: {exc}") from None
+    key = services().keys.authenticate(presented.strip())
     if key is None:
         raise ApiError(401, ErrorCode.UNAUTHORIZED, "unknown or revoked API key")
     g.api_key = key
@@ -34,16 +30,13 @@ def authenticate() -> None:
 
 def enforce_rate_limit() -> None:
     """One token from the caller's bucket per job submission, else 429 with ``Retry-After``."""
-    services = current_app.extensions["mmfuse"]
+    settings = services().settings
     key: ApiKey = g.api_key
-    rate = key.rate_per_s if key.rate_per_s is not None else services.settings.rate_limit_per_s
-    burst = key.burst if key.burst is not None else services.settings.rate_limit_burst
+    rate = key.rate_per_s if key.rate_per_s is not None else settings.rate_limit_per_s
+    burst = key.burst if key.burst is not None else settings.rate_limit_burst
     if rate <= 0 or not key.id:
         return
-    try:
-        allowed, wait_s = services.keys.take_token(key.id, rate, burst)
-    except redis.RedisError as exc:
-        raise ApiError(503, ErrorCode.SERVICE_UNAVAILABLE, f"rate limiter unavailable: {exc}") from None
+    allowed, wait_s = services().keys.take_token(key.id, rate, burst)
     if not allowed:
         retry_after = max(1, math.ceil(wait_s))
         error = ApiError(
@@ -57,4 +50,4 @@ def enforce_rate_limit() -> None:
 
 def owns(owner: str) -> bool:
     """Whether the caller may see a job: its own, or any when auth is off."""
-    return not current_app.extensions["mmfuse"].settings.auth_required or owner == g.api_key.id
+    return not services().settings.auth_required or owner == g.api_key.id

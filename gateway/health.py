@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
+from mmfuse.gateway.services import services
 from mmfuse.shared.schema import short_error
 
 health = Blueprint("health", __name__)
@@ -16,9 +17,8 @@ def healthz():
 
 @health.get("/readyz")
 def readyz():
-    services = current_app.extensions["mmfuse"]
     checks = {}
-    for name, ping in (("redis", services.stores.jobs.ping), ("s3", services.blobs.ping)):
+    for name, ping in (("redis", services().stores.jobs.ping), ("s3", services().blobs.ping)):
         try:
             checks[name] = "ok" if ping() else "missing bucket"
         except Exception as exc:  # any failure means not ready; say which

@@ -14,6 +14,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client.exposition import choose_encoder
 
+from mmfuse.gateway.services import services
 from mmfuse.shared import metrics
 
 blueprint = Blueprint("metrics", __name__)
@@ -23,8 +24,8 @@ SUBMIT_ENDPOINT = "v1.submit_job"
 
 def init_metrics(app: Flask) -> None:
     """Register ``/metrics`` and the request hooks; call once the app's services exist."""
-    services = app.extensions["mmfuse"]
-    store = metrics.StoreCollector(services.queues.depths, services.stores.jobs.count_in_flight)
+    app_services = services(app)
+    store = metrics.StoreCollector(app_services.queues.depths, app_services.stores.jobs.count_in_flight)
     app.extensions["mmfuse_metrics"] = metrics.serving_registry([store])
     app.before_request(_before)
     app.after_request(_after)

@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from mmfuse.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from mmfuse.gateway.idempotency import MAX_KEY_LENGTH
+from mmfuse.gateway.services import services
 from mmfuse.shared import responses
 from mmfuse.shared.responses import ENCODING_FORMATS
 from mmfuse.shared.schema import JobOptions, JobRequest
@@ -52,6 +53,7 @@ def _error(description: str, headers: dict | None = None) -> dict:
     return _json(responses.ErrorBody, description, headers)
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
 _LOCATION = {"Location": {"description": "The job's status URL.", "schema": {"type": "string"}}}
 # What a client (or a stateful fuzzer) does next with a submitted job's id.
 _JOB_LINKS = {
@@ -61,7 +63,7 @@ _JOB_LINKS = {
 
 
 def build_spec(app: Flask) -> dict:
-    settings: Settings = app.extensions["mmfuse"].settings
+    settings = services(app).settings
     _, schemas = models_json_schema(
         [(model, "validation") for model in _MODELS], ref_template="#/components/schemas/{model}"
     )
@@ -84,7 +86,9 @@ def build_spec(app: Flask) -> dict:
                 {"WWW-Authenticate": {"description": '`Bearer realm="mmfuse"`', "schema": {"type": "string"}}},
             )
         }
-    unavailable = {"503": _error("Redis, S3 or the broker is unavailable; nothing was kept: retry later.")}
+    unavailable = {
+        "503": _error("Redis, S3 or the broker is unavailable; nothing was kept: retry later.", _RETRY_AFTER)
+    }
     job_id = {
         "name": "job_id",
         "in": "path",
@@ -162,10 +166,7 @@ def build_spec(app: Flask) -> dict:
             "413": _error("The body, an image's bytes or an image's pixels exceed a limit."),
             "415": _error("Not JSON or multipart, or an image in a format that is not accepted."),
             "422": _error("The request is well-formed but invalid: see `error.details`."),
-            "429": _error(
-                "This API key's rate limit is exceeded.",
-                {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
-            ),
+            "429": _error("This API key's rate limit is exceeded.", _RETRY_AFTER),
             **unavailable,
         },
     }

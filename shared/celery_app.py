@@ -15,6 +15,7 @@ from celery import Celery, Task
 from kombu import Queue
 
 from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.logs import install_celery_logging
 from mmfuse.shared.schema import Stage
 from mmfuse.shared.settings import Settings, get_settings
 
@@ -135,6 +136,7 @@ def beat_schedule(settings: Settings) -> dict:
 
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
+    install_celery_logging(settings)
     app = Celery("mmfuse", broker=settings.effective_broker_url)
     app.conf.update(
         # JSON only: a pickled message is refused, never executed.

@@ -1,0 +1,55 @@
+"""What the gateway's request handlers use (stores, blob store, Celery app, key store), made once per app by the
+app factory and reached through ``services()``, as Flask's tutorial reaches its database through ``get_db()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, current_app
+
+from mmfuse.shared.apikeys import KeyStore
+from mmfuse.shared.blobstore import BlobStore
+from mmfuse.shared.celery_app import QUEUES, create_celery
+from mmfuse.shared.settings import Settings
+from mmfuse.shared.stores import Stores, connect
+from mmfuse.shared.stores.queues import BrokerQueues
+
+EXTENSION = "mmfuse"  # the key of an app's Services in app.extensions
+
+
+@dataclass(frozen=True)
+class Services:
+    """One per app, shared by its threads."""
+
+    settings: Settings
+    stores: Stores
+    blobs: BlobStore
+    celery: Celery
+    keys: KeyStore
+    queues: BrokerQueues  # the broker's queue depths, for /metrics
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Services:
+        """Clients only: nothing is reached until a request needs it, so the app starts with its backends down."""
+        client = connect(settings.redis_url)  # one client (and connection pool) for every store of this process
+        broker_url = settings.effective_broker_url
+        broker = client if broker_url == settings.redis_url else connect(broker_url)
+        return cls(
+            settings=settings,
+            stores=Stores.over(client, settings.job_ttl_s),
+            blobs=BlobStore(settings),
+            celery=create_celery(settings),
+            keys=KeyStore(client),
+            queues=BrokerQueues(broker, QUEUES),
+        )
+
+
+def init_services(app: Flask, settings: Settings) -> Services:
+    app.extensions[EXTENSION] = made = Services.connect(settings)
+    return made
+
+
+def services(app: Flask | None = None) -> Services:
+    """The services of ``app``, by default of the app handling the current request."""
+    return (app if app is not None else current_app).extensions[EXTENSION]
