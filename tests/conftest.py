@@ -1,28 +1,16 @@
 """Shared fixtures: a real local stack (own redis-server, moto S3 server, gunicorn gateway, Celery worker
-processes) on free ports, started once per test session through the same ``LocalStack`` as ``mmfuse up``."""
+processes) on free ports, started once per test session through the same ``LocalStack`` as ``mmfuse up``;
+the helpers they are built from live in ``tests/support.py``."""
 
 from __future__ import annotations
 
-import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-TEST_WEBHOOK_SECRETS = (
-    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
-)
-
-
-def make_png(color: tuple[int, int, int], size: tuple[int, int] = (48, 40), fmt: str = "PNG") -> bytes:
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).rectangle((4, 4, size[0] // 2, size[1] - 4), fill=color)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
+from tests.support import Reference, WebhookReceiver, stack_env
 
 
 @pytest.fixture(scope="session")
@@ -30,34 +18,6 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     from mmfuse.shared.models import make_test_checkpoint
 
     return make_test_checkpoint(tmp_path_factory.mktemp("models") / "clip-tiny", "tiny")
-
-
-def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
-    from mmfuse.cli.stack import free_port
-
-    env = {
-        "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-        "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "MMFUSE_S3_BUCKET": "mmfuse-test",
-        "MMFUSE_MODEL": str(checkpoint),
-        "MMFUSE_IMAGE_MAX_WAIT_MS": "20",
-        "MMFUSE_TEXT_MAX_WAIT_MS": "10",
-        "MMFUSE_WORKER_CONCURRENCY": "64",
-        "MMFUSE_WEBHOOK_SECRETS": " ".join(TEST_WEBHOOK_SECRETS),
-        "MMFUSE_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8 ::1/128",
-        "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "0.2 0.2 0.2",
-        "MMFUSE_WEBHOOK_CONNECT_TIMEOUT_S": "1",
-        "MMFUSE_WEBHOOK_READ_TIMEOUT_S": "1",
-        # Maintenance (celery beat): the reaper and the blob sweep run every few seconds; the deadline is
-        # long enough for any real test job (tests/integration/test_lifecycle.py back-dates its stuck jobs).
-        "MMFUSE_REAPER_INTERVAL_S": "1",
-        "MMFUSE_CLEANUP_INTERVAL_S": "2",
-        "MMFUSE_JOB_DEADLINE_S": "600",
-        # Metrics on: LocalStack gives each worker its own free port (stack.metrics_urls).
-        "MMFUSE_METRICS_PORT": "1",
-    }
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -102,12 +62,15 @@ def redis_client(stack):
 
 
 @pytest.fixture(scope="session")
-def reference(checkpoint_dir):
+def reference(checkpoint_dir) -> Reference:
     """The same checkpoint run in-process, without HTTP or queues: what the pipeline must reproduce."""
-    from mmfuse.shared.models import get_encoder
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return {
-        "image": get_encoder("image", str(checkpoint_dir)),
-        "text": get_encoder("text", str(checkpoint_dir)),
-    }
+    return Reference(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook receiver of the module's own: callback URLs with scripted answers, every request recorded."""
+    server = WebhookReceiver()
+    yield server
+    server.close()

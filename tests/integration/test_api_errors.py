@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from tests.conftest import make_png
+from tests.support import make_png
 
 
 def job_keys(redis_client) -> set[bytes]:

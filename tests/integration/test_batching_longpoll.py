@@ -11,8 +11,7 @@ import numpy as np
 from mmfuse.shared.schema import JobSpec, new_job_id
 from mmfuse.shared.stores import connect
 from mmfuse.shared.stores.jobs import JobStore
-from tests.conftest import make_png
-from tests.integration.test_pipeline import TOL, ref_vectors
+from tests.support import TOL, make_png
 
 
 def test_64_concurrent_jobs_are_batched_and_correct(client, reference):
@@ -24,8 +23,8 @@ def test_64_concurrent_jobs_are_batched_and_correct(client, reference):
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         jobs = list(pool.map(run, inputs))
-    ref_images = ref_vectors(reference["image"], [image for image, _ in inputs])
-    ref_texts = ref_vectors(reference["text"], [text for _, text in inputs])
+    ref_images = reference.images([image for image, _ in inputs])
+    ref_texts = reference.texts([text for _, text in inputs])
     for i, job in enumerate(jobs):
         assert job["status"] == "succeeded", job["error"]
         np.testing.assert_allclose(job["result"]["embeddings"]["images"][0], ref_images[i], atol=TOL)

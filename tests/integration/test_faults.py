@@ -39,8 +39,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import make_png, stack_env
-from tests.integration.test_pipeline import TOL, ref_vectors
+from tests.support import TOL, aof_written, make_png, stack_env, wait_for, wait_until_no_tasks
 
 VISIBILITY_S = 5
 # A one-image job waits in the batcher for a minute (by default a lone job runs at once).
@@ -138,16 +137,6 @@ def wait_job(stack, api, job_id: str, timeout_s: float = 90) -> dict:
 def field(rds, job_id: str, name: str) -> str | None:
     raw = rds.hget(f"mmfuse:job:{job_id}", name)
     return raw.decode() if raw is not None else None
-
-
-def wait_for(check, what: str, timeout_s: float, interval_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what}: not after {timeout_s}s")
 
 
 def alive(stack, name: str) -> bool:
@@ -419,8 +408,8 @@ def test_redis_down_submit_gets_a_quick_503_leaves_nothing_and_new_jobs_succeed_
     noauth_url = f"http://{bind}"
     wait_for(lambda: port_ready(f"{noauth_url}/readyz"), "the gateway without auth", 60, 0.2)
     before = wait_job(stack, api, submit_ok(stack, api, texts=["written before the crash"]))
-    time.sleep(1.5)  # appendfsync everysec: let the last writes reach the AOF
     keys, blobs = job_keys(rds), blob_keys(stack)
+    wait_for(lambda: aof_written(rds), "Redis to write what it acknowledged to its append-only file", 10)
 
     stack.stop_process("redis", sig=signal.SIGKILL)
     try:
@@ -470,12 +459,8 @@ def test_queued_jobs_survive_a_redis_restart(stack, api, rds, reference):
     jobs = [wait_job(stack, api, job_id, timeout_s=150) for job_id in ids]
     for job, (image, text) in zip(jobs, inputs, strict=True):
         assert job["status"] == "succeeded", job["error"]
-        np.testing.assert_allclose(
-            job["result"]["embeddings"]["images"], ref_vectors(reference["image"], [image]), atol=TOL
-        )
-        np.testing.assert_allclose(
-            job["result"]["embeddings"]["texts"], ref_vectors(reference["text"], [text]), atol=TOL
-        )
+        np.testing.assert_allclose(job["result"]["embeddings"]["images"], reference.images([image]), atol=TOL)
+        np.testing.assert_allclose(job["result"]["embeddings"]["texts"], reference.texts([text]), atol=TOL)
 
 
 # --- kill -9 a worker that holds a task -------------------------------------------------------------
@@ -490,7 +475,7 @@ def test_kill_9_image_worker_holding_a_task_the_job_still_completes_once(stack, 
     standby = spawn_standby_image_worker(stack, "image-next")
     stack.wait_workers(("image", "image-next"), timeout_s=120)
     image, text = make_png((220, 40, 40), size=(50, 36)), "a red box"
-    events = rds.pubsub(ignore_subscribe_messages=True)
+    events = rds.pubsub()
     events.psubscribe("mmfuse:job:*:events")
     try:
         job_id = submit_ok(stack, api, [image], [text])
@@ -510,25 +495,26 @@ def test_kill_9_image_worker_holding_a_task_the_job_still_completes_once(stack, 
         assert field(rds, job_id, "image_attempts") == "2"
         assert field(rds, job_id, "fusion_attempts") == "1"
         assert VISIBILITY_S - 1 <= recovered_s < VISIBILITY_S + 20, recovered_s
-        np.testing.assert_allclose(
-            job["result"]["embeddings"]["images"], ref_vectors(reference["image"], [image]), atol=TOL
-        )
-        np.testing.assert_allclose(
-            job["result"]["embeddings"]["texts"], ref_vectors(reference["text"], [text]), atol=TOL
-        )
+        np.testing.assert_allclose(job["result"]["embeddings"]["images"], reference.images([image]), atol=TOL)
+        np.testing.assert_allclose(job["result"]["embeddings"]["texts"], reference.texts([text]), atol=TOL)
 
-        # Exactly one result: the job ended once, and no copy of any of its tasks is left to run again.
-        ended, deadline = [], time.monotonic() + 1.0
-        while time.monotonic() < deadline:  # None also stands for an ignored (subscribe) message
-            message = events.get_message(timeout=0.1)
-            if message is not None and message["channel"].decode() == f"mmfuse:job:{job_id}:events":
-                ended.append(message["data"].decode())
-        assert ended == ["succeeded"]
+        # Exactly one result: no copy of any of the job's tasks is left to run again, and the job ended once.
+        wait_until_no_tasks(rds, [job_id], queues=QUEUES)  # no maintenance pool here: its release stays
+        assert published(events, f"mmfuse:job:{job_id}:events") == ["succeeded"]
         assert sum(queue_lengths(rds).values()) == 0
         wait_for(lambda: rds.hlen("unacked") == 0, "every delivered message acked", 10, 0.1)
     finally:
         events.close()
         stack.stop_process("worker-image-hold", sig=signal.SIGKILL)
+
+
+def published(events, channel: str) -> list[str]:
+    """The messages on ``channel`` that the pattern subscription ``events`` has received so far."""
+    found = []
+    while (message := events.get_message(timeout=0.1)) is not None:  # None: nothing more to read
+        if message["type"] == "pmessage" and message["channel"].decode() == channel:
+            found.append(message["data"].decode())
+    return found
 
 
 # --- a task that kills its worker every time --------------------------------------------------------

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -27,7 +24,7 @@ from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.jobs import JobStore
 from mmfuse.workers.maintenance import tasks
-from tests.conftest import make_png
+from tests.support import make_png, wait_for, wait_until_no_tasks
 
 DEADLINE_S = 600  # MMFUSE_JOB_DEADLINE_S of the test stack
 
@@ -88,53 +85,6 @@ def write_job(
     )
     jobs.create(spec)
     return spec
-
-
-def wait_for(check, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met after {timeout_s} s")
-
-
-class Receiver:
-    """Collects webhook callbacks (their JSON bodies) on a loopback port."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.bodies.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
-
-    def events_for(self, job_id: str) -> list[str]:
-        return [body["type"] for body in self.bodies if body["data"]["id"] == job_id]
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
 
 
 # --- idempotency ------------------------------------------------------------------------------------
@@ -283,21 +233,24 @@ def test_cancel_a_queued_job(stack, api, jobs, receiver):
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "job_already_ended"
     assert again.json()["error"]["details"][0]["status"] == "canceled"
-    wait_for(lambda: receiver.events_for(spec.id), what="job.canceled webhook")
+    wait_for(lambda: receiver.events_for(spec.id), "job.canceled webhook")
     assert receiver.events_for(spec.id) == ["job.canceled"]
-    assert wait_for(lambda: job.get().json()["webhook"]["state"] == "delivered", what="delivery recorded")
+    assert wait_for(lambda: job.get().json()["webhook"]["state"] == "delivered", "delivery recorded")
 
 
-def test_cancel_sends_no_webhook_it_did_not_subscribe(stack, api, jobs, receiver):
+def test_cancel_sends_no_webhook_it_did_not_subscribe(stack, api, jobs, receiver, redis_client):
     spec = write_job(
         stack, jobs, webhook={"url": receiver.url("default-events"), "events": ["job.succeeded", "job.failed"]}
     )
     job = MmfuseJob(api, stack, spec.id)
     assert job.cancel().status_code == 200
-    webhook = wait_for(lambda: job.get().json()["webhook"], what="webhook view")
-    assert (webhook["state"], webhook["event"]) == ("not_subscribed", "job.canceled")
-    time.sleep(1.0)
+    webhook = job.get().json()["webhook"]
+    assert (webhook["state"], webhook["event"], webhook["attempts"]) == ("not_subscribed", "job.canceled", [])
+    # The cancel answered after queueing whatever it queues: once no task of the job is left, nothing
+    # more can be sent to the receiver.
+    wait_until_no_tasks(redis_client, [spec.id])
     assert receiver.events_for(spec.id) == []
+    assert job.get().json()["webhook"]["attempts"] == []
 
 
 def test_work_under_way_does_not_overwrite_a_cancel(stack, api, stores, jobs, celery):
@@ -312,17 +265,20 @@ def test_work_under_way_does_not_overwrite_a_cancel(stack, api, stores, jobs, ce
     assert view["status"] == "canceled" and view["result"] is None and view["error"] is None
 
 
-def test_cancel_races_a_real_job(stack, api, client):
+def test_cancel_races_a_real_job(stack, api, client, redis_client):
     """Submit then cancel at once, many times: each job ends either canceled (and stays so, with its
     tasks revoked) or, when the cancel came too late, as it would have without it (409)."""
-    outcomes = []
+    outcomes, job_ids = [], []
     for i in range(6):
         job_id = client.submit([make_png((i * 40, 0, 0))], [f"race {i}"], outputs=["embeddings", "similarity"])
         job = MmfuseJob(api, stack, job_id)
         answer = job.cancel()
         assert answer.status_code in (200, 409), answer.text
         outcomes.append((job, answer.status_code))
-    time.sleep(2.0)  # time for tasks already taken to finish (and be refused)
+        job_ids.append(job_id)
+    # Tasks already taken finish (their results refused), the others are dropped as revoked: once every
+    # message of these jobs is acked, nothing is left that could still move a status.
+    wait_until_no_tasks(redis_client, job_ids, timeout_s=60)
     for job, code in outcomes:
         view = job.get().json()
         if code == 200:
@@ -341,7 +297,7 @@ def test_cancel_revokes_the_jobs_tasks(stack, api, jobs, celery):
         replies = celery.control.inspect(timeout=1.0).revoked() or {}
         return {task for ids in replies.values() for task in ids}
 
-    wait_for(lambda: wanted <= revoked(), timeout_s=15, what="the job's task ids revoked on the workers")
+    wait_for(lambda: wanted <= revoked(), "the job's task ids revoked on the workers", 15)
 
 
 def test_cancel_unknown_or_another_keys_job_is_404(stack, api, jobs):
@@ -369,7 +325,7 @@ def test_an_expired_job_is_404(stack, api, client, redis_client):
     job_id = client.submit(texts=["short-lived"])
     assert client.wait(job_id)["status"] == "succeeded"
     redis_client.pexpire(f"mmfuse:job:{job_id}", 1)  # what MMFUSE_JOB_TTL_S does, sooner
-    time.sleep(0.05)
+    wait_for(lambda: not redis_client.exists(f"mmfuse:job:{job_id}"), "the job's record to expire")
     response = api.get(f"{stack.gateway_url}/v1/jobs/{job_id}", timeout=10)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
@@ -379,7 +335,7 @@ def test_an_expired_job_is_404(stack, api, client, redis_client):
 def test_blobs_are_deleted_when_the_job_ends(client, blobs):
     job_id = client.submit([make_png((0, 0, 200)), make_png((0, 200, 0))], ["blob release"])
     assert client.wait(job_id)["status"] == "succeeded"
-    wait_for(lambda: not blobs.list_keys(f"jobs/{job_id}/"), timeout_s=30, what="blobs released")
+    wait_for(lambda: not blobs.list_keys(f"jobs/{job_id}/"), "blobs released")
 
 
 def test_sweep_deletes_blobs_of_ended_and_expired_jobs_only(stack, jobs, blobs):
@@ -425,7 +381,7 @@ def test_reaper_fails_jobs_past_their_deadline(stack, api, stores, jobs, celery,
     assert "text: started 1 time(s), never finished" in running_view["error"]["message"]
     assert "image:" not in running_view["error"]["message"]
     assert jobs.get(fresh.id).status == Status.QUEUED
-    wait_for(lambda: receiver.events_for(queued.id) == ["job.failed"], what="job.failed webhook")
+    wait_for(lambda: receiver.events_for(queued.id) == ["job.failed"], "job.failed webhook")
     assert jobs.cancel(fresh.id)  # tidy: it would be reaped in 60 s
 
 
@@ -435,8 +391,7 @@ def test_beat_runs_the_maintenance_tasks(stack, api, stores, jobs):
     stuck = write_job(stack, jobs, age_s=DEADLINE_S + 5)
     view = wait_for(
         lambda: (v := MmfuseJob(api, stack, stuck.id).get().json())["status"] == "failed" and v,
-        timeout_s=30,
-        what="stuck job reaped by beat",
+        "stuck job reaped by beat",
     )
     assert view["error"]["code"] == "deadline_exceeded"
 
@@ -444,5 +399,5 @@ def test_beat_runs_the_maintenance_tasks(stack, api, stores, jobs):
         runs = stores.maintenance.last_runs()
         return all(runs.get(name, (0.0, 0))[0] > started for name in ("reap_jobs", "sweep_blobs"))
 
-    wait_for(ran_since, timeout_s=30, what="both periodic tasks run")
+    wait_for(ran_since, "both periodic tasks run")
     assert stack.processes["beat"].poll() is None

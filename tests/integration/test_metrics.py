@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import connect
 from mmfuse.shared.stores.jobs import JobStore
 from mmfuse.shared.stores.queues import BrokerQueues
-from tests.conftest import make_png
+from tests.support import Step, make_png, wait_for, wait_until_no_tasks
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "mmfuse.json"
@@ -99,59 +98,20 @@ def scrape_all(stack) -> dict[str, Samples]:
     return {name: scrape(url) for name, url in targets(stack).items()}
 
 
-def wait_for(check, what: str, timeout_s: float = 15.0, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
+# The pools whose metrics the counts below are about; maintenance runs on beat's schedule all along.
+COUNTED_QUEUES = ("image", "text", "fusion", "webhooks")
 
 
 def quiesce(redis_client) -> None:
-    """Nothing queued and (as far as it ends soon) nothing running: counts taken now are not moved by
-    earlier tests' work. With acks_late a task is in kombu's ``unacked`` hash while it runs."""
-    wait_for(lambda: sum(BrokerQueues(redis_client, QUEUES).depths().values()) == 0, "empty queues", timeout_s=30)
-    # Webhook retries waiting for their countdown are held unacked too; give short ones time to finish.
-    deadline = time.monotonic() + 15
-    while redis_client.hlen("unacked") and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-# --- a webhook receiver -------------------------------------------------------------------------
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.calls = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.calls += 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    """No task of the counted pools queued, running or waiting for its countdown: counts taken now are not
+    moved by earlier tests' work."""
+    wait_until_no_tasks(redis_client, queues=COUNTED_QUEUES)
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    receiver = Receiver()
-    yield receiver
-    receiver.close()
+def hook_url(receiver) -> str:
+    """The workload's callback URL: 204 to every delivery."""
+    return receiver.url("metrics", Step(204))
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -172,8 +132,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def run_workload(stack, api, client, receiver) -> dict:
-    """Two good jobs, one with a webhook, one whose image cannot be decoded, one rejected submission."""
+def run_workload(stack, api, client, redis_client, hook_url: str) -> dict:
+    """Two good jobs, one with a webhook, one whose image cannot be decoded, one rejected submission; returns
+    once every task of the jobs ran and was acked, so that whatever a task records is in."""
     png = make_png((200, 30, 30))
     corrupt = png[: len(png) // 2]  # passes the gateway's format check, fails to decode in the worker
     bodies = {
@@ -186,7 +147,7 @@ def run_workload(stack, api, client, receiver) -> dict:
         "webhook": {
             "images": [b64(png), b64(make_png((0, 0, 200)))],
             "texts": ["blue"],
-            "webhook": {"url": receiver.url, "events": ["job.succeeded"]},
+            "webhook": {"url": hook_url, "events": ["job.succeeded"]},
         },
         "corrupt": {"images": [b64(corrupt)]},
         "rejected": {"texts": []},
@@ -202,36 +163,42 @@ def run_workload(stack, api, client, receiver) -> dict:
     assert jobs["classify"]["status"] == jobs["webhook"]["status"] == "succeeded"
     assert jobs["corrupt"]["status"] == "failed" and jobs["corrupt"]["error"]["code"] == "image_decode_failed"
     wait_for(lambda: client.get(ids["webhook"])["webhook"]["state"] == "delivered", "the webhook's delivery")
+    # A task records its metrics before it is acked (acks_late), and sends any follow-up task before that.
+    wait_until_no_tasks(redis_client, ids.values())
     return {"jobs": jobs, "sent_bytes": sent_bytes}
 
 
 # --- exact counts after real jobs -----------------------------------------------------------------
 
 
-def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, redis_client, receiver):
+def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, redis_client, receiver, hook_url):
     quiesce(redis_client)
     before = scrape_all(stack)
-    calls_before = receiver.calls
-    result = run_workload(stack, api, client, receiver)
+    calls_before = len(receiver.received("metrics"))
+    result = run_workload(stack, api, client, redis_client, hook_url)  # every task of its jobs ended
     jobs = result["jobs"]
+    image, text = {"modality": "image"}, {"modality": "text"}
 
     def delta(target: str, name: str, **labels: str) -> float:
         return value(after[target], name, **labels) - value(before[target], name, **labels)
 
-    # Job ends are recorded right after the status moves; the client may have seen the status first.
-    def settled() -> bool:
+    # The one thing recorded outside a task: the batcher's thread records a batch (one callback, the
+    # inference time last) just after it answered the batch's tasks. Wait until every item of the workload
+    # is in a batch recorded to its end; nothing of the workload is left to be recorded after that.
+    def batches_recorded() -> bool:
         now = scrape_all(stack)
-        return (
-            value(now["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded")
-            - value(before["fusion"], "mmfuse_job_duration_seconds_count", outcome="succeeded")
-            >= 2
-            and value(now["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered")
-            - value(before["webhooks"], "mmfuse_webhook_deliveries_total", outcome="delivered")
-            >= 1
+
+        def grown(target: str, name: str, labels: dict[str, str]) -> float:
+            return value(now[target], name, **labels) - value(before[target], name, **labels)
+
+        return all(
+            grown(target, "mmfuse_encoder_batch_size_items_sum", labels) >= items
+            and grown(target, "mmfuse_encoder_inference_duration_seconds_count", labels)
+            == grown(target, "mmfuse_encoder_batches_total", labels)
+            for target, labels, items in (("image", image, 3), ("text", text, 5))
         )
 
-    wait_for(settled, "the workers to record the jobs' ends")
-    time.sleep(0.3)  # anything still to come would show up now, and make the counts below too high
+    wait_for(batches_recorded, "the encoders to record the workload's batches")
     after = scrape_all(stack)
 
     # Gateway: 4 submissions (3 accepted, 1 rejected), their bodies, and the 3 polls' GETs.
@@ -253,7 +220,6 @@ def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, re
         assert (metrics.JOBS_IN_FLIGHT_NAME, frozenset({("status", status)})) in after["gateway"], status
 
     # Image pool: 3 tasks (1 + 2 good images, 1 corrupt), 3 images encoded; the corrupt one failed it.
-    image = {"modality": "image"}
     assert delta("image", "mmfuse_encoder_items_total", **image) == 3
     assert delta("image", "mmfuse_encoder_fetch_duration_seconds_count", **image) == 3
     assert delta("image", "mmfuse_encoder_preprocess_duration_seconds_count", **image) == 3
@@ -262,7 +228,6 @@ def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, re
     assert delta("image", "mmfuse_job_failures_total", stage="image", reason="image_decode_failed") == 1
     assert delta("image", "mmfuse_job_duration_seconds_count", outcome="failed") == 1
     # Text pool: 2 tasks; 2 + 1 texts and 2 labels.
-    text = {"modality": "text"}
     assert delta("text", "mmfuse_encoder_items_total", **text) == 5
     assert delta("text", "mmfuse_encoder_fetch_duration_seconds_count", **text) == 2
     assert delta("text", "mmfuse_encoder_preprocess_duration_seconds_count", **text) == 5
@@ -280,7 +245,7 @@ def test_every_component_counts_exactly_the_jobs_that_ran(stack, api, client, re
     assert delta("fusion", "mmfuse_fusion_duration_seconds_count", strategy="mean") == 2
     assert delta("fusion", "mmfuse_job_duration_seconds_count", outcome="succeeded") == 2
     # Webhooks: one delivery, one attempt.
-    assert receiver.calls - calls_before == 1
+    assert len(receiver.received("metrics")) - calls_before == 1
     assert delta("webhooks", "mmfuse_webhook_deliveries_total", outcome="delivered") == 1
     assert delta("webhooks", "mmfuse_webhook_attempt_duration_seconds_count", result="success") == 1
 
@@ -555,7 +520,7 @@ def _all_targets_up(prometheus, expected: int) -> bool:
     return len(active) == expected and all(t["health"] == "up" for t in active)
 
 
-def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, receiver, prometheus):
+def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, redis_client, hook_url, prometheus):
     # The deployment scrapes every component the stack runs, under the job names used here.
     deployed_jobs = {job["job_name"] for job in yaml.safe_load(DEPLOY_PROMETHEUS.read_text())["scrape_configs"]}
     stack_jobs = {scrape_job(target) for target in targets(stack)}
@@ -563,9 +528,10 @@ def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, 
     wait_for(
         lambda: _all_targets_up(prometheus, len(stack_jobs)), "every target to be scraped successfully", timeout_s=20
     )
-    run_workload(stack, api, client, receiver)  # every series exists before the measured run below
-    time.sleep(1.5)
-    run_workload(stack, api, client, receiver)
+    run_workload(stack, api, client, redis_client, hook_url)  # every series exists before the measured run below
+    first_done = time.time()
+    wait_for(lambda: _oldest_scrape(prometheus) > first_done, "a scrape of every target after the first workload")
+    run_workload(stack, api, client, redis_client, hook_url)
     done = time.time()
     # Two scrapes of every target after the workload: rates over the window see it.
     wait_for(lambda: _oldest_scrape(prometheus) > done + 1.5, "scrapes after the workload", timeout_s=20)

@@ -10,13 +10,7 @@ import pytest
 import requests
 
 from mmfuse.workers.fusion.fusion import fuse, zero_shot
-from tests.conftest import make_png
-
-TOL = 1e-5
-
-
-def ref_vectors(encoder, raw_items) -> np.ndarray:
-    return encoder.encode([encoder.prepare(raw) for raw in raw_items])
+from tests.support import TOL, make_png
 
 
 def test_embeddings_equal_in_process_model(client, reference):
@@ -27,14 +21,14 @@ def test_embeddings_equal_in_process_model(client, reference):
     assert job["status"] == "succeeded", job["error"]
     result = job["result"]
 
-    ref_images = ref_vectors(reference["image"], [image])
-    ref_texts = ref_vectors(reference["text"], texts)
-    ref_labels = ref_vectors(reference["text"], labels)
+    ref_images = reference.images([image])
+    ref_texts = reference.texts(texts)
+    ref_labels = reference.texts(labels)
 
     got_images = np.array(result["embeddings"]["images"], dtype=np.float32)
     got_texts = np.array(result["embeddings"]["texts"], dtype=np.float32)
-    assert got_images.shape == (1, reference["image"].dim)
-    assert got_texts.shape == (2, reference["text"].dim)
+    assert got_images.shape == (1, reference.image.dim)
+    assert got_texts.shape == (2, reference.text.dim)
     np.testing.assert_allclose(got_images, ref_images, atol=TOL)
     np.testing.assert_allclose(got_texts, ref_texts, atol=TOL)
     np.testing.assert_allclose(
@@ -60,14 +54,14 @@ def test_each_output_kind_alone(client, reference, outputs):
     job = client.run([image], texts, labels=labels, outputs=outputs)
     assert job["status"] == "succeeded", job["error"]
     assert set(job["result"]) == set(outputs)
-    ref_images = ref_vectors(reference["image"], [image])
-    ref_texts = ref_vectors(reference["text"], texts)
+    ref_images = reference.images([image])
+    ref_texts = reference.texts(texts)
     if outputs == ["embeddings"]:
         np.testing.assert_allclose(job["result"]["embeddings"]["images"], ref_images, atol=TOL)
     elif outputs == ["similarity"]:
         np.testing.assert_allclose(job["result"]["similarity"], ref_images @ ref_texts.T, atol=TOL)
     else:
-        ref_labels = ref_vectors(reference["text"], labels)
+        ref_labels = reference.texts(labels)
         np.testing.assert_allclose(
             job["result"]["classify"]["images"][0]["scores"], zero_shot(ref_images, ref_labels, 100.0)[0], atol=1e-4
         )
@@ -92,9 +86,7 @@ def test_text_only_and_image_only_jobs(client, reference):
     text_job = client.run(texts=["only text"], outputs=["embeddings"])
     assert text_job["status"] == "succeeded"
     assert set(text_job["timings"]["stages"]) == {"text", "fusion"}
-    np.testing.assert_allclose(
-        text_job["result"]["embeddings"]["fused"], ref_vectors(reference["text"], ["only text"])[0], atol=TOL
-    )
+    np.testing.assert_allclose(text_job["result"]["embeddings"]["fused"], reference.texts(["only text"])[0], atol=TOL)
     image = make_png((1, 2, 3))
     image_job = client.run([image], fusion="concat")
     assert image_job["status"] == "succeeded"
@@ -113,8 +105,8 @@ def test_50_concurrent_jobs_get_their_own_results(client, reference):
     with ThreadPoolExecutor(max_workers=50) as pool:
         results = list(pool.map(run, jobs))
     assert len({job["id"] for job in results}) == 50
-    ref_images = ref_vectors(reference["image"], [image for image, _ in jobs])
-    ref_texts = ref_vectors(reference["text"], [texts[0] for _, texts in jobs])
+    ref_images = reference.images([image for image, _ in jobs])
+    ref_texts = reference.texts([texts[0] for _, texts in jobs])
     for i, job in enumerate(results):
         assert job["status"] == "succeeded", job["error"]
         np.testing.assert_allclose(job["result"]["embeddings"]["images"][0], ref_images[i], atol=TOL)

@@ -5,112 +5,38 @@ from a script (200; 500 then 200; 410; ...). Every scenario's job is submitted u
 then waits for all deliveries at once, so the whole module costs about as long as its slowest scenario
 (four read timeouts). The test stack retries after 0.2 s (±20 %) three times and times out after 1 s.
 
-Signatures are checked against an implementation of the Standard Webhooks scheme written here from the
-spec (hmac, hashlib, base64), independent of ``client.webhooks``.
+Signatures are judged by the ``standardwebhooks`` package, an implementation of the Standard Webhooks
+scheme independent of ``client.webhooks``; the receiver is ``tests.support.WebhookReceiver``.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 
 import pytest
 import requests
 
 from mmfuse_client.webhooks import WebhookVerificationError, generate_secret, verify_webhook
-from tests.conftest import TEST_WEBHOOK_SECRETS, make_png
+from tests.support import (
+    TEST_WEBHOOK_SECRETS,
+    Received,
+    Step,
+    make_png,
+    standard_signature,
+    standard_verify,
+    wait_for,
+    wait_until_no_tasks,
+)
 
 SCHEDULE = (0.2, 0.2, 0.2)  # MMFUSE_WEBHOOK_RETRY_SCHEDULE_S of the test stack
 READ_TIMEOUT_S = 1.0  # MMFUSE_WEBHOOK_READ_TIMEOUT_S of the test stack
 FINAL_STATES = ("delivered", "failed", "not_subscribed")
 WAIT_S = 90  # generous: two cores shared with other test runs
-
-
-# --- the receiver -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Step:
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0  # sleep before answering: longer than the read timeout is a timeout
-
-
-@dataclass
-class Received:
-    at: float
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-
-
-class Receiver:
-    """Callback URLs with scripted answers; the n-th request to a URL gets step n (the last one repeats)."""
-
-    def __init__(self) -> None:
-        self._scripts: dict[str, list[Step]] = {}
-        self._received: dict[str, list[Received]] = {}
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                step = receiver._record(
-                    self.path, Received(time.time(), {k.lower(): v for k, v in self.headers.items()}, body)
-                )
-                time.sleep(step.delay_s)
-                try:
-                    self.send_response(step.status)
-                    for name, value in step.headers.items():
-                        self.send_header(name, value)
-                    self.send_header("content-length", "0")
-                    self.end_headers()
-                except OSError:  # the sender timed out and hung up
-                    pass
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def _record(self, path: str, request: Received) -> Step:
-        with self._lock:
-            received = self._received.setdefault(path, [])
-            received.append(request)
-            script = self._scripts.get(path) or [Step(404)]
-            return script[min(len(received), len(script)) - 1]
-
-    def url(self, name: str, *steps: Step) -> str:
-        path = f"/hooks/{name}"
-        self._scripts[path] = list(steps) or [Step()]
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def received(self, name: str) -> list[Received]:
-        with self._lock:
-            return list(self._received.get(f"/hooks/{name}", []))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,21 +47,17 @@ def refused_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
 
 
-# --- an independent Standard Webhooks implementation ------------------------------------------------
-
-
-def expected_signature(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
-    key = base64.b64decode(secret[len("whsec_") :])
-    signed = msg_id.encode() + b"." + timestamp.encode() + b"." + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+# --- the judge of signatures: the standardwebhooks package ---------------------------------------
 
 
 def assert_signed_by_every_secret(request: Received) -> None:
     headers = request.headers
     msg_id, timestamp = headers["webhook-id"], headers["webhook-timestamp"]
     offered = headers["webhook-signature"].split(" ")
-    expected = [expected_signature(secret, msg_id, timestamp, request.body) for secret in TEST_WEBHOOK_SECRETS]
+    expected = [standard_signature(secret, msg_id, int(timestamp), request.body) for secret in TEST_WEBHOOK_SECRETS]
     assert sorted(offered) == sorted(expected), "one v1 signature per active secret (rotation)"
+    for secret in TEST_WEBHOOK_SECRETS:  # a Standard Webhooks receiver holding either secret accepts it
+        assert standard_verify(secret, headers, request.body) == json.loads(request.body)
     assert abs(int(timestamp) - request.at) < 5, "signed when sent"
     assert headers["content-type"] == "application/json"
 
@@ -158,18 +80,17 @@ class Delivery:
 
 
 def wait_for_delivery(client, job_id: str, timeout_s: float = WAIT_S) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.get(job_id)
-        if job["webhook"]["state"] in FINAL_STATES:
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"webhook of job {job_id} not final after {timeout_s}s: {job['webhook']}")
-        time.sleep(0.1)
+    """The job once its webhook delivery reached a final state."""
+    return wait_for(
+        lambda: client.get(job_id),
+        f"the webhook of job {job_id} to reach a final state",
+        timeout_s,
+        until=lambda job: job["webhook"]["state"] in FINAL_STATES,
+    )
 
 
 @pytest.fixture(scope="module")
-def deliveries(client, receiver, refused_url) -> dict[str, Delivery]:
+def deliveries(client, receiver, refused_url, redis_client) -> dict[str, Delivery]:
     truncated_png = make_png((10, 20, 200))
     truncated_png = truncated_png[: len(truncated_png) // 2]  # passes the gateway, fails to decode
     scenarios = {
@@ -190,9 +111,12 @@ def deliveries(client, receiver, refused_url) -> dict[str, Delivery]:
             job_ids[name] = client.submit([truncated_png], webhook=webhook)
         else:
             job_ids[name] = client.submit(texts=[f"webhook scenario {name}"], webhook=webhook)
-    jobs = {name: wait_for_delivery(client, job_id) for name, job_id in job_ids.items()}
-    time.sleep(3 * max(SCHEDULE))  # a wrongly scheduled extra attempt would arrive by now
-    return {name: Delivery(client.get(job["id"]), receiver.received(name)) for name, job in jobs.items()}
+    for job_id in job_ids.values():
+        wait_for_delivery(client, job_id)
+    # Final, and no attempt left to come (a delivery task sends the next attempt's before it is acked, so
+    # once none is queued or held, none will be): the receiver and the records below are complete.
+    wait_until_no_tasks(redis_client, job_ids.values(), queues=["webhooks"], timeout_s=WAIT_S)
+    return {name: Delivery(client.get(job_id), receiver.received(name)) for name, job_id in job_ids.items()}
 
 
 def assert_attempt_shape(attempt: dict) -> None:
@@ -324,7 +248,7 @@ def test_the_delivery_is_pending_while_the_job_runs(client, receiver):
     assert wait_for_delivery(client, job_id)["webhook"]["state"] == "delivered"
 
 
-def test_redelivered_task_messages_make_no_second_attempt(stack, client, receiver):
+def test_redelivered_task_messages_make_no_second_attempt(stack, client, receiver, redis_client):
     """Copies of a delivery task (a broker redelivery) while the attempt is in flight and after it."""
     from celery import Celery
 
@@ -339,7 +263,7 @@ def test_redelivered_task_messages_make_no_second_attempt(stack, client, receive
             sender.send_task(TASK_DELIVER_WEBHOOK, args=[job_id, "job.succeeded"])
         job = wait_for_delivery(client, job_id)
         sender.send_task(TASK_DELIVER_WEBHOOK, args=[job_id, "job.succeeded", 1])  # after it was recorded
-        time.sleep(1.5)
+        wait_until_no_tasks(redis_client, [job_id], queues=["webhooks"], timeout_s=WAIT_S)  # every copy ran
     finally:
         sender.close()
     assert len(receiver.received("dupes")) == 1

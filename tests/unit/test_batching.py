@@ -118,13 +118,20 @@ def test_stats_callback_reports_batches():
 def test_no_wait_when_no_producer_is_preparing_items():
     fn = Recorder()
     expecting = {"more": False}
-    batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=2_000, expecting_more=lambda: expecting["more"])
+    asked = threading.Event()  # the batcher holds the queued items and asks whether more are coming
+
+    def expecting_more() -> bool:
+        asked.set()
+        return expecting["more"]
+
+    batcher = DynamicBatcher(fn, max_batch_size=64, max_wait_ms=2_000, expecting_more=expecting_more)
     started = time.monotonic()
     assert batcher.submit(1).result(timeout=5) == Batched(10, 1)
     assert time.monotonic() - started < 1  # not the 2 s deadline
     expecting["more"] = True  # someone is preparing: the batcher waits for them, up to the deadline
+    asked.clear()
     first = batcher.submit(2)
-    time.sleep(0.2)
+    assert asked.wait(5)  # it holds item 2 alone, and was told more are coming
     second = batcher.submit(3)
     assert [first.result(timeout=5), second.result(timeout=5)] == [Batched(20, 2), Batched(30, 2)]
     assert fn.batches == [[1], [2, 3]]

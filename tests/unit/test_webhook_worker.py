@@ -62,11 +62,25 @@ class FakeDeliveries:
         self.record.fields[Fields.WEBHOOK_DELIVERY] = delivery.to_json()
 
 
+class Clock:
+    """The worker's wall clock, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Harness:
     def __init__(self, monkeypatch, outcomes, **settings) -> None:
+        self.clock = Clock(time.time())
         spec = JobSpec(
             id="j1",
-            created_at=time.time() - 1,
+            created_at=self.clock() - 1,
             texts=["x"],
             status_url="http://api/v1/jobs/j1",
             webhook={"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded", "job.failed"]},
@@ -74,7 +88,7 @@ class Harness:
         record = JobRecord(
             spec,
             Status.SUCCEEDED,
-            {Fields.CREATED_AT: repr(spec.created_at), Fields.FINISHED_AT: repr(time.time()), Fields.RESULT: "{}"},
+            {Fields.CREATED_AT: repr(spec.created_at), Fields.FINISHED_AT: repr(self.clock()), Fields.RESULT: "{}"},
         )
         self.jobs = FakeJobs(record)
         self.deliveries = FakeDeliveries(record)
@@ -89,7 +103,7 @@ class Harness:
         }
         stores = Stores(jobs=self.jobs, vectors=None, deliveries=self.deliveries, idempotency=None, maintenance=None)
         self.task_settings = dataclasses.replace(Settings(), **{**defaults, **settings})
-        app = worker.create_webhooks_app(self.task_settings, stores)
+        app = worker.create_webhooks_app(self.task_settings, stores, clock=self.clock)
         self.task = app.tasks[TASK_DELIVER_WEBHOOK]
         monkeypatch.setattr(worker, "deliver_once", self._deliver_once)
         monkeypatch.setattr(self.task, "apply_async", self._apply_async)
@@ -146,13 +160,13 @@ def test_retries_send_the_same_body_under_the_same_id_with_fresh_signatures(monk
     h.run()
     ((args, countdown),) = h.scheduled
     assert args[:3] == ["j1", "job.succeeded", 2] and 0.16 <= countdown <= 0.24
-    h.jobs.record.fields[Fields.FINISHED_AT] = repr(time.time() + 5)  # the record changes; the body must not
-    time.sleep(1.01)  # a new second: a new webhook-timestamp
+    h.jobs.record.fields[Fields.FINISHED_AT] = repr(h.clock() + 5)  # the record changes; the body must not
+    h.clock.advance(1.0)  # the retry is due, in a new second: a new webhook-timestamp
     h.run(*args[2:])
     first, second = h.sent
     assert first["body"] == second["body"]
     assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"] == "msg_j1_job_succeeded"
-    assert first["headers"]["webhook-timestamp"] != second["headers"]["webhook-timestamp"]
+    assert int(second["headers"]["webhook-timestamp"]) == int(first["headers"]["webhook-timestamp"]) + 1
     assert [a["status"] for a in h.delivery.attempts] == [500, 200]
     assert h.delivery.state == "delivered"
 
@@ -160,8 +174,8 @@ def test_retries_send_the_same_body_under_the_same_id_with_fresh_signatures(monk
 def test_the_schedule_spent_means_failed(monkeypatch):
     h = Harness(monkeypatch, [retry(), retry(), retry()])
     h.run()
-    h.run(2, time.time())
-    h.run(3, time.time())
+    h.run(2, h.clock())
+    h.run(3, h.clock())
     assert len(h.sent) == 3 and len(h.scheduled) == 2
     assert h.delivery.state == "failed"
 
@@ -172,7 +186,7 @@ def test_long_waits_are_cut_into_hops_inside_the_visibility_timeout(monkeypatch)
     ((args, countdown),) = h.scheduled
     not_before = args[3]
     assert countdown == 300  # half the visibility timeout, not two hours
-    assert not_before == pytest.approx(time.time() + 7200, abs=5)
+    assert not_before == pytest.approx(h.clock() + 7200)
     assert min(h.deliveries.kept_for) >= 7200  # the record outlives the wait, whatever MMFUSE_JOB_TTL_S says
     h.run(*args[2:])  # the hop fires early: no attempt, just the next hop
     assert len(h.sent) == 1

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
 
 import pytest
 
@@ -36,19 +30,13 @@ from mmfuse_client.webhooks import (
     sign,
     verify_webhook,
 )
+from tests.support import Step, standard_signature, standard_verify
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MSG_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
 TS = 1614265330
 BODY = b'{"test": 2432232314}'
 LOOPBACK = ("127.0.0.0/8",)
-
-
-def reference_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks, written out from the spec independently of client.webhooks."""
-    key = base64.b64decode(secret.split("_", 1)[1])
-    mac = hmac.new(key, msg_id.encode() + b"." + str(timestamp).encode() + b"." + body, hashlib.sha256)
-    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 def headers_for(signature: str, msg_id: str = MSG_ID, timestamp: int = TS) -> dict[str, str]:
@@ -60,14 +48,14 @@ def headers_for(signature: str, msg_id: str = MSG_ID, timestamp: int = TS) -> di
 
 def test_sign_matches_the_published_standard_webhooks_vector():
     expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-    assert reference_signature(SECRET, MSG_ID, TS, BODY) == expected
+    assert standard_signature(SECRET, MSG_ID, TS, BODY) == expected
     assert sign([SECRET], MSG_ID, TS, BODY) == expected
 
 
 def test_sign_matches_the_reference_for_a_generated_secret():
     secret = generate_secret()
     body = json.dumps({"type": "job.succeeded", "data": {"id": "j1"}}).encode()
-    assert sign([secret], "msg_1", 1700000000, body) == reference_signature(secret, "msg_1", 1700000000, body)
+    assert sign([secret], "msg_1", 1700000000, body) == standard_signature(secret, "msg_1", 1700000000, body)
     assert sign(secret, "msg_1", 1700000000, body) == sign([secret], "msg_1", 1700000000, body)
 
 
@@ -79,13 +67,13 @@ def test_generate_secret_is_whsec_prefixed_32_random_bytes():
 
 
 def test_verify_accepts_a_genuine_delivery_and_returns_the_body():
-    signature = reference_signature(SECRET, MSG_ID, TS, BODY)
+    signature = standard_signature(SECRET, MSG_ID, TS, BODY)
     assert verify_webhook(SECRET, headers_for(signature), BODY, now=TS) == {"test": 2432232314}
     assert verify_webhook([SECRET], headers_for(signature), BODY.decode(), now=TS + 299) == json.loads(BODY)
 
 
 def test_verify_looks_headers_up_case_insensitively():
-    signature = reference_signature(SECRET, MSG_ID, TS, BODY)
+    signature = standard_signature(SECRET, MSG_ID, TS, BODY)
     headers = {"Webhook-Id": MSG_ID, "WEBHOOK-TIMESTAMP": str(TS), "Webhook-Signature": signature}
     assert verify_webhook(SECRET, headers, BODY, now=TS) == {"test": 2432232314}
 
@@ -94,8 +82,8 @@ def test_rotation_signs_with_both_secrets_and_each_verifies_alone():
     new, old = generate_secret(), generate_secret()
     header = sign([new, old], MSG_ID, TS, BODY)
     assert header.split(" ") == [
-        reference_signature(new, MSG_ID, TS, BODY),
-        reference_signature(old, MSG_ID, TS, BODY),
+        standard_signature(new, MSG_ID, TS, BODY),
+        standard_signature(old, MSG_ID, TS, BODY),
     ]
     for receiver_secrets in ([new], [old], [old, new]):
         assert verify_webhook(receiver_secrets, headers_for(header), BODY, now=TS) == {"test": 2432232314}
@@ -104,7 +92,7 @@ def test_rotation_signs_with_both_secrets_and_each_verifies_alone():
 
 
 def test_verify_skips_other_signature_versions():
-    good = reference_signature(SECRET, MSG_ID, TS, BODY)
+    good = standard_signature(SECRET, MSG_ID, TS, BODY)
     header = "v1a,bm90IGEgc2lnbmF0dXJl " + good.replace("v1,", "v2,") + " " + good
     assert verify_webhook(SECRET, headers_for(header), BODY, now=TS) == {"test": 2432232314}
     with pytest.raises(WebhookVerificationError, match="no matching signature"):
@@ -112,13 +100,13 @@ def test_verify_skips_other_signature_versions():
 
 
 def test_verify_rejects_a_wrong_secret():
-    signature = reference_signature(generate_secret(), MSG_ID, TS, BODY)
+    signature = standard_signature(generate_secret(), MSG_ID, TS, BODY)
     with pytest.raises(WebhookVerificationError, match="no matching signature"):
         verify_webhook(SECRET, headers_for(signature), BODY, now=TS)
 
 
 def test_verify_rejects_a_tampered_body_id_or_timestamp():
-    signature = reference_signature(SECRET, MSG_ID, TS, BODY)
+    signature = standard_signature(SECRET, MSG_ID, TS, BODY)
     with pytest.raises(WebhookVerificationError, match="no matching signature"):
         verify_webhook(SECRET, headers_for(signature), b'{"test": 2432232315}', now=TS)
     with pytest.raises(WebhookVerificationError, match="no matching signature"):
@@ -129,7 +117,7 @@ def test_verify_rejects_a_tampered_body_id_or_timestamp():
 
 @pytest.mark.parametrize(("now", "why"), [(TS + 301, "too old"), (TS - 301, "too far in the future")])
 def test_verify_rejects_a_timestamp_outside_the_tolerance(now, why):
-    signature = reference_signature(SECRET, MSG_ID, TS, BODY)
+    signature = standard_signature(SECRET, MSG_ID, TS, BODY)
     with pytest.raises(WebhookVerificationError, match=why):
         verify_webhook(SECRET, headers_for(signature), BODY, now=now)
     assert verify_webhook(SECRET, headers_for(signature), BODY, tolerance_s=302, now=now) == json.loads(BODY)
@@ -137,7 +125,7 @@ def test_verify_rejects_a_timestamp_outside_the_tolerance(now, why):
 
 @pytest.mark.parametrize("missing", ["webhook-id", "webhook-timestamp", "webhook-signature"])
 def test_verify_rejects_missing_headers(missing):
-    headers = headers_for(reference_signature(SECRET, MSG_ID, TS, BODY))
+    headers = headers_for(standard_signature(SECRET, MSG_ID, TS, BODY))
     del headers[missing]
     with pytest.raises(WebhookVerificationError, match=f"missing {missing}"):
         verify_webhook(SECRET, headers, BODY, now=TS)
@@ -148,7 +136,7 @@ def test_verify_rejects_a_non_integer_timestamp_and_a_non_object_body():
         verify_webhook(SECRET, {**headers_for("v1,x"), "webhook-timestamp": "soon"}, BODY, now=TS)
     body = b"[1, 2]"
     with pytest.raises(WebhookVerificationError, match="not a JSON object"):
-        verify_webhook(SECRET, headers_for(reference_signature(SECRET, MSG_ID, TS, body)), body, now=TS)
+        verify_webhook(SECRET, headers_for(standard_signature(SECRET, MSG_ID, TS, body)), body, now=TS)
 
 
 def test_malformed_secrets_are_configuration_errors_not_verification_failures():
@@ -323,7 +311,7 @@ def test_build_headers_are_signed_standard_webhooks_headers():
     assert headers == {
         "webhook-id": "msg_9",
         "webhook-timestamp": "1700000000",
-        "webhook-signature": " ".join(reference_signature(s, "msg_9", 1700000000, BODY) for s in (new, old)),
+        "webhook-signature": " ".join(standard_signature(s, "msg_9", 1700000000, BODY) for s in (new, old)),
         "content-type": "application/json",
         "user-agent": "mmfuse-webhooks/1",
     }
@@ -371,55 +359,6 @@ def test_parse_retry_after_reads_seconds_and_http_dates():
 # --- delivery against a real HTTP server ---------------------------------------------------------
 
 
-class Receiver(BaseHTTPRequestHandler):
-    """Answers by path: /ok 200, /fail 500, /gone 410, /busy 429, /down 503, /moved 302, /slow sleeps."""
-
-    received: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        if self.path == "/slow":
-            time.sleep(1.0)
-        status, headers = {
-            "/ok": (200, {}),
-            "/fail": (500, {}),
-            "/gone": (410, {}),
-            "/busy": (429, {"Retry-After": "7"}),
-            "/down": (503, {"Retry-After": formatdate(time.time() + 120, usegmt=True)}),
-            "/moved": (302, {"Location": "/ok"}),
-            "/slow": (200, {}),
-        }.get(self.path, (404, {}))
-        try:
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-        except OSError:  # the client gave up on /slow
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture
-def received() -> list[tuple[str, dict[str, str], bytes]]:
-    Receiver.received.clear()
-    return Receiver.received
-
-
 def post(url: str, timeout_s: float = 5.0, allow_networks=LOOPBACK):
     headers = build_headers([SECRET], "msg_42", int(time.time()), BODY)
     return deliver_once(url, BODY, headers, timeout_s, timeout_s, allow_networks=allow_networks)
@@ -430,51 +369,54 @@ def verdict(outcome: DeliveryOutcome) -> tuple[bool, bool, bool, int | None]:
     return outcome.delivered, outcome.retryable, outcome.gone, outcome.attempt.status
 
 
-def test_deliver_once_200_is_delivered_with_signed_headers(server, received):
+def test_deliver_once_200_is_delivered_with_signed_headers(receiver):
     before = time.time()
-    outcome = post(server + "/ok")
+    outcome = post(receiver.url("ok", Step(200)))
     assert verdict(outcome) == (True, False, False, 200)
     assert (outcome.attempt.error, outcome.retry_after_s) == (None, None)
     assert before <= outcome.attempt.at <= time.time()
     assert 0 <= outcome.attempt.duration_s < 5
-    [(path, headers, body)] = received
-    assert (path, body) == ("/ok", BODY)
+    (request,) = receiver.received("ok")
+    headers, body = request.headers, request.body
+    assert body == BODY
     assert (headers["user-agent"], headers["content-type"]) == (USER_AGENT, "application/json")
+    assert standard_verify(SECRET, headers, body) == {"test": 2432232314}
     assert verify_webhook(SECRET, headers, body) == {"test": 2432232314}
 
 
-def test_deliver_once_500_is_retryable(server, received):
-    outcome = post(server + "/fail")
+def test_deliver_once_500_is_retryable(receiver):
+    outcome = post(receiver.url("fail", Step(500)))
     assert verdict(outcome) == (False, True, False, 500)
     assert (outcome.attempt.error, outcome.retry_after_s) == ("HTTP 500", None)
 
 
-def test_deliver_once_410_means_gone(server, received):
-    outcome = post(server + "/gone")
+def test_deliver_once_410_means_gone(receiver):
+    outcome = post(receiver.url("gone", Step(410)))
     assert verdict(outcome) == (False, False, True, 410)
 
 
-def test_deliver_once_429_carries_retry_after_seconds(server, received):
-    outcome = post(server + "/busy")
+def test_deliver_once_429_carries_retry_after_seconds(receiver):
+    outcome = post(receiver.url("busy", Step(429, {"Retry-After": "7"})))
     assert verdict(outcome) == (False, True, False, 429)
     assert outcome.retry_after_s == 7.0
 
 
-def test_deliver_once_503_carries_retry_after_http_date(server, received):
-    outcome = post(server + "/down")
+def test_deliver_once_503_carries_retry_after_http_date(receiver):
+    outcome = post(receiver.url("down", Step(503, {"Retry-After": formatdate(time.time() + 120, usegmt=True)})))
     assert verdict(outcome) == (False, True, False, 503)
     assert 100 <= outcome.retry_after_s <= 121
 
 
-def test_deliver_once_does_not_follow_redirects(server, received):
-    outcome = post(server + "/moved")
+def test_deliver_once_does_not_follow_redirects(receiver):
+    outcome = post(receiver.url("moved", Step(302, {"Location": receiver.url("moved-target")})))
     assert verdict(outcome) == (False, False, False, 302)
     assert "redirects are not followed" in outcome.attempt.error
-    assert [path for path, _, _ in received] == ["/moved"]
+    assert len(receiver.received("moved")) == 1
+    assert receiver.received("moved-target") == []
 
 
-def test_deliver_once_read_timeout_is_retryable(server, received):
-    outcome = post(server + "/slow", timeout_s=0.3)
+def test_deliver_once_read_timeout_is_retryable(receiver):
+    outcome = post(receiver.url("slow", Step(200, delay_s=1.0)), timeout_s=0.3)
     assert verdict(outcome) == (False, True, False, None)
     assert outcome.attempt.error.startswith("timeout: ")
     assert 0.25 <= outcome.attempt.duration_s < 1.0
@@ -489,11 +431,11 @@ def test_deliver_once_connection_refused_is_retryable():
     assert outcome.attempt.error.startswith("connection_error: ")
 
 
-def test_deliver_once_rechecks_the_url_and_does_not_call_refused_addresses(server, received):
-    outcome = post(server + "/ok", allow_networks=())
+def test_deliver_once_rechecks_the_url_and_does_not_call_refused_addresses(receiver):
+    outcome = post(receiver.url("refused", Step(200)), allow_networks=())
     assert verdict(outcome) == (False, False, False, None)
     assert outcome.attempt.error.startswith("address_not_allowed: ")
-    assert received == []
+    assert receiver.received("refused") == []
 
 
 def test_attempt_to_dict_is_plain_data():

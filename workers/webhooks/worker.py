@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from celery import Celery, Task
 
@@ -63,9 +64,10 @@ def _settled(delivery: WebhookDelivery, attempt_number: int) -> bool:
 
 
 class WebhookWorker:
-    def __init__(self, settings: Settings, stores: Stores) -> None:
+    def __init__(self, settings: Settings, stores: Stores, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.stores = stores
+        self.clock = clock  # wall-clock seconds: due times, attempt times and the signed webhook-timestamp
 
     def deliver(self, task: Task, job_id: str, event: str, attempt_number: int, not_before: float | None) -> None:
         jobs, deliveries, settings = self.stores.jobs, self.stores.deliveries, self.settings
@@ -89,10 +91,10 @@ class WebhookWorker:
                 # refused it): it does so now. A second copy of that message would be harmless: copies of
                 # one attempt race for its claim.
                 assert delivery.next_attempt_at is not None
-                wait_s = max(0.0, delivery.next_attempt_at - time.time())
+                wait_s = max(0.0, delivery.next_attempt_at - self.clock())
                 self._schedule(task, job_id, event, attempt_number + 1, delivery.next_attempt_at, wait_s)
             return  # otherwise a redelivered copy of an attempt already made
-        remaining = (not_before or 0) - time.time()
+        remaining = (not_before or 0) - self.clock()
         if remaining > 0.05:  # a hop of a long wait: wait on, in a fresh message
             self._schedule(task, job_id, event, attempt_number, not_before, remaining)
             return
@@ -104,14 +106,14 @@ class WebhookWorker:
             return
 
         if not settings.webhook_secrets:  # the gateway refuses such jobs; a worker configured apart may not
-            attempt = Attempt(time.time(), None, "no signing secret configured (MMFUSE_WEBHOOK_SECRETS)", 0.0)
+            attempt = Attempt(self.clock(), None, "no signing secret configured (MMFUSE_WEBHOOK_SECRETS)", 0.0)
             deliveries.record_attempt(job_id, event, attempt.to_dict(), "failed")
             metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
             log.error("webhook %s for job %s: MMFUSE_WEBHOOK_SECRETS is empty on this worker", event, job_id)
             return
         raw = record.webhook_body
         if raw is None:
-            event_time = int(record.finished_at or time.time())
+            event_time = int(record.finished_at or self.clock())
             built = build_payload(
                 event,
                 public_job(record, include_webhook=False),
@@ -121,7 +123,7 @@ class WebhookWorker:
             )
             raw = deliveries.freeze_body(job_id, built)
         # Signed per attempt: the timestamp must be fresh for the receiver's tolerance window.
-        headers = build_headers(settings.webhook_secrets, message_id(job_id, event), int(time.time()), raw)
+        headers = build_headers(settings.webhook_secrets, message_id(job_id, event), int(self.clock()), raw)
         outcome = deliver_once(
             url,
             raw,
@@ -139,7 +141,7 @@ class WebhookWorker:
             state = "pending" if delay is not None else "failed"
         else:
             state = "failed"
-        next_attempt_at = time.time() + delay if delay is not None else None
+        next_attempt_at = self.clock() + delay if delay is not None else None
         if delay is not None:  # the record must still be there when the next attempt comes
             deliveries.keep_for(job_id, delay + attempt_lease_s(settings) + 3600)
         deliveries.record_attempt(job_id, event, outcome.attempt.to_dict(), state, next_attempt_at)
@@ -178,14 +180,16 @@ class WebhookWorker:
     ) -> None:
         """The task's final failure: record the delivery failed with why (retries spent, or a bug)."""
         reason = "backing service unavailable, retries spent" if isinstance(exc, BACKEND_ERRORS) else "internal error"
-        attempt = Attempt(time.time(), None, short_error(f"{reason}: {type(exc).__name__}: {exc}"), 0.0)
+        attempt = Attempt(self.clock(), None, short_error(f"{reason}: {type(exc).__name__}: {exc}"), 0.0)
         self.stores.deliveries.record_attempt(job_id, event, attempt.to_dict(), "failed")
 
 
-def create_webhooks_app(settings: Settings | None = None, stores: Stores | None = None) -> Celery:
+def create_webhooks_app(
+    settings: Settings | None = None, stores: Stores | None = None, clock: Callable[[], float] = time.time
+) -> Celery:
     settings = settings or get_settings()
     celery = create_celery(settings)
-    worker = WebhookWorker(settings, stores or Stores.connect(settings.redis_url, settings.job_ttl_s))
+    worker = WebhookWorker(settings, stores or Stores.connect(settings.redis_url, settings.job_ttl_s), clock)
 
     # Retried after a lease, not the default backoff: a claim taken by the failed run must have lapsed.
     @durable_task(
