@@ -18,7 +18,7 @@ import time
 import pytest
 import requests
 
-from tests.support import make_png, stack_env
+from tests.support import aof_written, make_png, stack_env, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +90,14 @@ def log_lines(capsys) -> list[dict]:
 
 
 @pytest.mark.timeout(120)
-def test_redis_down_get_cancel_and_submit_answer_503_with_retry_after(estack, api, make_app):
+def test_redis_down_get_cancel_and_submit_answer_503_with_retry_after(estack, api, make_app, rds):
     url = f"{estack.gateway_url}/v1/jobs"
     submitted = api.post(url, json={"texts": ["written before Redis stops"]}, timeout=30)
     assert submitted.status_code == 202, submitted.text
     job_url = f"{url}/{submitted.json()['id']}"
     open_app = make_app(MMFUSE_AUTH_REQUIRED="false")
     blobs = blob_keys(estack)
-    time.sleep(1.5)  # appendfsync everysec: let the job reach the append-only file
+    wait_for(lambda: aof_written(rds), "Redis to write the job to its append-only file", 10)
 
     estack.stop_process("redis", sig=signal.SIGKILL)
     try:
