@@ -1,5 +1,5 @@
-"""The ``/v1`` blueprint: submit a job (idempotently with ``Idempotency-Key``), read it (optionally
-long-polling until it ends), cancel it.
+"""The ``/v1`` blueprint: submit a job (idempotently with ``Idempotency-Key``; with ``Prefer: wait`` the
+answer waits for the job's end), read it (optionally long-polling until it ends), cancel it.
 
 Errors of Redis, the broker or S3 are not caught here: the app's handler answers them with 503. A submit
 catches them only to remove what it wrote first, then lets them go on."""
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import redis
 from flask import Blueprint, Response, g, jsonify, request, url_for
 
-from mmfuse.gateway import idempotency
-from mmfuse.gateway.auth import authenticate, enforce_rate_limit, owns
+from mmfuse.gateway import idempotency, prefer
+from mmfuse.gateway.auth import authenticate, owns, rate_limited
 from mmfuse.gateway.idempotency import Idempotency
 from mmfuse.gateway.services import services
 from mmfuse.gateway.validation import ValidatedJob, parse_job_request
@@ -45,11 +46,22 @@ def get_owned_job(job_id: str) -> JobRecord:
 # --- submit -----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SubmitWait:
+    """A submit's honoured ``Prefer: wait``: how long to wait for the job's end, and how to render it then."""
+
+    seconds: float  # the preference, capped by max_wait_s
+    encoding_format: EncodingFormat
+
+
 @api.post("/jobs")
+@rate_limited
 def submit_job() -> Response:
-    """202 with the new job's id and status URL; 200 with the earlier job's for a reused ``Idempotency-Key``."""
+    """202 with the new job's id and status URL; 200 with the earlier job's for a reused ``Idempotency-Key``.
+    With ``Prefer: wait=N``: 200 with the whole job if it ends within N s, else 202 (a replay too)."""
+    wait = _submit_wait()
     job, idem = _parse_submit()
-    replay = _replay_earlier_submit(idem)
+    replay = _replay_earlier_submit(idem, wait)
     if replay is not None:
         return replay
     _check_webhook(job.options.webhook)
@@ -58,26 +70,34 @@ def submit_job() -> Response:
         spec = _spec_for(job_id, job, url_for("v1.get_job", job_id=job_id, _external=True))
         concurrent_entry = _create_job(spec, job, idem)
         if concurrent_entry is not None and idem is not None:
-            return _replay(idem, concurrent_entry)  # a concurrent request with this key made its job first
-        return _submit_answer(spec.id, Status.QUEUED.value, spec.status_url, 202)
+            return _replay(idem, concurrent_entry, wait)  # a concurrent request with this key made its job first
+        return _submit_answer(spec.id, spec.status_url, None, wait, replayed=False)
+
+
+def _submit_wait() -> SubmitWait | None:
+    """The request's ``Prefer: wait``, capped, with the ``encoding_format`` of the job it may answer with;
+    None without one (or with a value that is not seconds: RFC 7240 ignores what it cannot apply)."""
+    encoding_format = _encoding_format(request.args.get("encoding_format", "float"))
+    seconds = prefer.preferred_wait(request.headers.getlist(prefer.HEADER))
+    if seconds is None:
+        return None
+    return SubmitWait(min(seconds, services().settings.max_wait_s), encoding_format)
 
 
 def _parse_submit() -> tuple[ValidatedJob, Idempotency | None]:
-    """The validated job and its idempotency entry (None without ``Idempotency-Key``); a rate-limited
-    caller's body is not parsed."""
+    """The validated job and its idempotency entry (None without ``Idempotency-Key``)."""
     idempotency_key = idempotency.header_value(request)
-    enforce_rate_limit()
     job = parse_job_request(request, services().settings)
     idem = idempotency.for_request(idempotency_key, g.api_key.id, job) if idempotency_key is not None else None
     return job, idem
 
 
-def _replay_earlier_submit(idem: Idempotency | None) -> Response | None:
+def _replay_earlier_submit(idem: Idempotency | None, wait: SubmitWait | None) -> Response | None:
     """The answer to a retried submit (its ``Idempotency-Key`` already made a job), or None for a new one."""
     if idem is None:
         return None
     entry = services().stores.idempotency.get(idem.redis_key)
-    return _replay(idem, entry) if entry is not None else None
+    return _replay(idem, entry, wait) if entry is not None else None
 
 
 def _check_webhook(webhook: WebhookRequest | None) -> None:
@@ -164,21 +184,38 @@ def _roll_back(job_id: str, blob_keys: list[str], record_written: bool, idempote
         log.exception("could not delete blobs of job %s during roll-back", job_id)
 
 
-def _submit_answer(job_id: str, status: str, status_url: str, code: int) -> Response:
-    response = jsonify(id=job_id, status=status, status_url=status_url)
-    response.status_code = code
+def _submit_answer(
+    job_id: str, status_url: str, record: JobRecord | None, wait: SubmitWait | None, replayed: bool
+) -> Response:
+    """The answer to a submit, given the job's record as last read (None: just created, queued).
+
+    Without a wait: the job's id and status, 202 for a new job, 200 for a replay. With one: once the job has
+    ended (waiting up to ``wait.seconds`` for it), 200 with the whole job as ``GET`` shows it; else 202 with
+    its id and status, whether or not it is a replay, so that the status alone says what the body is."""
+    if wait is not None and wait.seconds > 0 and (record is None or not record.status.terminal):
+        record = services().events.wait_until_ended(job_id, wait.seconds) or record
+    if wait is not None and record is not None and record.status.terminal:
+        response = jsonify(public_job(record, wait.encoding_format))
+        response.headers["Content-Location"] = status_url  # the body is that resource's representation
+    else:
+        status = record.status.value if record is not None else Status.QUEUED.value
+        response = jsonify(id=job_id, status=status, status_url=status_url)
+        response.status_code = 200 if replayed and wait is None else 202
     response.headers["Location"] = status_url
+    if wait is not None:
+        response.headers[prefer.APPLIED_HEADER] = prefer.applied_wait(wait.seconds)
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     return response
 
 
-def _replay(idem: Idempotency, entry: bytes) -> Response:
-    """200 with the original job's submit answer (its current status), or 422 for a different request."""
+def _replay(idem: Idempotency, entry: bytes, wait: SubmitWait | None) -> Response:
+    """The original job's submit answer (its current status; the whole job if a wait sees it end), or 422
+    for a different request."""
     job_id = idempotency.original_job_id(idem, entry)
     with job_context(job_id):
         record = get_owned_job(job_id)  # the entry expires with the record: a 404 here is not seen in practice
-        response = _submit_answer(job_id, record.status.value, record.spec.status_url, 200)
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+        return _submit_answer(job_id, record.spec.status_url, record, wait, replayed=True)
 
 
 # --- read, cancel -----------------------------------------------------------------------------------
@@ -191,7 +228,7 @@ def get_job(job_id: str) -> Response:
         wait_s = _wait_seconds(request.args.get("wait"), services().settings.max_wait_s)
         record = get_owned_job(job_id)
         if wait_s > 0 and not record.status.terminal:
-            record = services().stores.jobs.wait_until_ended(job_id, wait_s) or record
+            record = services().events.wait_until_ended(job_id, wait_s) or record
         return jsonify(public_job(record, encoding_format))
 
 

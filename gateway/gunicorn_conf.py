@@ -5,7 +5,8 @@ keeps them in files under ``PROMETHEUS_MULTIPROC_DIR`` so that ``/metrics``, ans
 reports the sum over all of them. The variable must be set before any worker imports prometheus-client,
 so it is set here, in the master, at config load: to the operator's directory if given (wiped of a
 previous run's files at start), else to a fresh temporary directory removed at exit. A worker that dies
-is marked dead (``child_exit``): its live gauges go, its counts stay part of the totals.
+is marked dead (``child_exit``): its live gauges go, its counts stay part of the totals. A worker that
+exits closes its app's services first (``worker_exit``: the job-events thread and its connection).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def child_exit(server, worker) -> None:
     from mmfuse.shared.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker) -> None:
+    from flask import Flask
+
+    from mmfuse.gateway.services import close_services
+
+    app = getattr(worker, "wsgi", None)  # the app the worker loaded
+    if isinstance(app, Flask):
+        close_services(app)
 
 
 def on_exit(server) -> None:

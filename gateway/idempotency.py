@@ -26,6 +26,7 @@ from mmfuse.shared.schema import ApiError, ErrorCode
 from mmfuse.shared.stores.idempotency import entry_key
 
 HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on the answer to a replay
 MAX_KEY_LENGTH = 255
 
 

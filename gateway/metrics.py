@@ -14,6 +14,7 @@ import time
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client.exposition import choose_encoder
 
+from mmfuse.gateway.idempotency import REPLAYED_HEADER
 from mmfuse.gateway.services import services
 from mmfuse.shared import metrics
 
@@ -62,12 +63,14 @@ def _after(response: Response) -> Response:
     if request.content_length is not None:
         metrics.HTTP_REQUEST_SIZE.labels(route, method).observe(request.content_length)
     if request.endpoint == SUBMIT_ENDPOINT:
-        if response.status_code == 202:
-            metrics.JOBS_SUBMITTED.labels("accepted", "none").inc()
-        elif response.status_code == 200:  # an Idempotency-Key replay: no new job
+        # By the replay header, not the status: a new job is 202, or 200 when Prefer: wait saw it end; a
+        # replay is 200, or 202 when Prefer: wait did not.
+        if response.status_code >= 300:
+            metrics.JOBS_SUBMITTED.labels("rejected", _error_code(response)).inc()
+        elif response.headers.get(REPLAYED_HEADER) == "true":  # no new job
             metrics.JOBS_SUBMITTED.labels("replayed", "none").inc()
         else:
-            metrics.JOBS_SUBMITTED.labels("rejected", _error_code(response)).inc()
+            metrics.JOBS_SUBMITTED.labels("accepted", "none").inc()
     return response
 
 

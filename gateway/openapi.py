@@ -16,8 +16,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic.json_schema import models_json_schema
 
+from mmfuse.gateway import prefer
 from mmfuse.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
-from mmfuse.gateway.idempotency import MAX_KEY_LENGTH
+from mmfuse.gateway.idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
 from mmfuse.gateway.services import services
 from mmfuse.shared import responses
 from mmfuse.shared.responses import ENCODING_FORMATS
@@ -55,6 +56,25 @@ def _error(description: str, headers: dict | None = None) -> dict:
 
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}
 _LOCATION = {"Location": {"description": "The job's status URL.", "schema": {"type": "string"}}}
+_CONTENT_LOCATION = {
+    "Content-Location": {
+        "description": "The job's status URL: the body is that resource.",
+        "schema": {"type": "string"},
+    }
+}
+_PREFERENCE_APPLIED = {
+    prefer.APPLIED_HEADER: {
+        "description": "`wait=N` when the request's `Prefer: wait` was honoured: the seconds waited at most (capped).",
+        "schema": {"type": "string"},
+    }
+}
+_REPLAYED = {
+    REPLAYED_HEADER: {
+        "description": f"`true`: the answer to a retry; the job is the one an earlier request with this "
+        f"`{IDEMPOTENCY_HEADER}` made.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
 # What a client (or a stateful fuzzer) does next with a submitted job's id.
 _JOB_LINKS = {
     "GetJob": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/id"}},
@@ -96,6 +116,13 @@ def build_spec(app: Flask) -> dict:
         "schema": {"type": "string"},
         "description": "The id the submit answered with.",
     }
+    encoding_format = {
+        "name": "encoding_format",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": list(ENCODING_FORMATS), "default": "float"},
+        "description": "Vectors as JSON floats, or as base64 of little-endian float32.",
+    }
     limits = (
         f"Limits: {settings.max_images} images of at most {settings.max_image_bytes} bytes and "
         f"{settings.max_image_pixels} pixels each ({', '.join(settings.image_formats)}); "
@@ -112,9 +139,13 @@ def build_spec(app: Flask) -> dict:
             "classification). Answers at once with the job's id; the work happens in the background: read "
             "the job with `GET /v1/jobs/{job_id}` (long-poll with `wait`) or receive a signed webhook.\n\n"
             f"{limits}\n\n"
-            f"With an `{IDEMPOTENCY_HEADER}` header a retried submit returns the job the first one made (200), "
-            "for as long as the job is kept; the same key with a different request is refused (422 "
-            "`idempotency_key_reused`). Keys are scoped to the API key."
+            "With `Prefer: wait=N` (RFC 7240) the answer waits for the job: 200 with the whole job, as "
+            "`GET /v1/jobs/{job_id}` shows it, if the job ends within N seconds (capped at "
+            f"{settings.max_wait_s:g}), else 202 after N seconds; either way with `{prefer.APPLIED_HEADER}: "
+            "wait=N`. Other preferences, and a `wait` that is not a number of seconds, are ignored.\n\n"
+            f"With an `{IDEMPOTENCY_HEADER}` header a retried submit returns the job the first one made (200, "
+            "or with `Prefer: wait` as above), for as long as the job is kept; the same key with a different "
+            "request is refused (422 `idempotency_key_reused`). Keys are scoped to the API key."
         ),
         "parameters": [
             {
@@ -123,7 +154,21 @@ def build_spec(app: Flask) -> dict:
                 "required": False,
                 "description": "Any unique string per logical request, e.g. a UUID.",
                 "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[ -~]+$"},
-            }
+            },
+            {
+                "name": prefer.HEADER,
+                "in": "header",
+                "required": False,
+                "description": (
+                    "`wait=N`: seconds to wait for the job's end before answering (decimals accepted; capped "
+                    f"at {settings.max_wait_s:g}). E.g. `respond-async, wait=10`."
+                ),
+                "schema": {"type": "string"},
+            },
+            {
+                **encoding_format,
+                "description": "With `Prefer: wait`, for a job that ended: as for `GET /v1/jobs/{job_id}`.",
+            },
         ],
         "requestBody": {
             "required": True,
@@ -151,13 +196,21 @@ def build_spec(app: Flask) -> dict:
             },
         },
         "responses": {
-            "202": {**_json(responses.SubmitAnswer, "Accepted: the job is queued.", _LOCATION), "links": _JOB_LINKS},
-            "200": {
+            "202": {
                 **_json(
                     responses.SubmitAnswer,
-                    f"The job an earlier request with this {IDEMPOTENCY_HEADER} "
-                    "made (header `Idempotent-Replayed: true`).",
-                    _LOCATION,
+                    "Accepted: the job is queued (with `Prefer: wait`: it did not end in time; its id and status).",
+                    {**_LOCATION, **_PREFERENCE_APPLIED, **_REPLAYED},
+                ),
+                "links": _JOB_LINKS,
+            },
+            "200": {
+                **_json(
+                    {"oneOf": [_ref(responses.JobView), _ref(responses.SubmitAnswer)]},
+                    "With `Prefer: wait`: the job ended in time, and this is the whole job (`JobView`). Without: "
+                    f"the job an earlier request with this {IDEMPOTENCY_HEADER} made (`SubmitAnswer`, header "
+                    f"`{REPLAYED_HEADER}: true`).",
+                    {**_LOCATION, **_CONTENT_LOCATION, **_PREFERENCE_APPLIED, **_REPLAYED},
                 ),
                 "links": _JOB_LINKS,
             },
@@ -165,7 +218,7 @@ def build_spec(app: Flask) -> dict:
             **unauthorized,
             "413": _error("The body, an image's bytes or an image's pixels exceed a limit."),
             "415": _error("Not JSON or multipart, or an image in a format that is not accepted."),
-            "422": _error("The request is well-formed but invalid: see `error.details`."),
+            "422": _error("The request (or `encoding_format`) is well-formed but invalid: see `error.details`."),
             "429": _error("This API key's rate limit is exceeded.", _RETRY_AFTER),
             **unavailable,
         },
@@ -189,13 +242,7 @@ def build_spec(app: Flask) -> dict:
                 "schema": {"type": "number", "minimum": 0},
                 "description": f"Seconds to wait for the job to end; capped at {settings.max_wait_s:g}.",
             },
-            {
-                "name": "encoding_format",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": list(ENCODING_FORMATS), "default": "float"},
-                "description": "Vectors as JSON floats, or as base64 of little-endian float32.",
-            },
+            encoding_format,
         ],
         "responses": {
             "200": _json(responses.JobView, "The job."),
@@ -290,7 +337,7 @@ def build_spec(app: Flask) -> dict:
             "version": _version(),
             "description": (
                 "Multimodal embeddings behind an asynchronous API: submit images and texts, then read "
-                "the job or receive a signed webhook. Errors always have the body "
+                "the job (or have the submit wait for it) or receive a signed webhook. Errors always have the body "
                 '`{"error": {"code", "message", "details"?}}`.'
             ),
         },
@@ -350,6 +397,8 @@ def docs_page():
 
 
 def _schema_label(schema: dict) -> str:
+    if "oneOf" in schema:
+        return " or ".join(_schema_label(option) for option in schema["oneOf"])
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
         return f'<a href="#schema-{name}">{html.escape(name)}</a>'

@@ -1,5 +1,6 @@
-"""What the gateway's request handlers use (stores, blob store, Celery app, key store), made once per app by the
-app factory and reached through ``services()``, as Flask's tutorial reaches its database through ``get_db()``."""
+"""What the gateway's request handlers use (stores, blob store, Celery app, key store, job-end wake-ups), made once
+per app by the app factory and reached through ``services()``, as Flask's tutorial reaches its database through
+``get_db()``; ``close_services`` ends what runs in the background (gunicorn's ``worker_exit``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mmfuse.shared.blobstore import BlobStore
 from mmfuse.shared.celery_app import QUEUES, create_celery
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores, connect
+from mmfuse.shared.stores.events import JobEvents
 from mmfuse.shared.stores.queues import BrokerQueues
 
 EXTENSION = "mmfuse"  # the key of an app's Services in app.extensions
@@ -28,6 +30,7 @@ class Services:
     celery: Celery
     keys: KeyStore
     queues: BrokerQueues  # the broker's queue depths, for /metrics
+    events: JobEvents  # waits for jobs' ends: one pub/sub connection per process, started by the first wait
 
     @classmethod
     def connect(cls, settings: Settings) -> Services:
@@ -35,19 +38,29 @@ class Services:
         client = connect(settings.redis_url)  # one client (and connection pool) for every store of this process
         broker_url = settings.effective_broker_url
         broker = client if broker_url == settings.redis_url else connect(broker_url)
+        stores = Stores.over(client, settings.job_ttl_s)
         return cls(
             settings=settings,
-            stores=Stores.over(client, settings.job_ttl_s),
+            stores=stores,
             blobs=BlobStore(settings),
             celery=create_celery(settings),
             keys=KeyStore(client),
             queues=BrokerQueues(broker, QUEUES),
+            events=JobEvents(client, stores.jobs),
         )
+
+    def close(self) -> None:
+        self.events.close()
 
 
 def init_services(app: Flask, settings: Settings) -> Services:
     app.extensions[EXTENSION] = made = Services.connect(settings)
     return made
+
+
+def close_services(app: Flask) -> None:
+    """Stop what the app's services run in the background (the job-events thread and its connection)."""
+    services(app).close()
 
 
 def services(app: Flask | None = None) -> Services:

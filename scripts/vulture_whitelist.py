@@ -20,6 +20,7 @@ _.describe
 # gunicorn: server hooks, looked up by name in the config module (gateway/gunicorn_conf.py)
 on_starting
 child_exit
+worker_exit
 on_exit
 # Celery and Flask settings assigned as attributes (cli/stack.py, gateway/app.py)
 _.accept_content

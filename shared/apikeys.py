@@ -3,7 +3,8 @@
 A key looks like ``mmf_<id>_<secret>``. Only its SHA-256 is stored (hash ``mmfuse:apikeys``: digest ->
 record), so a leaked Redis dump reveals no usable key; the ``id`` part names the key in listings, logs
 and job ownership without being a secret. The rate limit is a token bucket per key, updated atomically
-by one Lua script, so every gateway process and host shares it.
+by one Lua script, so every gateway process and host shares it; a job submission looks its key up and
+takes a token in that same script, one round trip.
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ import redis
 KEYS_HASH = "mmfuse:apikeys"
 KEY_PREFIX = "mmf_"
 
-# Token bucket: refill at ARGV[1] tokens/s up to ARGV[2]; take one token if there is one.
-# Returns {allowed (0/1), seconds until the next token as a string}.
-_TAKE_TOKEN_LUA = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+# Look the key up (KEYS[1] field ARGV[1]: the key's digest) and, if its record is active and names the id
+# the key carries (ARGV[2]), take one token from its bucket (KEYS[2]): refilled at the key's rate per second
+# up to its burst, the record's own or else the defaults (ARGV[3], ARGV[4]); a rate of 0 is no limit.
+# Returns {record or false, allowed (0/1), seconds until the next token, rate, burst} (numbers as strings).
+_ADMIT_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return {false, 0, '0', '0', '0'} end
+local key = cjson.decode(raw)
+if key.id ~= ARGV[2] or (key.revoked_at ~= nil and key.revoked_at ~= cjson.null) then
+  return {raw, 0, '0', '0', '0'}
+end
+local rate = tonumber(ARGV[3])
+if key.rate_per_s ~= nil and key.rate_per_s ~= cjson.null then rate = key.rate_per_s end
+local burst = tonumber(ARGV[4])
+if key.burst ~= nil and key.burst ~= cjson.null then burst = key.burst end
+if rate <= 0 then return {raw, 1, '0', tostring(rate), tostring(burst)} end
+local now = tonumber(ARGV[5])
+local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
@@ -39,9 +51,9 @@ if tokens >= 1 then
 else
   wait = (1 - tokens) / rate
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return {allowed, tostring(wait)}
+redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[2], math.ceil(burst / rate) + 60)
+return {raw, allowed, tostring(wait), tostring(rate), tostring(burst)}
 """
 
 
@@ -59,6 +71,22 @@ class ApiKey:
         return self.revoked_at is None
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    per_s: float  # tokens added per second; 0: no limit
+    burst: int  # the bucket's size
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A job submission's key and rate limit, decided in one round trip."""
+
+    key: ApiKey | None  # None: unknown, malformed or revoked (and no token was taken)
+    allowed: bool  # a token was taken, or the key has no limit
+    retry_after_s: float  # when not allowed: seconds until the bucket holds a token
+    limit: RateLimit  # the key's own limit, else the default
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -74,7 +102,7 @@ def key_id_of(key: str) -> str | None:
 class KeyStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._take_token = client.register_script(_TAKE_TOKEN_LUA)
+        self._admit = client.register_script(_ADMIT_LUA)
 
     def create(self, name: str, rate_per_s: float | None = None, burst: int | None = None) -> tuple[str, ApiKey]:
         """A new key; the plaintext is returned once and never stored."""
@@ -93,14 +121,27 @@ class KeyStore:
         key_id = key_id_of(key)
         if key_id is None:
             return None
-        raw = self.redis.hget(KEYS_HASH, _digest(key))
-        if raw is None:
-            return None
-        record = ApiKey(**json.loads(raw))
-        # The digest matched; comparing ids as well guards against a tampered record.
-        if not hmac.compare_digest(record.id, key_id) or not record.active:
-            return None
-        return record
+        return _active_record(self.redis.hget(KEYS_HASH, _digest(key)), key_id)
+
+    def admit(self, key: str, default_limit: RateLimit) -> Admission:
+        """Authenticate a presented key and take one token from its rate limit, in one Lua call: the key's
+        active record (else None, and no token is taken) and whether a token was free."""
+        key_id = key_id_of(key)
+        if key_id is None:
+            return Admission(key=None, allowed=False, retry_after_s=0.0, limit=default_limit)
+        raw, allowed, wait_s, rate, burst = self._admit(
+            keys=[KEYS_HASH, _bucket_key(key_id)],
+            args=[_digest(key), key_id, default_limit.per_s, default_limit.burst, f"{time.time():.6f}"],
+        )
+        record = _active_record(raw, key_id)
+        if record is None:
+            return Admission(key=None, allowed=False, retry_after_s=0.0, limit=default_limit)
+        return Admission(
+            key=record,
+            allowed=bool(int(allowed)),
+            retry_after_s=float(wait_s),
+            limit=RateLimit(per_s=float(rate), burst=int(float(burst))),
+        )
 
     def list(self) -> list[ApiKey]:
         records = [ApiKey(**json.loads(raw)) for raw in self.redis.hvals(KEYS_HASH)]
@@ -115,9 +156,17 @@ class KeyStore:
                 return True
         return False
 
-    def take_token(self, key_id: str, rate_per_s: float, burst: int) -> tuple[bool, float]:
-        """Spend one request from the key's bucket: (allowed, seconds until a token is free)."""
-        allowed, wait = self._take_token(
-            keys=[f"mmfuse:ratelimit:{key_id}"], args=[rate_per_s, burst, f"{time.time():.6f}"]
-        )
-        return bool(int(allowed)), float(wait)
+
+def _bucket_key(key_id: str) -> str:
+    return f"mmfuse:ratelimit:{key_id}"
+
+
+def _active_record(raw: bytes | str | None, key_id: str) -> ApiKey | None:
+    """The record stored under a key's digest if it is active and names the id the key carries."""
+    if raw is None:
+        return None
+    record = ApiKey(**json.loads(raw))
+    # The digest matched; comparing ids as well guards against a tampered record.
+    if not hmac.compare_digest(record.id, key_id) or not record.active:
+        return None
+    return record

@@ -1,8 +1,9 @@
 """Everything mmfuse keeps in Redis, one class per key family (as rq splits its registries); nothing else
 touches Redis (API keys and rate limits have their own store, ``shared/apikeys.py``).
 
-- ``jobs.JobStore``: job records and their status moves, the in-flight indexes, long-poll wake-ups;
+- ``jobs.JobStore``: job records and their status moves, the in-flight indexes;
   ``jobs.JobRecord`` reads a record's fields, whose names ``jobs.Fields`` defines
+- ``events.JobEvents``: waiting for a job's end, over one pub/sub connection per process (the gateway's)
 - ``vectors.VectorStore``: a job's vectors between its stages, and the fan-in to fusion
 - ``deliveries.DeliveryStore``: webhook delivery state, frozen bodies, attempt claims
 - ``idempotency.IdempotencyEntries``: which job an ``Idempotency-Key`` made
