@@ -1,15 +1,18 @@
 """The limit: the bare model, no HTTP or queue, on the pipeline's own code path.
 
 Every measurement runs in a fresh process that loads the encoders with ``shared.models.get_encoder`` exactly
-as a worker does (so ``torch.set_num_threads(threads)``) and runs ``prepare`` (image decode + CLIP
-preprocessing; texts are tokenised inside ``encode``) and ``encode`` for every item, like the workers.
+as a worker does (so ``shared.models.set_torch_threads(threads)``), on the device and dtype of the
+``MMFUSE_*`` settings, and runs ``prepare`` (image decode + CLIP preprocessing; texts are tokenised inside
+``encode``) and ``encode`` for every item, like the workers.
 
-Layouts measured for a job (the best one is the limit; which one won is reported):
-- ``seq``: one process runs both towers one after the other, with 1 or with 2 torch threads;
-- ``split``: two processes with 1 thread each, one per tower, running at the same time: the pipeline's own
-  layout (image pool + text pool) with zero overhead. Jobs/s is the slower tower's items/s.
-- ``dp``: two processes with 1 thread each, each running whole jobs (data parallel): what the machine's
-  cores can do at most; not "one process", so reported for reference, never picked as the limit.
+Layouts measured for a job (the best one-process layout is the limit; which one won is reported):
+- ``seq``: one process runs every tower of the job one after the other, with 1 torch thread and with one per
+  usable CPU;
+- ``split``: one process per tower, running at the same time, each with the torch threads its pool gets in
+  the pipeline (``LocalStack.encoder_threads``): the pipeline's own layout with zero overhead. Jobs/s is the
+  slower tower's items/s.
+- ``dp``: two processes with half the CPUs each, each running whole jobs (data parallel): what the machine
+  can do at most; not "one process", so reported for reference, never picked as the limit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 
@@ -25,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 class Workload:
     """What one job holds: ``towers`` (each needs one item per job) and the models they run."""
 
-    towers: tuple[str, ...]  # ("image", "text") or ("text",)
+    towers: tuple[str, ...]  # ("image", "text"), ("image",) or ("text",)
     models: dict[str, str]  # tower -> checkpoint
     images: list[bytes] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    device: str = "cpu"  # MMFUSE_DEVICE, MMFUSE_DTYPE of the pipeline
+    dtype: str = "float32"
 
     def raw(self, tower: str) -> list:
         return self.images if tower == "image" else self.texts
@@ -36,8 +42,8 @@ class Workload:
 
 @dataclass
 class LayoutResult:
-    layout: str  # seq or split
-    threads: int  # torch threads per process
+    layout: str  # seq, split or dp
+    threads: dict[str, int]  # torch threads of each process, by the towers it runs ("image+text", "text")
     processes: int
     jobs_per_s: dict[int, float]  # batch size -> jobs/s
     latency_b1_ms: float  # one job at batch 1 (split: the slower tower, both running at once)
@@ -57,12 +63,20 @@ class LayoutResult:
         return out
 
     @property
+    def process_threads(self) -> int:
+        """Torch threads per process (seq, dp: every process has the same)."""
+        return max(self.threads.values())
+
+    @property
     def name(self) -> str:
         if self.layout == "split":
-            return f"split: {self.processes} processes x {self.threads} thread, one tower each, in parallel"
+            threads = " + ".join(f"{towers} x{n}" for towers, n in self.threads.items())
+            return f"split: one process per tower, in parallel, {threads} threads (the pipeline's layout)"
+        n = self.process_threads
+        threads = f"{n} thread{'s' if n > 1 else ''}"
         if self.layout == "dp":
-            return f"dp: {self.processes} processes x {self.threads} thread, whole jobs each (data parallel)"
-        return f"seq: 1 process x {self.threads} thread{'s' if self.threads > 1 else ''}, towers in turn"
+            return f"dp: {self.processes} processes x {threads}, whole jobs each (data parallel)"
+        return f"seq: 1 process x {threads}, towers in turn"
 
 
 def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
@@ -72,7 +86,9 @@ def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
     from mmfuse.shared.settings import Settings
 
     max_pixels = Settings().max_image_pixels
-    encoders = {t: get_encoder(t, workload.models[t], "cpu", "float32", threads, max_pixels) for t in towers}
+    encoders = {
+        t: get_encoder(t, workload.models[t], workload.device, workload.dtype, threads, max_pixels) for t in towers
+    }
     import torch
 
     assert torch.get_num_threads() == threads, (torch.get_num_threads(), threads)
@@ -138,8 +154,14 @@ def _worker(
 
 
 def measure_layout(
-    workload: Workload, layout: str, threads: int, batches: list[int], min_time_s: float, latency_reps: int
+    workload: Workload,
+    layout: str,
+    threads: int | Mapping[str, int],
+    batches: list[int],
+    min_time_s: float,
+    latency_reps: int,
 ) -> LayoutResult:
+    """``threads``: torch threads per process, or (split) per tower."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     if layout == "seq":
@@ -150,14 +172,15 @@ def measure_layout(
         groups = [workload.towers, workload.towers]
     else:
         raise ValueError(layout)
+    group_threads = [threads if isinstance(threads, int) else threads[group[0]] for group in groups]
     barrier = ctx.Barrier(len(groups)) if len(groups) > 1 else None
     processes = [
         ctx.Process(
             target=_worker,
-            args=(workload, group, threads, batches, min_time_s, latency_reps, barrier, results),
+            args=(workload, group, n, batches, min_time_s, latency_reps, barrier, results),
             daemon=True,
         )
-        for group in groups
+        for group, n in zip(groups, group_threads, strict=True)
     ]
     for process in processes:
         process.start()
@@ -178,7 +201,7 @@ def measure_layout(
         tower_latency[name] = max(latency, tower_latency.get(name, 0.0))
     return LayoutResult(
         layout=layout,
-        threads=threads,
+        threads={"+".join(group): n for group, n in zip(groups, group_threads, strict=True)},
         processes=len(groups),
         jobs_per_s=jobs_per_s,
         latency_b1_ms=max(tower_latency.values()),
@@ -189,13 +212,17 @@ def measure_layout(
 ONE_PROCESS = ("seq",)
 
 
-def layouts_for(workload: Workload, cores: int) -> list[tuple[str, int]]:
-    layouts: list[tuple[str, int]] = [("seq", 1)]
+def layouts_for(
+    workload: Workload, cores: int, pipeline_threads: Mapping[str, int]
+) -> list[tuple[str, int | dict[str, int]]]:
+    """(layout, threads) to measure: ``seq`` at 1 thread and at every usable CPU, ``split`` at the pipeline's
+    threads per tower (``pipeline_threads``), ``dp`` at half the CPUs per process."""
+    layouts: list[tuple[str, int | dict[str, int]]] = [("seq", 1)]
     if cores >= 2:
-        layouts.append(("seq", 2))
+        layouts.append(("seq", cores))
         if len(workload.towers) > 1:
-            layouts.append(("split", 1))
-        layouts.append(("dp", 1))
+            layouts.append(("split", {tower: pipeline_threads[tower] for tower in workload.towers}))
+        layouts.append(("dp", cores // 2))
     return layouts
 
 

@@ -1,4 +1,4 @@
-"""Load generators: closed-loop clients (submit -> long-poll -> next job), and a raw HTTP POST flood."""
+"""Load generators: closed-loop clients (submit and wait for the result -> next job), and a raw HTTP POST flood."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 from bench import stats
@@ -21,6 +22,7 @@ class JobSample:
     submitted_at: float  # time.monotonic() before the POST
     finished_at: float  # after the GET that saw the job end
     status: str
+    answered_in_post: bool = False  # the POST's Prefer: wait answered with the ended job (no GET)
     server_total_s: float | None = None  # created -> finished, as the job record says
     stage_s: dict[str, float] = field(default_factory=dict)
     batch_size: dict[str, int] = field(default_factory=dict)
@@ -38,6 +40,18 @@ class ClosedLoopResult:
     errors: list[str]
     client_cpu_s: float
     wall_s: float
+    # (jobs completed, probe()) at the start, the steady window's first and last completion, and the end
+    probes: list[tuple[int, Any]] = field(default_factory=list)
+
+    def window_probes(self) -> tuple[tuple[int, Any], tuple[int, Any]] | None:
+        """The probes bounding the steady window (those of the whole run when a job failed), or None."""
+        if len(self.probes) < 2:
+            return None
+        first, last = window_marks(len(self.samples) + len(self.errors), self.concurrency)
+        taken = dict(self.probes)
+        if not self.errors and first in taken and last in taken:
+            return (first, taken[first]), (last, taken[last])
+        return self.probes[0], self.probes[-1]
 
     def summary(self) -> dict:
         ok = [s for s in self.samples if s.status == "succeeded"]
@@ -52,6 +66,7 @@ class ClosedLoopResult:
             "succeeded": len(ok),
             "errors": len(self.errors) + len(self.samples) - len(ok),
             "error_examples": self.errors[:3],
+            "answered_in_post": sum(s.answered_in_post for s in self.samples),
             "jobs_per_s": stats.throughput(self.started_at, [s.finished_at for s in ok], self.concurrency),
             "steady_jobs": len(steady),
             **stats.latency_summary([s.latency_s for s in steady]),
@@ -68,17 +83,52 @@ class ClosedLoopResult:
         }
 
 
-def _sample(submitted_at: float, job: dict) -> JobSample:
+def _sample(submitted_at: float, job: dict, answered_in_post: bool) -> JobSample:
     timings = job.get("timings") or {}
     stages = timings.get("stages") or {}
     return JobSample(
         submitted_at=submitted_at,
         finished_at=time.monotonic(),
         status=job["status"],
+        answered_in_post=answered_in_post,
         server_total_s=timings.get("total_s"),
         stage_s={name: st["duration_s"] for name, st in stages.items() if st.get("duration_s") is not None},
         batch_size={name: st["batch_size"] for name, st in stages.items() if st.get("batch_size") is not None},
     )
+
+
+def submit_and_wait(client, job: dict, prefer_wait: bool, timeout_s: float, gets: list[int]) -> tuple[dict, bool]:
+    """Submit a job and wait for its end with ``MmfuseClient``: ``(job, answered_in_post)``.
+
+    ``prefer_wait``: ``client.run`` (``POST /v1/jobs`` with ``Prefer: wait``: the gateway answers with the
+    ended job when it ends within its wait cap, else 202 and the client long-polls); otherwise ``submit``,
+    then ``wait`` (long-polls ``GET /v1/jobs/<id>?wait=``). ``gets`` counts the client's GETs
+    (:func:`count_gets`): none during the job means the POST answered it.
+    """
+    before = gets[0]
+    if prefer_wait:
+        ended = client.run(timeout_s=timeout_s, **job)
+    else:
+        ended = client.wait(client.submit(**job), timeout_s=timeout_s)
+    return ended, prefer_wait and gets[0] == before
+
+
+def count_gets(client) -> list[int]:
+    """A counter of the GET requests ``client``'s session sends, kept up to date by a response hook."""
+    gets = [0]
+
+    def hook(response, *_args, **_kwargs) -> None:
+        if response.request.method == "GET":
+            gets[0] += 1
+
+    client.session.hooks["response"].append(hook)
+    return gets
+
+
+def window_marks(jobs: int, concurrency: int) -> tuple[int, int]:
+    """Completion counts bounding ``stats.steady_window`` of a run of ``jobs`` jobs (0: the run's start)."""
+    i, j = stats.steady_window([float(k) for k in range(jobs)], concurrency)
+    return (i + 1, j + 1) if i > 0 else (0, jobs)
 
 
 def closed_loop(
@@ -88,10 +138,15 @@ def closed_loop(
     make_job: Callable[[int], dict],
     api_key: str | None = None,
     timeout_s: float = 300.0,
+    prefer_wait: bool = True,
+    probe: Callable[[], Any] | None = None,
 ) -> ClosedLoopResult:
     """``concurrency`` clients, each with its own HTTP session, run ``jobs`` jobs in all, one at a time each.
 
-    Latency is submit -> result: the POST, then long-polls (``GET ?wait=``) until the job has ended.
+    Latency is submit -> result (:func:`submit_and_wait`). ``probe`` (e.g. CPU counters) is called at the
+    start, at the first and the last completion of the steady window (``stats.steady_window``) and at the
+    end, so what it measures can cover the jobs the throughput is taken over
+    (:meth:`ClosedLoopResult.window_probes`).
     """
     from mmfuse_client.http import MmfuseClient
 
@@ -99,9 +154,18 @@ def closed_loop(
     next_index = [0]
     samples: list[JobSample] = []
     errors: list[str] = []
+    marks = set(window_marks(jobs, concurrency)) - {0} if probe else set()
+    probes: list[tuple[int, Any]] = []
+
+    def take_probe(count: int) -> None:
+        assert probe is not None
+        value = probe()
+        with lock:
+            probes.append((count, value))
 
     def client_loop() -> None:
         client = MmfuseClient(gateway_url, api_key=api_key, timeout_s=60)
+        gets = count_gets(client)
         while True:
             with lock:
                 index = next_index[0]
@@ -110,24 +174,37 @@ def closed_loop(
                 next_index[0] += 1
             submitted_at = time.monotonic()
             try:
-                job_id = client.submit(**make_job(index))
-                sample = _sample(submitted_at, client.wait(job_id, timeout_s=timeout_s))
+                job, answered_in_post = submit_and_wait(client, make_job(index), prefer_wait, timeout_s, gets)
+                sample = _sample(submitted_at, job, answered_in_post)
             except Exception as exc:  # counted and reported, the run goes on
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             with lock:
                 samples.append(sample)
+                count = len(samples)
+            if count in marks:
+                take_probe(count)
 
     cpu_before = time.process_time()
     started_at = time.monotonic()
+    if probe:
+        take_probe(0)
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if probe and len(samples) not in marks:
+        take_probe(len(samples))
     return ClosedLoopResult(
-        concurrency, started_at, samples, errors, time.process_time() - cpu_before, time.monotonic() - started_at
+        concurrency,
+        started_at,
+        samples,
+        errors,
+        time.process_time() - cpu_before,
+        time.monotonic() - started_at,
+        sorted(probes, key=lambda p: p[0]),
     )
 
 

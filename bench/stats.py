@@ -77,6 +77,11 @@ def _parse_stat(text: str) -> tuple[int, float]:
 
 def process_tree_cpu_s(root_pid: int) -> float:
     """CPU seconds (user + system) used so far by ``root_pid`` and all its live descendants."""
+    return process_trees_cpu_s({"root": root_pid})["root"]
+
+
+def process_trees_cpu_s(roots: dict[str, int]) -> dict[str, float]:
+    """``process_tree_cpu_s`` of several roots from one reading of ``/proc``."""
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -89,14 +94,15 @@ def process_tree_cpu_s(root_pid: int) -> float:
             continue
         parents[int(entry)] = ppid
         cpu[int(entry)] = seconds
-    total = 0.0
+    name_of = {pid: name for name, pid in roots.items()}
+    totals = dict.fromkeys(roots, 0.0)
     for pid, seconds in cpu.items():
         current = pid
-        while current and current != root_pid:
+        while current and current not in name_of:
             current = parents.get(current, 0)
-        if current == root_pid:
-            total += seconds
-    return total
+        if current:
+            totals[name_of[current]] += seconds
+    return totals
 
 
 # --- formatting ------------------------------------------------------------------------------------

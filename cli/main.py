@@ -10,8 +10,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmfuse.shared.celery_app import POOLS
+
+if TYPE_CHECKING:
+    from mmfuse.cli.stack import LocalStack
 
 DEFAULT_VAR_DIR = Path("var")
 
@@ -66,6 +70,21 @@ def run_demo(gateway_url: str, api_key: str) -> dict:
     return job
 
 
+def describe_torch_threads(stack: LocalStack) -> str:
+    """One line: each encoder pool's torch threads and how they were chosen."""
+    from mmfuse.cli.stack import ENCODER_POOLS
+    from mmfuse.shared.cpus import read_cpu_budget
+
+    parts = []
+    for pool in (pool for pool in ENCODER_POOLS if f"worker-{pool}" in stack.processes):
+        part = f"{pool} {stack.torch_threads(pool)}"
+        if pool in stack.cpu_shares:
+            part += f" (MMFUSE_CPU_SHARE={stack.cpu_shares[pool]:.2f}, by tower cost)"
+        parts.append(part)
+    setting = stack.settings().torch_threads
+    return f"torch threads: {', '.join(parts)}; MMFUSE_TORCH_THREADS={setting}, {read_cpu_budget().describe()}"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import LocalStack
     from mmfuse.shared.models import make_test_checkpoint
@@ -103,6 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"stack ready in {time.monotonic() - started:.1f} s: gateway {stack.gateway_url}, logs in {stack.log_dir}"
         )
+        print(describe_torch_threads(stack))
         api_key = stack.create_api_key("local")
         print(f"API key for this stack (send 'Authorization: Bearer <key>'): {api_key}")
         job = run_demo(stack.gateway_url, api_key)

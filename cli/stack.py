@@ -7,6 +7,7 @@ what is tested is what users run. Production runs the same commands under docker
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -20,11 +21,15 @@ from urllib.parse import urlparse
 
 import requests
 
-from mmfuse.shared.celery_app import POOLS
-from mmfuse.shared.settings import Settings
+from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS
+from mmfuse.shared.cpus import AUTO, cpu_shares, read_cpu_budget, torch_threads
+from mmfuse.shared.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
 
 # The installed package's modules, so the commands work from any directory (the image runs in $HOME).
 POOL_MODULES = {pool: f"mmfuse.workers.{pool}.worker" for pool in POOLS}
+ENCODER_POOLS = tuple(ENCODE_TASKS)  # the pools that run a model, whose torch threads share the host's CPUs
 BEAT_MODULE = POOL_MODULES["maintenance"]  # its Celery app carries the schedule (shared.celery_app.beat_schedule)
 # The defaults of the command builders below are the settings' defaults; callers with settings pass theirs.
 DEFAULTS = Settings()
@@ -144,6 +149,12 @@ def gateway_command(
     ]
 
 
+def cpu_share_env(share: float | None) -> dict[str, str]:
+    """``MMFUSE_CPU_SHARE`` for a worker's environment (none: the setting's default)."""
+    # Three decimals: the variable stays readable in logs and `ps`; the threads come out the same.
+    return {} if share is None else {env_name("cpu_share"): f"{share:.3f}"}
+
+
 @dataclass
 class LocalStack:
     """Child processes of one local stack; ``env`` holds its ``MMFUSE_*`` settings."""
@@ -155,6 +166,8 @@ class LocalStack:
     # pool -> its worker's /metrics URL, when MMFUSE_METRICS_PORT is set (each worker gets a free port);
     # the gateway's is gateway_url + "/metrics".
     metrics_urls: dict[str, str] = field(default_factory=dict)
+    # encoder pool -> the MMFUSE_CPU_SHARE its worker was started with (start_workers), when one was set
+    cpu_shares: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.var_dir = Path(self.var_dir)
@@ -259,11 +272,55 @@ class LocalStack:
         self.gateway_url = f"http://{bind}"
         return self.gateway_url
 
+    def encoder_cpu_shares(self, pools: tuple[str, ...]) -> dict[str, float]:
+        """The ``MMFUSE_CPU_SHARE`` of each encoder pool of ``pools``, which run together on this host: its
+        tower's part of their towers' cost (``shared.models.tower_cost``, from the checkpoints' configs).
+
+        Empty when there is nothing to split: fewer than two encoder pools (one alone takes every CPU),
+        ``MMFUSE_TORCH_THREADS`` set to a number, or ``MMFUSE_CPU_SHARE`` set by hand.
+        """
+        encoders = [pool for pool in pools if pool in ENCODER_POOLS]
+        settings = self.settings()
+        if len(encoders) < 2 or settings.torch_threads != AUTO or env_name("cpu_share") in self._child_env():
+            return {}
+        from mmfuse.shared.models import tower_cost
+
+        models = {"image": settings.effective_image_model, "text": settings.effective_text_model}
+        try:
+            costs = {pool: tower_cost(pool, models[pool]) for pool in encoders}
+        except (OSError, ValueError) as exc:  # a hub checkpoint that is neither cached nor reachable
+            log.warning("cannot read the towers' configs (%s): the encoder pools share the CPUs equally", exc)
+            costs = {pool: 1.0 for pool in encoders}
+        return cpu_shares(costs)
+
+    def encoder_threads(self, pools: tuple[str, ...]) -> dict[str, int]:
+        """The torch threads each encoder pool of ``pools`` runs with when they start together here."""
+        shares = self.encoder_cpu_shares(pools)
+        return {pool: self._torch_threads(shares.get(pool)) for pool in pools if pool in ENCODER_POOLS}
+
+    def torch_threads(self, pool: str) -> int:
+        """The torch threads ``pool``'s worker runs with here: what it computes at start (``shared.cpus``)."""
+        return self._torch_threads(self.cpu_shares.get(pool))
+
+    def _torch_threads(self, share: float | None) -> int:
+        settings = self.settings(cpu_share_env(share))
+        return torch_threads(settings.torch_threads, settings.cpu_share, read_cpu_budget())
+
+    def start_workers(self, pools: tuple[str, ...]) -> None:
+        """Start a worker for each of ``pools``; the encoder pools among them split this host's CPUs by their
+        towers' cost (:meth:`encoder_cpu_shares`)."""
+        for pool in ENCODER_POOLS:
+            self.cpu_shares.pop(pool, None)
+        self.cpu_shares.update(self.encoder_cpu_shares(pools))
+        for pool in pools:
+            self.start_worker(pool)
+
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
+        """Start one pool's worker; an encoder pool with its share from the last :meth:`start_workers`."""
         settings = self.settings()
         if concurrency is None:
             concurrency = default_concurrency(pool, settings)
-        extra_env = {}
+        extra_env = cpu_share_env(self.cpu_shares.get(pool))
         if settings.metrics_port:
             # Metrics on: one port per worker process, so several pools can share this host.
             port = free_port()
@@ -278,8 +335,7 @@ class LocalStack:
         self.ensure_redis()
         self.ensure_s3()
         self.start_gateway()
-        for pool in pools:
-            self.start_worker(pool)
+        self.start_workers(pools)
         if "maintenance" in pools:
             self.start_beat()
         self.wait_ready(pools, timeout_s)

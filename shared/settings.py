@@ -77,6 +77,16 @@ def one_of(*choices: str, ignore_case: bool = False) -> Rule:
     return rule
 
 
+def auto_or_positive_int(value: str, _settings: Settings) -> str | None:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return None
+    return f"expected auto or a whole number >= 1, got {value!r}"
+
+
+def fraction(value: float, _settings: Settings) -> str | None:
+    return None if 0 < value <= 1 else f"must be > 0 and <= 1, got {value:g}"
+
+
 def tcp_port_or_zero(value: int, _settings: Settings) -> str | None:
     return None if 0 <= value < 65536 else "must be a TCP port or 0"
 
@@ -152,8 +162,12 @@ class Settings:
     device: str = setting("cpu", torch_device)  # cpu | cuda | cuda:N
     # float32 | float16 | bfloat16 (half types only on CUDA)
     dtype: str = setting("float32", one_of("float32", "float16", "bfloat16"), half_precision_needs_cuda)
-    # per worker process; 2 threads collapse under contention on small CPUs
-    torch_threads: int = setting(1, positive)
+    # Torch threads per encoder process: auto (the CPUs it may use, affinity or cgroup CPU quota, times
+    # cpu_share) or a number; shared/cpus.py says how auto decides.
+    torch_threads: str = setting("auto", auto_or_positive_int)
+    # This pool's part of the CPUs under torch_threads=auto: 1 on a node of its own; where encoder pools
+    # share a host, each one's part (`mmfuse up` sets it from each tower's cost).
+    cpu_share: float = setting(1.0, fraction)
     logit_scale: float = 100.0  # CLIP's trained temperature for zero-shot softmax
 
     # --- batching, per pool ---
@@ -178,7 +192,7 @@ class Settings:
     # long side / short side; preprocessing upscales the short side
     max_image_aspect_ratio: float = setting(20.0, at_least(1))
     image_formats: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "bmp")
-    max_wait_s: float = setting(30.0, non_negative)  # cap for GET /v1/jobs/<id>?wait=
+    max_wait_s: float = setting(30.0, non_negative)  # cap for GET /v1/jobs/<id>?wait= and POST Prefer: wait
 
     # --- gateway processes (gunicorn; `mmfuse gateway` and the local stack alike) ---
     gateway_bind: str = setting("0.0.0.0:8080", listen_address)  # `mmfuse up`: 127.0.0.1:8080

@@ -1,4 +1,5 @@
-"""The benchmark's pure helpers (no timings): percentiles, steady windows, /proc parsing, the report."""
+"""The benchmark: its pure helpers (percentiles, steady windows, /proc parsing, the CPU window, the report)
+and one tiny run end to end (tiny test checkpoint, quick plan: the numbers mean nothing, the code paths run)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from bench import stats
-from bench.limit import LayoutResult, pick_limit
-from bench.pipeline import report, summarise, to_json
+from bench.limit import LayoutResult, Workload, pick_limit
+from bench.load import ClosedLoopResult, JobSample, window_marks
+from bench.pipeline import CLIENT, CpuSnapshot, cpu_use, report, same_layout, summarise, to_json
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
@@ -70,28 +72,63 @@ def test_format_table_aligns_numbers_right():
     assert stats.fmt(float("nan")) == "-"
 
 
-def _layout(layout: str, threads: int, rates: dict, latency: float) -> LayoutResult:
+def _layout(layout: str, threads: dict[str, int], rates: dict, latency: float) -> LayoutResult:
     return LayoutResult(
         layout=layout,
         threads=threads,
-        processes=1 if layout == "seq" else 2,
+        processes=len(threads) if layout == "split" else 2 if layout == "dp" else 1,
         jobs_per_s=rates,
         latency_b1_ms=latency,
-        tower_latency_b1_ms={"image": latency},
+        tower_latency_b1_ms={"+".join(threads): latency},
     )
 
 
 def test_the_limit_is_the_best_one_process_layout():
-    seq1 = _layout("seq", 1, {1: 4.0, 16: 6.0}, 200.0)
-    seq2 = _layout("seq", 2, {1: 7.0, 16: 9.5}, 150.0)
-    dp = _layout("dp", 1, {1: 8.0, 16: 12.0}, 210.0)
+    seq1 = _layout("seq", {"image+text": 1}, {1: 4.0, 16: 6.0}, 200.0)
+    seq2 = _layout("seq", {"image+text": 2}, {1: 7.0, 16: 9.5}, 150.0)
+    dp = _layout("dp", {"image+text": 1}, {1: 8.0, 16: 12.0}, 210.0)
     assert seq2.best_batch == 16
     assert pick_limit([seq1, seq2, dp]) is seq2  # dp is faster but not "one process"
+    split = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 160.0)
+    assert split.name.startswith("split: one process per tower, in parallel, image x2 + text x1 threads")
+    assert seq2.name == "seq: 1 process x 2 threads, towers in turn"
 
 
-def _run(concurrency: int, jobs_per_s: float, p50: float) -> dict:
+def test_the_same_layout_is_the_pipelines_threads():
+    b32 = Workload(("image", "text"), {"image": "m", "text": "m"})
+    split = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 160.0)
+    seq2 = _layout("seq", {"image+text": 2}, {4: 9.0}, 220.0)
+    assert same_layout([seq2, split], b32, {"image": 2, "text": 1}) is split
+    assert same_layout([seq2, split], b32, {"image": 1, "text": 1}) is None
+    minilm = Workload(("text",), {"text": "m"})
+    seq_text = _layout("seq", {"text": 2}, {32: 400.0}, 8.0)
+    assert same_layout([seq_text], minilm, {"text": 2}) is seq_text
+
+
+def test_the_cpu_window_is_the_steady_window():
+    assert window_marks(25, 1) == (2, 24)  # between the 2nd and the 24th completion: 22 jobs
+    assert window_marks(128, 32) == (33, 96)
+    assert window_marks(64, 32) == (0, 64)  # too short for a steady window: the whole run
+
+    def snapshot(at: float, gateway: float, client: float) -> CpuSnapshot:
+        return CpuSnapshot(at, {"gateway": gateway, "worker-text": 2 * gateway, CLIENT: client})
+
+    probes = [(0, snapshot(0.0, 0.0, 0.0)), (33, snapshot(1.0, 1.0, 0.5)), (96, snapshot(4.0, 1.63, 0.8))]
+    probes.append((128, snapshot(5.0, 2.0, 1.0)))
+    run = ClosedLoopResult(32, 0.0, [JobSample(0.0, 1.0, "succeeded")] * 128, [], 1.0, 5.0, probes)
+    cpu = cpu_use(run)
+    assert cpu["jobs"] == 63
+    assert cpu["cpu_ms_per_job"]["gateway"] == pytest.approx(10.0)  # 0.63 s over 63 jobs
+    assert cpu["stack_cpu_ms_per_job"] == pytest.approx(30.0)  # the client is not the stack's
+    assert cpu["cores"]["worker-text"] == pytest.approx(0.42)  # 1.26 s over 3 s
+    failed = ClosedLoopResult(32, 0.0, run.samples[:127], ["HTTPError"], 1.0, 5.0, probes)
+    assert cpu_use(failed)["jobs"] == 128  # a job failed: the whole run
+
+
+def _run(concurrency: int, jobs_per_s: float, p50: float, stack_cpu_ms: float = 30.0) -> dict:
     return {
         "concurrency": concurrency,
+        "jobs": 12,
         "steady_jobs": 10,
         "jobs_per_s": jobs_per_s,
         "p50_ms": p50,
@@ -101,14 +138,21 @@ def _run(concurrency: int, jobs_per_s: float, p50: float) -> dict:
         "mean_batch_size": {"image": 4.0, "text": 4.0, "fusion": 1.0},
         "mean_stage_ms": {"image": p50 - 20},
         "errors": 0,
-        "cpu": {"cores_total": 1.5, "cores": {"gateway": 0.5}, "cpu_ms_per_job": {"gateway": 3.0}},
+        "answered_in_post": 12,
+        "cpu": {
+            "cores_total": 1.5,
+            "cores": {"gateway": 0.5, "worker-text": 0.7, CLIENT: 0.1},
+            "cpu_ms_per_job": {"gateway": 3.0, "worker-text": 4.0, CLIENT: 1.0},
+            "stack_cpu_ms_per_job": stack_cpu_ms,
+        },
     }
 
 
 def test_report_and_json_from_synthetic_results():
-    seq1 = _layout("seq", 1, {4: 6.0}, 200.0)
-    split = _layout("split", 1, {4: 8.0}, 160.0)
-    text = _layout("seq", 1, {32: 300.0}, 10.0)
+    seq1 = _layout("seq", {"image+text": 1}, {4: 6.0}, 200.0)
+    split = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 160.0)
+    image = _layout("seq", {"image": 2}, {16: 10.0}, 100.0)
+    text = _layout("seq", {"text": 2}, {32: 300.0}, 10.0)
     results = {
         "date": "2026-01-01T00:00:00+00:00",
         "command": "python -m bench.pipeline",
@@ -122,18 +166,23 @@ def test_report_and_json_from_synthetic_results():
         },
         "torch": {"torch": "2.x"},
         "inputs": "test inputs",
-        "settings": {"torch_threads": 1},
+        "settings": {"torch_threads": "auto"},
         "b32": {
             "limit": {"layouts": [seq1, split], "limit": seq1, "recheck_jobs_per_s": 5.9},
             "same_layout": split,
             "pipeline": [_run(1, 4.0, 180.0), _run(32, 5.4, 3000.0)],
-            "variant_image_threads_2": [_run(32, 5.7, 2900.0)],
+        },
+        "image": {
+            "limit": {"layouts": [image], "limit": image},
+            "same_layout": image,
+            "pipeline": [_run(32, 10.5, 3000.0)],
         },
         "minilm": {
             "limit": {"layouts": [text], "limit": text},
             "same_layout": text,
-            "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0)],
+            "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0, stack_cpu_ms=9.0)],
         },
+        "minilm32": {"limit": None, "pipeline": [_run(8, 9.0, 800.0)]},
         "accept": {
             2: {
                 "gateway_workers": 2,
@@ -147,22 +196,50 @@ def test_report_and_json_from_synthetic_results():
             }
         },
     }
-    results["summary"] = summarise(results)
-    assert results["summary"]["ratio_b32_c32"] == pytest.approx(0.9)
-    assert results["summary"]["overhead_c1_ms"] == pytest.approx(20.0)  # vs the split layout's latency
-    assert results["summary"]["ratio_minilm_c32"] == pytest.approx(0.5)
-    assert results["summary"]["accept_per_s"] == 600.0
-    assert results["summary"]["ratio_b32_c32_image_threads_2"] == pytest.approx(0.95)
+    summary = summarise(results)
+    results["summary"] = summary
+    assert summary["ratio_b32_c32"] == pytest.approx(0.9)
+    assert summary["overhead_b32_c1_ms"] == pytest.approx(20.0)  # vs the split layout's latency
+    assert summary["p50_b32_c1_minus_limit_latency_ms"] == pytest.approx(-20.0)
+    assert summary["ratio_image_c32"] == pytest.approx(1.05)
+    assert summary["ratio_minilm_c32"] == pytest.approx(0.5)
+    assert summary["cpu_ms_minilm_c32"] == pytest.approx(9.0)
+    assert summary["ratio_minilm32_c8"] == pytest.approx(9.0 * 32 / 300.0)
+    assert summary["overhead_minilm_c1_ms"] == pytest.approx(15.0)
+    assert summary["accept_per_s"] == 600.0
     text_report = report(results)
     for expected in (
         "## 1. Limit",
         "(limit)",
-        "32, image pool 2 threads",
-        "## 5. Gateway accept rate",
+        "## 3. Image-only jobs",
+        "## 5. Text-only jobs, all-MiniLM-L6-v2, 32 texts per job",
+        "| items/s",
+        "CPU by process at concurrency 32 (MiniLM, 1 text per job)",
+        "| total (stack)",
+        "## 6. Gateway accept rate",
+        "`Prefer: wait`",
         "| yes",
         "| NO",
     ):
-        assert expected in text_report
+        assert expected in text_report, expected
     encoded = json.loads(json.dumps(to_json(results)))
     assert encoded["b32"]["limit"]["limit"]["best_jobs_per_s"] == 6.0
     assert encoded["accept"]["2"]["accepted_per_s"] == 600.0
+
+
+def test_a_tiny_bench_runs_end_to_end(tmp_path, checkpoint_dir, capsys):
+    from bench.pipeline import main
+
+    out = tmp_path / "bench.json"
+    model = str(checkpoint_dir)
+    argv = ["--quick", "--phases", "limit,b32,minilm32", "--model", model, "--text-model", model]
+    assert main([*argv, "--var-dir", str(tmp_path / "var"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for run in results["b32"]["pipeline"] + results["minilm32"]["pipeline"]:
+        assert run["errors"] == 0 and run["succeeded"] == run["jobs"], run["error_examples"]
+        assert 0 <= run["answered_in_post"] <= run["jobs"]
+        assert run["cpu"]["stack_cpu_ms_per_job"] > 0
+    assert {"ratio_b32_c32", "overhead_b32_c1_ms", "ratio_minilm32_c8"} <= results["summary"].keys()
+    assert results["settings"]["worker-image_torch_threads"] >= 1
+    printed = capsys.readouterr().out
+    assert "## 2. Pipeline: B/32 image+text jobs" in printed and "## Summary" in printed

@@ -11,7 +11,7 @@ def test_defaults_are_production_defaults():
     assert s.effective_image_model == s.effective_text_model == s.model
     assert s.shared_embedding_space
     assert s.effective_broker_url == s.redis_url
-    assert s.device == "cpu" and s.torch_threads == 1
+    assert s.device == "cpu" and s.torch_threads == "auto" and s.cpu_share == 1.0
 
 
 def test_parses_types_from_environment():
