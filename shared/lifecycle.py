@@ -27,9 +27,19 @@ from mmfuse.shared.webhooks import Attempt
 log = logging.getLogger(__name__)
 
 
-def succeed_job(stores: Stores, celery: Celery, spec: JobSpec, result: dict) -> bool:
-    """Store the result and end the job; True if this call ended it (so exactly one caller notifies)."""
-    ended = stores.jobs.succeed(spec.id, result)
+def succeed_job(
+    stores: Stores,
+    celery: Celery,
+    spec: JobSpec,
+    result: dict,
+    stage: Stage | None = None,
+    batch_size: int | None = None,
+) -> bool:
+    """Store the result and end the job; True if this call ended it (so exactly one caller notifies).
+
+    ``stage``: the stage that built the result (fusion, or the encoder of a job with one modality), whose
+    end (and largest batch) is recorded in the same step."""
+    ended = stores.jobs.succeed(spec.id, result, stage, batch_size)
     if ended:
         metrics.observe_job_end(spec.created_at, Status.SUCCEEDED.value)
         _after_end(stores, celery, spec, Status.SUCCEEDED)
@@ -68,10 +78,11 @@ def stage_failure(exc: BaseException, unexpected: ErrorCode) -> tuple[ErrorCode,
 
 def _after_end(stores: Stores, celery: Celery, spec: JobSpec, status: Status) -> None:
     """What follows the end of a job; never raises (the job already ended, a retry would find it so)."""
-    try:
-        stores.vectors.discard(spec.id)
-    except BACKEND_ERRORS as exc:  # they expire with job_ttl_s anyway
-        log.warning("job %s: could not delete its vectors now (%s); they expire", spec.id, exc)
+    if FUSION in spec.stages:  # only a job that fans in to fusion stores vectors
+        try:
+            stores.vectors.discard(spec.id)
+        except BACKEND_ERRORS as exc:  # they expire with job_ttl_s anyway
+            log.warning("job %s: could not delete its vectors now (%s); they expire", spec.id, exc)
     _notify(stores, celery, spec, webhook_event(status))
     _release_blobs(celery, spec)
 
@@ -79,7 +90,7 @@ def _after_end(stores: Stores, celery: Celery, spec: JobSpec, status: Status) ->
 def _revoke(celery: Celery, spec: JobSpec) -> None:
     """Best effort: a task that is not revoked in time still finds the job ended and does nothing."""
     try:
-        celery.control.revoke([stage_task_id(spec.id, stage) for stage in (*spec.modalities, FUSION)])
+        celery.control.revoke([stage_task_id(spec.id, stage) for stage in spec.stages])
     except Exception:
         log.exception("job %s: could not revoke its tasks", spec.id)
 

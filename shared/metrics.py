@@ -155,6 +155,13 @@ ENCODER_MODEL_LOAD = Gauge(
     ["modality"],
     multiprocess_mode="max",
 )
+ENCODER_TORCH_THREADS = Gauge(
+    "mmfuse_encoder_torch_threads",
+    "Torch intra-op threads this encoder process runs its forward passes with (MMFUSE_TORCH_THREADS, "
+    "auto resolved at start).",
+    ["modality"],
+    multiprocess_mode="max",
+)
 
 # --- every stage that consumes a broker queue -------------------------------------------------------
 
@@ -170,7 +177,8 @@ STAGE_QUEUE_WAIT = Histogram(
 
 FUSION_DURATION = Histogram(
     "mmfuse_fusion_duration_seconds",
-    "Time to load a job's vectors and build its result.",
+    "Time to build a job's result from its vectors: in the fusion pool, or in the encoder pool of a job "
+    "with one modality (it ends there, with no fusion stage).",
     ["strategy"],
     buckets=DURATION_BUCKETS_S,
 )

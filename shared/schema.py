@@ -16,7 +16,8 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# A job's stages, in pipeline order: one encoder stage per modality, then fusion.
+# A job's stages, in pipeline order: one encoder stage per modality, then fusion when there is more than
+# one (``JobSpec.stages``).
 Modality = Literal["image", "text"]
 Stage = Literal["image", "text", "fusion"]
 MODALITIES: tuple[Modality, ...] = get_args(Modality)
@@ -217,6 +218,13 @@ class JobSpec:
         if self.texts or self.labels:
             needed.append("text")
         return needed
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages this job runs, in order: a job with one modality has nothing to fuse and ends in its
+        encoder stage; one with more fans in to fusion (the only jobs that store vectors)."""
+        modalities: list[Stage] = list(self.modalities)
+        return [*modalities, FUSION] if len(modalities) > 1 else modalities
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -5,6 +5,10 @@ preprocess), hands them to the process's one ``DynamicBatcher`` and waits on fut
 inference thread runs the model over items from many jobs at once. Every task stays a normal Celery task,
 so acks_late still covers a crash, and the fan-in to fusion is a set in the job store.
 
+Store round trips per task: the stage's start returns the record; then one step ends it. A job whose only
+modality is this pool's ends here (the result built from the vectors just computed, no fusion task); any
+other stores its vectors, the stage's end and the fan-in at once (``VectorStore.finish_encoding``).
+
 Errors: an input the model cannot take fails its job at once (``InputError``, a missing blob); errors of
 the backing services are retried as ``shared.celery_app.DurableTask`` declares, and a task that gives up
 fails its job (``service_unavailable``, or ``encoder_error`` for anything unexpected).
@@ -28,11 +32,14 @@ from mmfuse.shared import metrics
 from mmfuse.shared.batching import BatchStats, DynamicBatcher
 from mmfuse.shared.blobstore import BlobMissing, BlobStore
 from mmfuse.shared.celery_app import ENCODE_TASKS, MAX_ATTEMPTS, TASK_FUSE, create_celery, durable_task, stage_task_id
-from mmfuse.shared.lifecycle import fail_job, stage_failure
+from mmfuse.shared.cpus import read_cpu_budget, torch_threads
+from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
 from mmfuse.shared.models import Encoder, InputError, get_encoder
 from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Modality
 from mmfuse.shared.settings import Settings, get_settings
 from mmfuse.shared.stores import Stores
+from mmfuse.shared.stores.vectors import FanIn
+from mmfuse.workers.fusion.fusion import FusionError, build_job_result
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +48,10 @@ GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence[Any]]
 
 # The inference thread needs the GIL between torch ops; with Python's default 5 ms switch interval it
 # waits behind task threads (decode, preprocessing, Redis) and the Celery consumer for up to 5 ms per op,
-# while its other torch threads idle. On 2 CPU cores with MMFUSE_TORCH_THREADS=2 for the image pool, 0.2 ms
-# took B/32 image+text jobs from 4.5-6.4 to 7.5-9.4 jobs/s (3 A/B pairs); at 1 thread the difference was
-# within the noise (docs/performance.md).
+# while its other torch threads idle. On 2 CPU cores with the image pool at 2 torch threads (what
+# MMFUSE_TORCH_THREADS=auto gives it there beside the text pool), 0.2 ms took B/32 image+text jobs from
+# 4.5-6.4 to 7.5-9.4 jobs/s (3 A/B pairs); at 1 thread the difference was within the noise
+# (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -78,13 +86,24 @@ class EncoderWorker:
     def start(self) -> None:
         """Load the model once for this process, warm it up, and start the batcher's inference thread."""
         s = self.settings
+        budget = read_cpu_budget()
+        threads = torch_threads(s.torch_threads, s.cpu_share, budget)
+        log.info(
+            "%s worker: %d torch threads (MMFUSE_TORCH_THREADS=%s, MMFUSE_CPU_SHARE=%g, %s)",
+            self.modality,
+            threads,
+            s.torch_threads,
+            s.cpu_share,
+            budget.describe(),
+        )
+        metrics.ENCODER_TORCH_THREADS.labels(self.modality).set(threads)
         with metrics.Timer() as load:
             self.encoder = get_encoder(
                 self.modality,
                 self.model_id,
                 s.device,
                 s.dtype,
-                s.torch_threads,
+                threads,
                 s.max_image_pixels,
                 s.max_image_aspect_ratio,
             )
@@ -180,18 +199,18 @@ class EncoderWorker:
         return self._active_tasks > self._submitted_tasks
 
     def run(self, job_id: str) -> None:
-        """The task body: encode this pool's part of the job; enqueue fusion when it completes the job."""
+        """The task body: encode this pool's part of the job; then end the job when this pool's modality is
+        its only one, or else store the vectors and enqueue fusion when they complete the job's."""
         with self._active():
             self._run(job_id)
 
     def _run(self, job_id: str) -> None:
-        jobs, vectors = self.stores.jobs, self.stores.vectors
-        attempt = jobs.start_stage(job_id, self.modality)
-        record = jobs.get(job_id) if attempt > 0 else None
+        start = self.stores.jobs.start_stage_and_read(job_id, self.modality)
+        record = start.record
         if record is None or record.status.terminal:
             log.info("job %s: unknown, expired or already ended; nothing to do", job_id)
             return
-        spec = record.spec
+        spec, attempt = record.spec, start.attempt
         if attempt == 1:
             metrics.observe_queue_wait(self.modality, record.created_at, record.stage_started_at(self.modality))
         if attempt > MAX_ATTEMPTS:
@@ -219,14 +238,27 @@ class EncoderWorker:
             # the message, so the input would come back until MAX_ATTEMPTS.
             self.fail(spec, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
             return
-        # One transaction for the vectors of every kind and the stage's end, then the fan-in.
-        with vectors.pipeline() as pipe:
-            for kind, kind_vectors, _ in encoded:
-                vectors.save(job_id, kind, kind_vectors, pipeline=pipe)
-            jobs.finish_stage(job_id, self.modality, batch_size=max(size for _, _, size in encoded), pipeline=pipe)
-            pipe.execute()
-        if vectors.mark_encoded(job_id, self.modality, spec.modalities):
+        by_kind = {kind: kind_vectors for kind, kind_vectors, _ in encoded}
+        batch_size = max(size for _, _, size in encoded)
+        if spec.stages == [self.modality]:  # this stage is the job's only one: nothing to fuse
+            self._finish_job(spec, by_kind, batch_size)
+            return
+        fan_in = self.stores.vectors.finish_encoding(job_id, self.modality, by_kind, batch_size, spec.modalities)
+        if fan_in == FanIn.COMPLETE:
             self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, FUSION))
+
+    def _finish_job(self, spec: JobSpec, vectors: dict[str, np.ndarray], batch_size: int) -> None:
+        """End a job whose only modality is this pool's: nothing to fuse, so no fusion hop. The result is
+        what fusion would build from the same vectors (``build_job_result``), and the job ends the same way,
+        this stage's end recorded in the same step."""
+        try:
+            with metrics.Timer() as fusion:
+                result = build_job_result(spec, vectors, self.settings.logit_scale)
+        except FusionError as exc:
+            self.fail(spec, ErrorCode.FUSION_ERROR, str(exc))
+            return
+        metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
+        succeed_job(self.stores, self.celery, spec, result, stage=self.modality, batch_size=batch_size)
 
     def fail(self, spec: JobSpec, code: ErrorCode | str, message: str) -> None:
         metrics.ENCODER_FAILURES.labels(self.modality, code.value if isinstance(code, ErrorCode) else code).inc()

@@ -3,20 +3,23 @@
 Keys (the record expires ``job_ttl_s`` after submit):
 - ``mmfuse:job:<id>``  hash: the fields named in :class:`Fields` (spec, status, timestamps, per-stage
   attempts and batch sizes, error, result, the webhook's delivery and frozen body)
-- channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (long-poll wake-up)
+- channel ``mmfuse:job:<id>:events`` gets the final status when the job ends (the wake-up of those waiting
+  for it: ``events.JobEvents``)
 - ``mmfuse:jobs:queued``, ``mmfuse:jobs:running``  sorted sets of the jobs in that status, scored by
   ``created_at``: the jobs-in-flight gauges count them and the reaper reads them; moved in the same atomic
   steps as the status, and entries older than ``job_ttl_s`` (whose record expired) are not counted and are
   trimmed at each submit
 
-Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless.
+Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless. Each status move
+is one Lua script (atomic, one round trip) built on the functions of ``JOB_LUA``: a stage's start answers
+with the record, and the end of the job records the end of the stage that ended it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -62,7 +65,7 @@ def job_key(job_id: str) -> str:
     return f"mmfuse:job:{job_id}"
 
 
-def _events_channel(job_id: str) -> str:
+def events_channel(job_id: str) -> str:
     return f"{job_key(job_id)}:events"
 
 
@@ -70,45 +73,101 @@ def _events_channel(job_id: str) -> str:
 _QUEUED_KEY = "mmfuse:jobs:queued"
 _RUNNING_KEY = "mmfuse:jobs:running"
 
-# The Lua test for "the job already ended", from the one Python definition of the terminal statuses.
-_ENDED_LUA = " or ".join(f"status == '{status.value}'" for status in TERMINAL_STATUSES)
 
-# Move to a terminal status unless the job already ended; publish the wake-up. Returns 1 if it moved,
-# 0 if the job had ended, -1 if there is no record.
-_END_LUA = f"""
-local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
-if not status then return -1 end
-if {_ENDED_LUA} then return 0 end
-redis.call('HSET', KEYS[1], '{Fields.STATUS}', ARGV[1], ARGV[2], ARGV[3], '{Fields.FINISHED_AT}', ARGV[4])
-redis.call('ZREM', KEYS[3], ARGV[5])
-redis.call('ZREM', KEYS[4], ARGV[5])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
-return 1
-"""
+def job_keys(job_id: str) -> list[str]:
+    """The first keys of every script over a job's record, in the order ``JOB_LUA`` names them."""
+    return [job_key(job_id), events_channel(job_id), _QUEUED_KEY, _RUNNING_KEY]
 
-# queued -> running, once; the stage's start time is kept from its first attempt. Returns the attempt
-# number (ARGV[4] is the stage's attempt counter), 0 if the job already ended, -1 if there is no record.
-_START_STAGE_LUA = f"""
-local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
-if not status then return -1 end
-if {_ENDED_LUA} then return 0 end
-if status == '{Status.QUEUED.value}' then
-  redis.call('HSET', KEYS[1], '{Fields.STATUS}', '{Status.RUNNING.value}', '{Fields.STARTED_AT}', ARGV[2])
-  redis.call('ZREM', KEYS[2], ARGV[3])
-  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], '{Fields.CREATED_AT}'), ARGV[3])
+
+def job_args(job_id: str) -> list[str]:
+    """The first arguments of every script over a job's record, in the order ``JOB_LUA`` names them."""
+    return [job_id, repr(time.time())]
+
+
+def _lua_field(stage_field: Callable[[Stage], str]) -> str:
+    """A stage's field name in Lua, from its one Python definition (``Fields``)."""
+    return f"string.format('{stage_field(cast(Stage, '%s'))}', stage)"
+
+
+# A job's status moves, as Lua functions that every script over a record starts with; other stores'
+# scripts start with them too where their keys change in the same step as a stage (vectors and fan-in).
+# KEYS[1..4] and ARGV[1..2] are ``job_keys`` and ``job_args``; a script's own keys and arguments follow.
+JOB_LUA = f"""
+local job, events, queued, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local job_id, now = ARGV[1], ARGV[2]
+local function job_status() return redis.call('HGET', job, '{Fields.STATUS}') end
+local function has_ended(status) return {" or ".join(f"status == '{s.value}'" for s in TERMINAL_STATUSES)} end
+-- queued -> running, once; the stage's start time is kept from its first attempt. Returns the attempt
+-- number, 0 if the job already ended, -1 if there is no record.
+local function start_stage(stage)
+  local status = job_status()
+  if not status then return -1 end
+  if has_ended(status) then return 0 end
+  if status == '{Status.QUEUED.value}' then
+    redis.call('HSET', job, '{Fields.STATUS}', '{Status.RUNNING.value}', '{Fields.STARTED_AT}', now)
+    redis.call('ZREM', queued, job_id)
+    redis.call('ZADD', running, redis.call('HGET', job, '{Fields.CREATED_AT}'), job_id)
+  end
+  redis.call('HSETNX', job, {_lua_field(Fields.stage_started_at)}, now)
+  return redis.call('HINCRBY', job, {_lua_field(Fields.stage_attempts)}, 1)
 end
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
+-- A stage's end time (the first one kept) and formed batch size ('': none); the caller checked that the
+-- job has not ended.
+local function record_stage_end(stage, batch_size)
+  redis.call('HSETNX', job, {_lua_field(Fields.stage_finished_at)}, now)
+  if batch_size ~= '' then redis.call('HSET', job, {_lua_field(Fields.stage_batch_size)}, batch_size) end
+end
 """
 
-# A stage's end time (the first one kept) and formed batch size, only while the job has not ended.
-_FINISH_STAGE_LUA = f"""
-local status = redis.call('HGET', KEYS[1], '{Fields.STATUS}')
-if not status or {_ENDED_LUA} then return 0 end
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[4], ARGV[3]) end
+# Move to a terminal status unless the job already ended, recording the end of the stage that ended it
+# (ARGV[6], '': none) in the same step; publish the wake-up. Returns 1 if it moved, 0 if the job had
+# ended, -1 if there is no record.
+_END_LUA = f"""{JOB_LUA}
+local status = job_status()
+if not status then return -1 end
+if has_ended(status) then return 0 end
+if ARGV[6] ~= '' then record_stage_end(ARGV[6], ARGV[7]) end
+redis.call('HSET', job, '{Fields.STATUS}', ARGV[3], ARGV[4], ARGV[5], '{Fields.FINISHED_AT}', now)
+redis.call('ZREM', queued, job_id)
+redis.call('ZREM', running, job_id)
+redis.call('PUBLISH', events, ARGV[3])
 return 1
 """
+
+# A stage's start (ARGV[3]); its reply carries the record as the start left it, so that the worker reads
+# nothing more: {attempt, {field, value, ...}}, or {attempt} when it is not positive.
+_START_STAGE_LUA = f"""{JOB_LUA}
+local attempt = start_stage(ARGV[3])
+if attempt <= 0 then return {{attempt}} end
+return {{attempt, redis.call('HGETALL', job)}}
+"""
+
+# A stage's end (ARGV[3], batch size ARGV[4]), only while the job has not ended.
+_FINISH_STAGE_LUA = f"""{JOB_LUA}
+local status = job_status()
+if not status or has_ended(status) then return 0 end
+record_stage_end(ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def flat_hash(flat: Sequence[Any]) -> dict[Any, Any]:
+    """An ``HGETALL`` run inside a Lua script, as its reply holds it (a flat list), as a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """What a stage's start returns: its attempt number (0: the job already ended, -1: there is no
+    record) and, when positive, the record as the start left it."""
+
+    attempt: int
+    record: JobRecord | None = None
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> StageStart:
+        attempt = int(reply[0])
+        return cls(attempt, JobRecord.from_stored(flat_hash(reply[1])) if attempt > 0 else None)
 
 
 @dataclass
@@ -146,6 +205,14 @@ class JobRecord:
     spec: JobSpec
     status: Status
     fields: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[bytes | str, bytes | str]) -> JobRecord | None:
+        """The record from its hash as Redis returns it; None when there is none (or no spec yet)."""
+        fields = {text(k): text(v) for k, v in stored.items()}
+        if Fields.SPEC not in fields:
+            return None
+        return cls(spec=JobSpec.from_json(fields[Fields.SPEC]), status=Status(fields[Fields.STATUS]), fields=fields)
 
     @property
     def id(self) -> str:
@@ -206,6 +273,10 @@ class JobRecord:
         return raw.encode("utf-8") if raw is not None else None
 
 
+def _batch_size_arg(batch_size: int | None) -> str:
+    return "" if batch_size is None else str(batch_size)
+
+
 class JobStore(RedisStore):
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         super().__init__(client)
@@ -258,13 +329,7 @@ class JobStore(RedisStore):
             pipe.zrem(_RUNNING_KEY, job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
-        stored = self._redis.hgetall(job_key(job_id))
-        if not stored or Fields.SPEC.encode() not in stored:
-            return None
-        fields = {text(k): text(v) for k, v in stored.items()}
-        return JobRecord(
-            spec=JobSpec.from_json(fields[Fields.SPEC]), status=Status(fields[Fields.STATUS]), fields=fields
-        )
+        return JobRecord.from_stored(self._redis.hgetall(job_key(job_id)))
 
     def ping(self) -> bool:
         return bool(self._redis.ping())
@@ -302,35 +367,30 @@ class JobStore(RedisStore):
 
     # --- stages ---
 
+    def start_stage_and_read(self, job_id: str, stage: Stage) -> StageStart:
+        """Mark ``stage`` started and read the record, in one step (a worker's first round trip)."""
+        reply = self._start_stage(keys=job_keys(job_id), args=[*job_args(job_id), stage])
+        return StageStart.from_reply(reply)
+
     def start_stage(self, job_id: str, stage: Stage) -> int:
         """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
-        return int(
-            self._start_stage(
-                keys=[job_key(job_id), _QUEUED_KEY, _RUNNING_KEY],
-                args=[Fields.stage_started_at(stage), repr(time.time()), job_id, Fields.stage_attempts(stage)],
-            )
-        )
+        return self.start_stage_and_read(job_id, stage).attempt
 
-    def finish_stage(
-        self, job_id: str, stage: Stage, batch_size: int | None = None, pipeline: Pipeline | None = None
-    ) -> None:
-        """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put."""
-        with self._writing(pipeline) as pipe:
-            self._finish_stage(
-                keys=[job_key(job_id)],
-                args=[
-                    Fields.stage_finished_at(stage),
-                    repr(time.time()),
-                    "" if batch_size is None else str(batch_size),
-                    Fields.stage_batch_size(stage),
-                ],
-                client=pipe,
-            )
+    def finish_stage(self, job_id: str, stage: Stage, batch_size: int | None = None) -> None:
+        """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put.
+
+        A stage that ends the job records its end with the job's (``succeed``); an encoder stage whose job
+        fans in to fusion, with its vectors (``VectorStore.finish_encoding``)."""
+        self._finish_stage(keys=job_keys(job_id), args=[*job_args(job_id), stage, _batch_size_arg(batch_size)])
 
     # --- terminal moves: each True only for the call that ended the job (so exactly one sends its webhook) ---
 
-    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
-        return self._end(job_id, Status.SUCCEEDED, Fields.RESULT, json.dumps(result))
+    def succeed(
+        self, job_id: str, result: dict[str, Any], stage: Stage | None = None, batch_size: int | None = None
+    ) -> bool:
+        """Store the result and end the job; with ``stage``, the end of the stage that built the result
+        (and the largest batch its items ran in) is recorded in the same step."""
+        return self._end(job_id, Status.SUCCEEDED, Fields.RESULT, json.dumps(result), stage, batch_size)
 
     def fail(self, job_id: str, stage: Stage, code: str, message: str) -> bool:
         error = json.dumps({"code": code, "message": message, "stage": stage})
@@ -340,30 +400,17 @@ class JobStore(RedisStore):
         """Workers still holding one of the job's tasks find it ended: their writes of a status are refused."""
         return self._end(job_id, Status.CANCELED, Fields.CANCELED_AT, repr(time.time()))
 
-    def _end(self, job_id: str, status: Status, field_name: str, value: str) -> bool:
+    def _end(
+        self,
+        job_id: str,
+        status: Status,
+        field_name: str,
+        value: str,
+        stage: Stage | None = None,
+        batch_size: int | None = None,
+    ) -> bool:
         moved = self._end_script(
-            keys=[job_key(job_id), _events_channel(job_id), _QUEUED_KEY, _RUNNING_KEY],
-            args=[status.value, field_name, value, repr(time.time()), job_id],
+            keys=job_keys(job_id),
+            args=[*job_args(job_id), status.value, field_name, value, stage or "", _batch_size_arg(batch_size)],
         )
         return int(moved) == 1
-
-    # --- long-poll ---
-
-    def wait_until_ended(self, job_id: str, timeout_s: float) -> JobRecord | None:
-        """The record once it is terminal or ``timeout_s`` passed, woken by pub/sub (no sleep loop)."""
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(_events_channel(job_id))
-            # Subscribed first, then read: an end published in between is not missed.
-            record = self.get(job_id)
-            deadline = time.monotonic() + timeout_s
-            while record is not None and not record.status.terminal:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                message = pubsub.get_message(timeout=remaining)
-                if message is not None:
-                    record = self.get(job_id)
-            return record
-        finally:
-            pubsub.close()

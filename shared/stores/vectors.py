@@ -1,23 +1,30 @@
 """A job's vectors, between its encoder stages and fusion, and the fan-in that starts fusion.
 
+Only a job with more than one modality stores vectors: a job with one ends in its encoder task, which
+builds the result from the vectors it just computed.
+
 Keys (expire ``job_ttl_s`` after they are written; deleted when the job ends):
 - ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> little-endian float32 bytes (kind: image, text,
   label)
 - ``mmfuse:job:<id>:done``     set of the encoder stages that finished: fusion runs once it holds them all
+
+Each step that moves a stage and touches these keys is one Lua script (one round trip, atomic) over the
+job's record too, starting with the record's status moves (``jobs.JOB_LUA``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 import redis
 from redis.client import Pipeline
-from redis.typing import EncodableT, FieldT
 
-from mmfuse.shared.schema import Modality
+from mmfuse.shared.schema import FUSION, JobSpec, Modality
 from mmfuse.shared.stores.client import RedisStore, raw, text
-from mmfuse.shared.stores.jobs import job_key
+from mmfuse.shared.stores.jobs import JOB_LUA, StageStart, flat_hash, job_args, job_key, job_keys
 
 
 def _vectors_key(job_id: str) -> str:
@@ -28,39 +35,114 @@ def _done_key(job_id: str) -> str:
     return f"{job_key(job_id)}:done"
 
 
+# Lua's unpack() puts its values on the C stack (a few thousand at most): write the vectors in slices.
+_HSET_SLICE = 1000  # arguments: an even count, so a slice never splits a field from its value
+
+# An encoder stage's end, unless the job already ended (then nothing is written): the stage's vectors, its
+# end on the record and the fan-in. ARGV[3]: the stage (its modality), ARGV[4]: its batch size ('': none),
+# ARGV[5]: the TTL, ARGV[6]: n, ARGV[7..6 + n]: the job's modalities, then the vectors as field, bytes
+# pairs. Returns -1 if there is no record, 0 if the job ended, 1 if recorded, 2 if recorded and every
+# modality is now encoded (fusion's turn).
+_FINISH_ENCODING_LUA = f"""{JOB_LUA}
+local vectors, done = KEYS[5], KEYS[6]
+local status = job_status()
+if not status then return -1 end
+if has_ended(status) then return 0 end
+local modalities = tonumber(ARGV[6])
+local first_vector = 7 + modalities
+for i = first_vector, #ARGV, {_HSET_SLICE} do
+  redis.call('HSET', vectors, unpack(ARGV, i, math.min(i + {_HSET_SLICE - 1}, #ARGV)))
+end
+if #ARGV >= first_vector then redis.call('EXPIRE', vectors, ARGV[5]) end
+record_stage_end(ARGV[3], ARGV[4])
+redis.call('SADD', done, ARGV[3])
+redis.call('EXPIRE', done, ARGV[5])
+for i = 7, 6 + modalities do
+  if redis.call('SISMEMBER', done, ARGV[i]) == 0 then return 1 end
+end
+return 2
+"""
+
+# Fusion's start (ARGV[3]) and everything it reads: {attempt, record, vectors} as flat hashes, or
+# {attempt} when the attempt is not positive.
+_START_FUSION_LUA = f"""{JOB_LUA}
+local attempt = start_stage(ARGV[3])
+if attempt <= 0 then return {{attempt}} end
+return {{attempt, redis.call('HGETALL', job), redis.call('HGETALL', KEYS[5])}}
+"""
+
+
+class FanIn(IntEnum):
+    """What an encoder stage's end found (``VectorStore.finish_encoding``)."""
+
+    NO_RECORD = -1
+    JOB_ENDED = 0  # nothing was written
+    WAITING = 1  # another modality is still to be encoded
+    COMPLETE = 2  # every modality is encoded: fusion's turn
+
+
+@dataclass(frozen=True)
+class FusionStart:
+    """Fusion's start: the stage's start (attempt and record) and the job's stored vectors by kind."""
+
+    stage: StageStart
+    stored: Mapping[str, bytes] = field(default_factory=dict)  # field (``<kind>:<index>``) -> float32 bytes
+
+    def vectors(self, spec: JobSpec) -> dict[str, np.ndarray]:
+        """The job's vectors by kind, as many of each as its spec has items; KeyError when any is missing."""
+        counts = {"image": len(spec.image_keys), "text": len(spec.texts), "label": len(spec.labels)}
+        return {kind: self._rows(kind, count) for kind, count in counts.items() if count}
+
+    def _rows(self, kind: str, count: int) -> np.ndarray:
+        rows = [self.stored.get(f"{kind}:{i}") for i in range(count)]
+        if any(row is None for row in rows):
+            raise KeyError(f"missing {kind} vectors")
+        return np.stack([np.frombuffer(row, dtype="<f4") for row in rows if row is not None])
+
+
 class VectorStore(RedisStore):
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         super().__init__(client)
         self.ttl_s = ttl_s
+        self._finish_encoding = client.register_script(_FINISH_ENCODING_LUA)
+        self._start_fusion = client.register_script(_START_FUSION_LUA)
 
-    def save(self, job_id: str, kind: str, vectors: np.ndarray, pipeline: Pipeline | None = None) -> None:
-        mapping: Mapping[FieldT, EncodableT] = {
-            f"{kind}:{i}": np.asarray(row, dtype="<f4").tobytes() for i, row in enumerate(vectors)
-        }
-        if not mapping:
-            return
-        with self._writing(pipeline) as pipe:
-            pipe.hset(_vectors_key(job_id), mapping=mapping)
-            pipe.expire(_vectors_key(job_id), self.ttl_s)
+    def finish_encoding(
+        self,
+        job_id: str,
+        modality: Modality,
+        vectors: Mapping[str, np.ndarray],
+        batch_size: int | None,
+        modalities: Iterable[Modality],
+    ) -> FanIn:
+        """An encoder stage's end, in one step: its vectors by kind, the stage's end on the record, and the
+        fan-in over the job's ``modalities``. Safe to repeat (a redelivered task writes the same); after
+        the job ended it writes nothing."""
+        expected = list(modalities)
+        fields: list[bytes | str] = []
+        for kind, rows in vectors.items():
+            for i, row in enumerate(rows):
+                fields += [f"{kind}:{i}", np.asarray(row, dtype="<f4").tobytes()]
+        args = [
+            *job_args(job_id),
+            modality,
+            "" if batch_size is None else str(batch_size),
+            str(self.ttl_s),
+            str(len(expected)),
+            *expected,
+            *fields,
+        ]
+        keys = [*job_keys(job_id), _vectors_key(job_id), _done_key(job_id)]
+        return FanIn(int(self._finish_encoding(keys=keys, args=args)))
 
-    def load(self, job_id: str, kind: str, count: int) -> np.ndarray:
-        """The ``count`` vectors of ``kind``; KeyError when any is missing."""
-        if count == 0:
-            return np.zeros((0, 0), dtype=np.float32)
-        stored = [raw(item) for item in self._redis.hmget(_vectors_key(job_id), [f"{kind}:{i}" for i in range(count)])]
-        if any(item is None for item in stored):
-            raise KeyError(f"job {job_id}: missing {kind} vectors")
-        return np.stack([np.frombuffer(item, dtype="<f4") for item in stored if item is not None])
-
-    def mark_encoded(self, job_id: str, modality: Modality, expected: Iterable[str]) -> bool:
-        """Record that ``modality`` is encoded; True when every expected modality is (the fan-in)."""
-        key = _done_key(job_id)
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(key, modality)
-            pipe.expire(key, self.ttl_s)
-            pipe.smembers(key)
-            done = pipe.execute()[2]
-        return {text(m) for m in done} >= set(expected)
+    def start_fusion(self, job_id: str) -> FusionStart:
+        """Fusion's start and its reads (the record and the vectors) in one round trip."""
+        reply = self._start_fusion(keys=[*job_keys(job_id), _vectors_key(job_id)], args=[*job_args(job_id), FUSION])
+        stage = StageStart.from_reply(reply)
+        if stage.attempt <= 0:
+            return FusionStart(stage)
+        stored = {text(name): raw(value) for name, value in flat_hash(reply[2]).items()}
+        return FusionStart(stage, {name: value for name, value in stored.items() if value is not None})
 
     def discard(self, job_id: str, pipeline: Pipeline | None = None) -> None:
         """Delete the job's vectors and fan-in: nothing reads them once the job ended."""

@@ -52,7 +52,9 @@ def test_unfinished_stages_of_a_running_job():
         text_attempts="3",
     )
     assert unfinished_stages(running) == [("text", "started 3 time(s), never finished"), ("fusion", "not reached")]
-    stuck_fusion = record(Status.RUNNING, text=False, image_started_at=now, image_finished_at=now)
+    # Both encoders done, fusion never taken (a job with one modality has no fusion stage to get stuck in).
+    both_encoded = {f"{m}_{event}": now for m in ("image", "text") for event in ("started_at", "finished_at")}
+    stuck_fusion = record(Status.RUNNING, **both_encoded)
     assert unfinished_stages(stuck_fusion) == [("fusion", "queued, never started: no worker of its pool took it")]
     stage, message = deadline_message(stuck_fusion, 7200)
     assert stage == "fusion"

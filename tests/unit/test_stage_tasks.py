@@ -14,7 +14,8 @@ from mmfuse.shared.celery_app import MAX_RETRIES, TASK_FUSE
 from mmfuse.shared.schema import JobSpec, Status
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores
-from mmfuse.shared.stores.jobs import JobRecord
+from mmfuse.shared.stores.jobs import JobRecord, StageStart
+from mmfuse.shared.stores.vectors import FusionStart
 from mmfuse.workers.fusion import worker as fusion
 
 
@@ -37,10 +38,7 @@ class FakeJobs:
     def get(self, job_id):
         return self.record
 
-    def finish_stage(self, job_id, stage, batch_size=None):
-        pass
-
-    def succeed(self, job_id, result):
+    def succeed(self, job_id, result, stage=None, batch_size=None):
         self.record.status = Status.SUCCEEDED
         return True
 
@@ -51,13 +49,17 @@ class FakeJobs:
 
 
 class FakeVectors:
-    def __init__(self, error: Exception | None = None) -> None:
+    """Fusion's start (on the jobs' record) and its one text vector; ``error`` is raised after the start."""
+
+    def __init__(self, jobs: FakeJobs, error: Exception | None = None) -> None:
+        self.jobs = jobs
         self.error = error
 
-    def load(self, job_id, kind, count):
+    def start_fusion(self, job_id):
+        attempt = self.jobs.start_stage(job_id, "fusion")
         if self.error is not None:
             raise self.error
-        return np.full((count, 4), 0.5, np.float32)
+        return FusionStart(StageStart(attempt, self.jobs.record), {"text:0": np.full(4, 0.5, "<f4").tobytes()})
 
     def discard(self, job_id):
         pass
@@ -76,7 +78,7 @@ def spec() -> JobSpec:
 
 def test_a_store_outage_is_retried_then_fails_the_job_once(spec):
     jobs = FakeJobs(spec, start_errors=MAX_RETRIES + 1)
-    assert fuse(jobs, FakeVectors()).failed()
+    assert fuse(jobs, FakeVectors(jobs)).failed()
     assert jobs.starts == MAX_RETRIES + 1
     ((stage, code, message),) = jobs.failed
     assert (stage, code) == ("fusion", "service_unavailable")
@@ -85,13 +87,13 @@ def test_a_store_outage_is_retried_then_fails_the_job_once(spec):
 
 def test_a_short_outage_is_waited_out(spec):
     jobs = FakeJobs(spec, start_errors=MAX_RETRIES)
-    assert fuse(jobs, FakeVectors()).successful()
+    assert fuse(jobs, FakeVectors(jobs)).successful()
     assert jobs.starts == MAX_RETRIES + 1
     assert jobs.failed == [] and jobs.record.status == Status.SUCCEEDED
 
 
 def test_an_unexpected_error_fails_the_job_at_once_with_the_stage_code(spec):
     jobs = FakeJobs(spec)
-    assert fuse(jobs, FakeVectors(RuntimeError("a bug"))).failed()
+    assert fuse(jobs, FakeVectors(jobs, RuntimeError("a bug"))).failed()
     assert jobs.starts == 1
     assert jobs.failed == [("fusion", "fusion_error", "RuntimeError: a bug")]

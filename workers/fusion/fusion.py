@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from mmfuse.shared.schema import FusionStrategy, JobSpec, Output, vector_to_b64
@@ -82,3 +84,17 @@ def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: n
                 {"label": spec.labels[int(row.argmax())], "scores": row.round(7).tolist()} for row in scores
             ]
     return result
+
+
+def build_job_result(spec: JobSpec, vectors: Mapping[str, np.ndarray], logit_scale: float) -> dict:
+    """``build_result`` over a job's vectors by kind (image, text, label), wherever they come from: the
+    store (fusion) or the encoder that just computed them (a job with one modality). A kind the job has
+    no items of is an empty (0, 0) array either way, so both give the same result."""
+
+    def rows(kind: str) -> np.ndarray:
+        found = vectors.get(kind)
+        if found is None or not len(found):
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.asarray(found, dtype=np.float32)  # the float32 the store keeps
+
+    return build_result(spec, rows("image"), rows("text"), rows("label"), logit_scale)

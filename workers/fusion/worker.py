@@ -1,9 +1,10 @@
 """The fusion pool: ``celery -A mmfuse.workers.fusion.worker worker -Q fusion -P threads``.
 
-Runs once every encoder pool of a job is done: combines the vectors, writes the result and the final
-status, and hands the webhook (if any) to the ``webhooks`` queue. Errors of the backing services are
-retried as ``shared.celery_app.DurableTask`` declares; a task that gives up fails its job
-(``service_unavailable``, or ``fusion_error`` for anything unexpected).
+Runs once every encoder pool of a job with more than one modality is done (a job with one ends in its
+encoder task): combines the vectors, writes the result and the final status, and hands the webhook (if
+any) to the ``webhooks`` queue. Errors of the backing services are retried as
+``shared.celery_app.DurableTask`` declares; a task that gives up fails its job (``service_unavailable``,
+or ``fusion_error`` for anything unexpected).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
 from mmfuse.shared.schema import FUSION, ErrorCode
 from mmfuse.shared.settings import Settings, get_settings
 from mmfuse.shared.stores import Stores
-from mmfuse.workers.fusion.fusion import FusionError, build_result
+from mmfuse.workers.fusion.fusion import FusionError, build_job_result
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,11 @@ class FusionWorker:
         self.stores = stores
 
     def run(self, job_id: str) -> None:
-        jobs, vectors = self.stores.jobs, self.stores.vectors
-        attempt = jobs.start_stage(job_id, FUSION)
-        if attempt <= 0:
-            return
-        record = jobs.get(job_id)
+        start = self.stores.vectors.start_fusion(job_id)  # the stage's start, its record and vectors
+        record = start.stage.record
         if record is None or record.status.terminal:
             return
-        spec = record.spec
+        spec, attempt = record.spec, start.stage.attempt
         if attempt == 1:  # enqueued when the last encoder stage finished
             encoded = [record.stage_finished_at(m) for m in spec.modalities]
             metrics.observe_queue_wait(
@@ -49,16 +47,12 @@ class FusionWorker:
             return
         try:
             with metrics.Timer() as fusion:
-                images = vectors.load(job_id, "image", len(spec.image_keys))
-                texts = vectors.load(job_id, "text", len(spec.texts))
-                labels = vectors.load(job_id, "label", len(spec.labels))
-                result = build_result(spec, images, texts, labels, self.settings.logit_scale)
+                result = build_job_result(spec, start.vectors(spec), self.settings.logit_scale)
         except (FusionError, KeyError) as exc:
             fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.FUSION_ERROR, str(exc))
             return
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
-        jobs.finish_stage(job_id, FUSION)
-        succeed_job(self.stores, self.celery, spec, result)
+        succeed_job(self.stores, self.celery, spec, result, stage=FUSION)
 
     def give_up(self, exc: BaseException, job_id: str) -> None:
         """The task's final failure: retries spent, or an error no retry can help (a bug, bad data)."""

@@ -35,7 +35,7 @@ def unfinished_stages(record: JobRecord) -> list[tuple[Stage, str]]:
     """``(stage, what happened to it)`` for each stage of the job that has not finished, in pipeline order."""
     encoders = record.spec.modalities
     unfinished: list[tuple[Stage, str]] = []
-    for stage in (*encoders, FUSION):
+    for stage in record.spec.stages:
         if record.stage_finished_at(stage) is not None:
             continue
         attempts = record.stage_attempts(stage)
@@ -51,7 +51,7 @@ def unfinished_stages(record: JobRecord) -> list[tuple[Stage, str]]:
 
 def deadline_message(record: JobRecord, deadline_s: float) -> tuple[Stage, str]:
     """The stage to blame (the first unfinished one) and the job's error message."""
-    unfinished = unfinished_stages(record) or [(FUSION, "never finished")]
+    unfinished = unfinished_stages(record) or [(record.spec.stages[-1], "never finished")]
     listed = "; ".join(f"{stage}: {state}" for stage, state in unfinished)
     message = (
         f"the job was still {record.status.value} {deadline_s:g} s after submission "
