@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 import requests
 
@@ -50,36 +51,24 @@ class MmfuseClient:
             )
         return body
 
-    def submit(
-        self,
-        images: Sequence[bytes] = (),
-        texts: Sequence[str] = (),
-        *,
-        labels: Sequence[str] = (),
-        outputs: Sequence[str] = ("embeddings",),
-        fusion: str = "mean",
-        weights: dict | None = None,
-        webhook: dict | None = None,
-        multipart: bool = False,
-        headers: dict | None = None,
-    ) -> str:
+    def submit(self, images: Sequence[bytes] = (), texts: Sequence[str] = (), **options: Unpack[JobOptions]) -> str:
         """Submit a job; returns its id."""
-        options = _job_options(labels, outputs, fusion, weights, webhook)
-        return self._check(self._post_job(images, texts, options, multipart, headers))["id"]
+        return self._check(self._post_job(images, texts, options))["id"]
 
     def _post_job(
         self,
         images: Sequence[bytes],
         texts: Sequence[str],
-        options: dict,
-        multipart: bool,
-        headers: dict | None,
+        job: JobOptions,
+        extra_headers: dict | None = None,
         params: dict | None = None,
         wait_s: float = 0,
     ) -> requests.Response:
         url = f"{self.base_url}/v1/jobs"
         timeout = self.timeout_s + wait_s
-        if multipart:
+        options = _request_options(job)
+        headers = {**(job.get("headers") or {}), **(extra_headers or {})}
+        if job.get("multipart", False):
             files = [("images", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
             data = [("texts", text) for text in texts] + [("options", json.dumps(options))]
             return self.session.post(
@@ -116,14 +105,8 @@ class MmfuseClient:
         texts: Sequence[str] = (),
         timeout_s: float = 120.0,
         *,
-        labels: Sequence[str] = (),
-        outputs: Sequence[str] = ("embeddings",),
-        fusion: str = "mean",
-        weights: dict | None = None,
-        webhook: dict | None = None,
-        multipart: bool = False,
-        headers: dict | None = None,
         encoding_format: str = "float",
+        **options: Unpack[JobOptions],
     ) -> dict:
         """Submit and wait: the job's final representation. One request when the job ends within the server's
         wait cap (``Prefer: wait``); otherwise the submit answers 202 and ``wait`` long-polls for the rest."""
@@ -132,9 +115,8 @@ class MmfuseClient:
         response = self._post_job(
             images,
             texts,
-            _job_options(labels, outputs, fusion, weights, webhook),
-            multipart,
-            {**(headers or {}), "Prefer": f"wait={wait_s}"},
+            options,
+            {"Prefer": f"wait={wait_s}"},
             params={"encoding_format": encoding_format},
             wait_s=wait_s,
         )
@@ -146,14 +128,25 @@ class MmfuseClient:
         return self.wait(body["id"], max(0.0, deadline - time.monotonic()), encoding_format)
 
 
-def _job_options(
-    labels: Sequence[str], outputs: Sequence[str], fusion: str, weights: dict | None, webhook: dict | None
-) -> dict:
-    options: dict = {"outputs": list(outputs), "fusion": fusion}
-    if labels:
-        options["labels"] = list(labels)
-    if weights is not None:
-        options["weights"] = weights
-    if webhook is not None:
-        options["webhook"] = webhook
+class JobOptions(TypedDict, total=False):
+    """What a job asks for besides its inputs (``submit`` and ``run`` take these as keywords)."""
+
+    labels: Sequence[str]  # zero-shot classes for the classify output
+    outputs: Sequence[str]  # default ("embeddings",)
+    fusion: str  # mean (default) | concat
+    weights: dict  # {"image": w, "text": w}
+    webhook: dict  # {"url": ..., "events": [...]}
+    multipart: bool  # send a multipart body instead of JSON
+    headers: dict  # extra HTTP headers, e.g. Idempotency-Key
+
+
+def _request_options(job: JobOptions) -> dict:
+    """The API's ``options`` object: the server's defaults are left out, not repeated."""
+    options: dict = {"outputs": list(job.get("outputs", ("embeddings",))), "fusion": job.get("fusion", "mean")}
+    if job.get("labels"):
+        options["labels"] = list(job["labels"])
+    if job.get("weights") is not None:
+        options["weights"] = job["weights"]
+    if job.get("webhook") is not None:
+        options["webhook"] = job["webhook"]
     return options
