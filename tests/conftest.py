@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Reference, WebhookReceiver, stack_env
+from mmfuse.shared.settings import Settings
+from mmfuse.shared.stores import Stores
+from tests.support import Reference, WebhookReceiver, api_session, running_stack, stack_env
 
 
 @pytest.fixture(scope="session")
@@ -22,19 +24,8 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(checkpoint_dir, tmp_path_factory):
-    from mmfuse.cli.stack import LocalStack
-
-    var_dir = tmp_path_factory.mktemp("stack")
-    local = LocalStack(var_dir=var_dir, env=stack_env(checkpoint_dir))
-    try:
-        local.start(timeout_s=240)
-        local.api_key = local.create_api_key("tests")
+    with running_stack(tmp_path_factory.mktemp("stack"), stack_env(checkpoint_dir)) as local:
         yield local
-    except BaseException:
-        print(local.log_tails(60))
-        raise
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +38,7 @@ def client(stack):
 @pytest.fixture(scope="session")
 def api(stack):
     """A requests session that sends the tests' API key."""
-    import requests
-
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {stack.api_key}"
-    return session
+    return api_session(stack.api_key)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +46,18 @@ def redis_client(stack):
     from mmfuse.shared.stores import connect
 
     return connect(stack.env["MMFUSE_REDIS_URL"])
+
+
+@pytest.fixture(scope="session")
+def settings(stack) -> Settings:
+    """The session stack's settings."""
+    return Settings.from_env(stack.env)
+
+
+@pytest.fixture(scope="session")
+def stores(settings, redis_client) -> Stores:
+    """The session stack's stores, for tests that set up or read job state directly."""
+    return Stores.over(redis_client, settings.job_ttl_s)
 
 
 @pytest.fixture(scope="session")

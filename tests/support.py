@@ -8,7 +8,8 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import requests
 
 TEST_WEBHOOK_SECRETS = (
     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
@@ -164,6 +166,43 @@ def aof_written(redis_client) -> bool:
     info = redis_client.info("persistence")
     assert info["aof_enabled"] == 1 and info["aof_last_write_status"] == "ok", info
     return info["aof_buffer_length"] == 0
+
+
+# --- a running stack --------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_stack(
+    var_dir: Path,
+    env: dict[str, str],
+    pools: tuple[str, ...] | None = None,
+    key_name: str = "tests",
+    timeout_s: float = 240,
+) -> Iterator[Any]:
+    """A started ``LocalStack`` (every pool unless ``pools`` says which) with an API key in ``.api_key``;
+    its logs are printed when starting it or the code using it fails, and it is stopped in any case."""
+    from mmfuse.cli.stack import LocalStack
+
+    local = LocalStack(var_dir=var_dir, env=env)
+    try:
+        if pools is None:
+            local.start(timeout_s=timeout_s)
+        else:
+            local.start(pools=pools, timeout_s=timeout_s)
+        local.api_key = local.create_api_key(key_name)
+        yield local
+    except BaseException:
+        print(local.log_tails(60))
+        raise
+    finally:
+        local.stop()
+
+
+def api_session(api_key: str) -> requests.Session:
+    """A requests session that sends ``api_key``."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {api_key}"
+    return session
 
 
 # --- a webhook receiver -----------------------------------------------------------------------------

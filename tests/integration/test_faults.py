@@ -39,7 +39,16 @@ import numpy as np
 import pytest
 import requests
 
-from tests.support import TOL, aof_written, make_png, stack_env, wait_for, wait_until_no_tasks
+from tests.support import (
+    TOL,
+    aof_written,
+    api_session,
+    make_png,
+    running_stack,
+    stack_env,
+    wait_for,
+    wait_until_no_tasks,
+)
 
 VISIBILITY_S = 5
 # A one-image job waits in the batcher for a minute (by default a lone job runs at once).
@@ -53,8 +62,6 @@ QUEUES = ("image", "text", "fusion", "webhooks")
 @pytest.fixture(scope="module")
 def fstack(checkpoint_dir, tmp_path_factory):
     """Redis, S3, gateway, text and fusion pools; the image pool is each test's to start and kill."""
-    from mmfuse.cli.stack import LocalStack
-
     # The aspect-ratio limit is lifted here so that an elongated image reaches the worker as a poison input
     # (by default the gateway refuses it: 422 image_too_elongated).
     env = stack_env(
@@ -64,16 +71,8 @@ def fstack(checkpoint_dir, tmp_path_factory):
         MMFUSE_RATE_LIMIT_PER_S="0",
         MMFUSE_MAX_IMAGE_ASPECT_RATIO="1e9",
     )
-    local = LocalStack(var_dir=tmp_path_factory.mktemp("faults"), env=env)
-    try:
-        local.start(pools=("text", "fusion"), timeout_s=240)
-        local.api_key = local.create_api_key("faults")
+    with running_stack(tmp_path_factory.mktemp("faults"), env, pools=("text", "fusion"), key_name="faults") as local:
         yield local
-    except BaseException:
-        dump_logs(local)
-        raise
-    finally:
-        local.stop()
 
 
 def dump_logs(stack, lines: int = 60) -> None:
@@ -91,9 +90,7 @@ def stack(fstack, request):
 
 @pytest.fixture
 def api(fstack):
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {fstack.api_key}"
-    return session
+    return api_session(fstack.api_key)
 
 
 @pytest.fixture

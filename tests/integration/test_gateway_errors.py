@@ -16,32 +16,20 @@ import signal
 import time
 
 import pytest
-import requests
 
-from tests.support import aof_written, make_png, stack_env, wait_for
+from tests.support import aof_written, api_session, make_png, running_stack, stack_env, wait_for
 
 
 @pytest.fixture(scope="module")
 def estack(checkpoint_dir, tmp_path_factory):
-    from mmfuse.cli.stack import LocalStack
-
-    local = LocalStack(var_dir=tmp_path_factory.mktemp("gateway-errors"), env=stack_env(checkpoint_dir))
-    try:
-        local.start(pools=(), timeout_s=120)
-        local.api_key = local.create_api_key("gateway-errors")
+    env = stack_env(checkpoint_dir)
+    with running_stack(tmp_path_factory.mktemp("gateway-errors"), env, pools=(), key_name="gateway-errors") as local:
         yield local
-    except BaseException:
-        print(local.log_tails(60))
-        raise
-    finally:
-        local.stop()
 
 
 @pytest.fixture
 def api(estack):
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {estack.api_key}"
-    return session
+    return api_session(estack.api_key)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from mmfuse.shared.celery_app import create_celery
 from mmfuse.shared.lifecycle import succeed_job
 from mmfuse.shared.schema import JobSpec, Status, new_job_id
 from mmfuse.shared.settings import Settings
-from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.jobs import JobStore
 from mmfuse.workers.maintenance import tasks
 from tests.support import make_png, wait_for, wait_until_no_tasks
@@ -30,16 +29,6 @@ DEADLINE_S = 600  # MMFUSE_JOB_DEADLINE_S of the test stack
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def settings(stack) -> Settings:
-    return Settings.from_env(stack.env)
-
-
-@pytest.fixture(scope="module")
-def stores(settings, redis_client) -> Stores:
-    return Stores.over(redis_client, settings.job_ttl_s)
 
 
 @pytest.fixture(scope="module")

@@ -357,7 +357,7 @@ def test_gateway_sums_gunicorn_workers_and_forgets_dead_ones(stack, tmp_path):
         [
             sys.executable,
             "-c",
-            "from shared import metrics; metrics.HTTP_REQUESTS.labels('/healthz', 'GET', '200').inc(1000)",
+            "from mmfuse.shared import metrics; metrics.HTTP_REQUESTS.labels('/healthz', 'GET', '200').inc(1000)",
         ],
         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
         check=True,
@@ -376,11 +376,21 @@ def test_gateway_sums_gunicorn_workers_and_forgets_dead_ones(stack, tmp_path):
     try:
         wait_for(lambda: port_open("127.0.0.1", port) and len(_worker_pids(process.pid)) == 2, "gunicorn", timeout_s=60)
         healthz = {"route": "/healthz", "method": "GET", "status": "200"}
-        # New connections until both workers answered some (each writes its own files), at most 200.
-        sent = 0
-        while sent < 200 and not _worker_pids(process.pid) <= _pids_with_files(directory):
-            assert requests.get(f"{url}/healthz", headers={"Connection": "close"}, timeout=10).status_code == 200
-            sent += 1
+        # New connections until both workers answered some (each writes its own files), at most 200. Which
+        # worker accepts a connection is the kernel's choice, and one may take them all: a worker that has
+        # answered is paused (SIGSTOP), so the next connection goes to another.
+        workers = _worker_pids(process.pid)
+        sent, paused = 0, set()
+        try:
+            while sent < 200 and not workers <= _pids_with_files(directory):
+                for pid in (_pids_with_files(directory) & workers) - paused:
+                    os.kill(pid, signal.SIGSTOP)
+                    paused.add(pid)
+                assert requests.get(f"{url}/healthz", headers={"Connection": "close"}, timeout=10).status_code == 200
+                sent += 1
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
         assert _worker_pids(process.pid) <= _pids_with_files(directory), "one worker answered everything"
         assert value(scrape(f"{url}/metrics"), "mmfuse_http_requests_total", **healthz) == sent
 

@@ -15,24 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from mmfuse.shared.blobstore import image_key
 from mmfuse.shared.celery_app import ENCODE_TASKS, create_celery, stage_task_id
 from mmfuse.shared.schema import JobSpec, Status, new_job_id, vector_from_b64
-from mmfuse.shared.settings import Settings
-from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.jobs import job_key
 from mmfuse.shared.stores.vectors import FanIn
 from mmfuse.workers.fusion.fusion import build_result
 from tests.support import TOL, make_png, wait_for, wait_until_no_tasks
 
 NO_VECTORS = np.zeros((0, 0), np.float32)  # what build_result gets for a kind the job has none of
-
-
-@pytest.fixture(scope="module")
-def settings(stack) -> Settings:
-    return Settings.from_env(stack.env)
-
-
-@pytest.fixture(scope="module")
-def stores(settings, redis_client) -> Stores:
-    return Stores.over(redis_client, settings.job_ttl_s)
 
 
 def fusion_starts(stack) -> float:
