@@ -227,5 +227,6 @@ def layouts_for(
 
 
 def pick_limit(measured: list[LayoutResult]) -> LayoutResult:
-    """The limit as the issue defines it: the bare model in one process, at its best thread count and batch."""
+    """The limit the performance targets are set against: the bare model in one process, at its best thread
+    count and batch."""
     return max((r for r in measured if r.layout in ONE_PROCESS), key=lambda r: r.best_jobs_per_s)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,13 @@ class LocalStack:
     metrics_urls: dict[str, str] = field(default_factory=dict)
     # encoder pool -> the MMFUSE_CPU_SHARE its worker was started with (start_workers), when one was set
     cpu_shares: dict[str, float] = field(default_factory=dict)
+    # Workers restarted when they exit on their own, as compose's `restart: unless-stopped` and Kubernetes do
+    # (a worker can die of a broker outage: kombu's reconnect has crashed with an AttributeError on a second
+    # Redis restart): process name -> (pool, concurrency). Stopping one through the stack ends that.
+    supervised: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _supervisor: threading.Thread | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.var_dir = Path(self.var_dir)
@@ -326,7 +334,31 @@ class LocalStack:
             port = free_port()
             extra_env["MMFUSE_METRICS_PORT"] = str(port)
             self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
-        return self.spawn(f"worker-{pool}", worker_command(pool, concurrency, settings.log_level), extra_env)
+        name = f"worker-{pool}"
+        with self._lock:
+            process = self.spawn(name, worker_command(pool, concurrency, settings.log_level), extra_env)
+            self.supervised[name] = (pool, concurrency)
+            self._start_supervisor()
+        return process
+
+    def _start_supervisor(self) -> None:
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="local-stack-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self, interval_s: float = 0.5) -> None:
+        """Restart a supervised worker that exited while the stack still counts it as running."""
+        while not self._stopping.wait(interval_s):
+            with self._lock:
+                exited = [
+                    (name, pool, concurrency, process.returncode)
+                    for name, (pool, concurrency) in self.supervised.items()
+                    if (process := self.processes.get(name)) is not None and process.poll() is not None
+                ]
+                for name, pool, concurrency, returncode in exited:
+                    with open(self.log_dir / f"{name}.log", "a") as log:
+                        log.write(f"\n--- local stack: {name} exited with {returncode}; restarting it ---\n")
+                    self.start_worker(pool, concurrency)
 
     def start_beat(self) -> subprocess.Popen:
         return self.spawn("beat", beat_command(self.settings().log_level))
@@ -408,7 +440,9 @@ class LocalStack:
     # --- stopping ---
 
     def stop_process(self, name: str, timeout_s: float = 15, sig: int = signal.SIGTERM) -> None:
-        process = self.processes.pop(name, None)
+        with self._lock:  # no longer supervised: a stopped worker stays stopped
+            process = self.processes.pop(name, None)
+            self.supervised.pop(name, None)
         if process is None or process.poll() is not None:
             return
         try:
@@ -421,6 +455,7 @@ class LocalStack:
             pass
 
     def stop(self) -> None:
+        self._stopping.set()
         # The scheduler, the workers (they drain), then the gateway, then the stores.
         order = ["beat"] + [n for n in self.processes if n.startswith("worker-")] + ["gateway", "s3", "redis"]
         for name in order:

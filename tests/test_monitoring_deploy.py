@@ -32,7 +32,7 @@ SCRAPED_SERVICES = {
 }
 # Built from this repository but serving no metrics: celery beat only sends the periodic tasks.
 NOT_SCRAPED = {"beat"}
-# What the dashboard must show (the list), as words its panel titles contain.
+# What the dashboard must show, as words its panel titles contain.
 REQUIRED_PANELS = (
     "throughput",
     "error rate",
