@@ -142,14 +142,6 @@ if attempt <= 0 then return {{attempt}} end
 return {{attempt, redis.call('HGETALL', job)}}
 """
 
-# A stage's end (ARGV[3], batch size ARGV[4]), only while the job has not ended.
-_FINISH_STAGE_LUA = f"""{JOB_LUA}
-local status = job_status()
-if not status or has_ended(status) then return 0 end
-record_stage_end(ARGV[3], ARGV[4])
-return 1
-"""
-
 
 def flat_hash(flat: Sequence[Any]) -> dict[Any, Any]:
     """An ``HGETALL`` run inside a Lua script, as its reply holds it (a flat list), as a mapping."""
@@ -283,7 +275,6 @@ class JobStore(RedisStore):
         self.ttl_s = ttl_s
         self._end_script = client.register_script(_END_LUA)
         self._start_stage = client.register_script(_START_STAGE_LUA)
-        self._finish_stage = client.register_script(_FINISH_STAGE_LUA)
 
     # --- create and read ---
 
@@ -375,13 +366,6 @@ class JobStore(RedisStore):
     def start_stage(self, job_id: str, stage: Stage) -> int:
         """Mark ``stage`` started; returns its attempt number, 0 if the job already ended, -1 if unknown."""
         return self.start_stage_and_read(job_id, stage).attempt
-
-    def finish_stage(self, job_id: str, stage: Stage, batch_size: int | None = None) -> None:
-        """Record a stage's end, unless the job already ended: a final record (and its webhook) stays put.
-
-        A stage that ends the job records its end with the job's (``succeed``); an encoder stage whose job
-        fans in to fusion, with its vectors (``VectorStore.finish_encoding``)."""
-        self._finish_stage(keys=job_keys(job_id), args=[*job_args(job_id), stage, _batch_size_arg(batch_size)])
 
     # --- terminal moves: each True only for the call that ended the job (so exactly one sends its webhook) ---
 

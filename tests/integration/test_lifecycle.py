@@ -13,6 +13,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -354,7 +355,8 @@ def test_reaper_fails_jobs_past_their_deadline(stack, api, stores, jobs, celery,
     )
     running = write_job(stack, jobs, age_s=DEADLINE_S + 30, images=1)
     jobs.start_stage(running.id, "image")
-    jobs.finish_stage(running.id, "image")
+    # The image stage's end as its encoder records it: its vectors, then the fan-in (text still to come).
+    stores.vectors.finish_encoding(running.id, "image", {"image": np.zeros((1, 4), "f4")}, 1, running.modalities)
     jobs.start_stage(running.id, "text")
     fresh = write_job(stack, jobs, age_s=DEADLINE_S - 60)
     tasks.reap_overdue(stores, celery, DEADLINE_S)  # beat may have got there first: both are fine
