@@ -456,6 +456,8 @@ class LocalStack:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._supervisor is not None:  # no restart while the processes are being stopped
+            self._supervisor.join(timeout=10)
         # The scheduler, the workers (they drain), then the gateway, then the stores.
         order = ["beat"] + [n for n in self.processes if n.startswith("worker-")] + ["gateway", "s3", "redis"]
         for name in order:

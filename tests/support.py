@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import requests
 
+from mmfuse.shared.celery_app import POOLS
+
 TEST_WEBHOOK_SECRETS = (
     "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
@@ -173,22 +175,15 @@ def aof_written(redis_client) -> bool:
 
 @contextmanager
 def running_stack(
-    var_dir: Path,
-    env: dict[str, str],
-    pools: tuple[str, ...] | None = None,
-    key_name: str = "tests",
-    timeout_s: float = 240,
+    var_dir: Path, env: dict[str, str], pools: tuple[str, ...] = POOLS, key_name: str = "tests", timeout_s: float = 240
 ) -> Iterator[Any]:
-    """A started ``LocalStack`` (every pool unless ``pools`` says which) with an API key in ``.api_key``;
-    its logs are printed when starting it or the code using it fails, and it is stopped in any case."""
+    """A started ``LocalStack`` (``pools``: which worker pools) with an API key in ``.api_key``; its logs are
+    printed when starting it or the code using it fails, and it is stopped in any case."""
     from mmfuse.cli.stack import LocalStack
 
     local = LocalStack(var_dir=var_dir, env=env)
     try:
-        if pools is None:
-            local.start(timeout_s=timeout_s)
-        else:
-            local.start(pools=pools, timeout_s=timeout_s)
+        local.start(pools=pools, timeout_s=timeout_s)
         local.api_key = local.create_api_key(key_name)
         yield local
     except BaseException:
