@@ -4,6 +4,13 @@ the deletion of its vectors, its webhook, and the release of its input blobs.
 The store's terminal move is atomic and happens once, so exactly one worker enqueues the callback even
 when tasks are redelivered or two fusions race.
 
+The webhook is an outbox: the terminal move writes the intent to send it (``webhook_intent``) in its own
+step, and the intent leaves the outbox once its delivery task is on the broker (:func:`enqueue_webhook`).
+A crash or a broker error in between leaves the intent, and the periodic outbox sweep
+(``workers/maintenance/outbox.py``) enqueues it. A task enqueued twice that way (the ender died after the
+enqueue, before the intent's removal) makes no second attempt: the delivery task skips an attempt already
+recorded and copies of one attempt race for its claim (``DeliveryStore.claim_attempt``).
+
 Blobs (the job's uploaded images) are deleted as soon as the job ends, by a ``release_blobs`` task on the
 ``maintenance`` queue: nothing reads them afterwards (results and vectors live in Redis), and keeping
 uploads no longer than needed is the safer default. Should that task be lost, the periodic sweep
@@ -13,16 +20,14 @@ uploads no longer than needed is the safer default. Should that task be lost, th
 from __future__ import annotations
 
 import logging
-import time
 
 from celery import Celery
 
 from mmfuse.shared import metrics
 from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.celery_app import TASK_DELIVER_WEBHOOK, TASK_RELEASE_BLOBS, stage_task_id
-from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Stage, Status, short_error, webhook_event
+from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Stage, Status, webhook_event
 from mmfuse.shared.stores import Stores
-from mmfuse.shared.webhooks import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,9 @@ def succeed_job(
 
     ``stage``: the stage that built the result (fusion, or the encoder of a job with one modality), whose
     end (and largest batch) is recorded in the same step."""
-    ended = stores.jobs.succeed(spec.id, result, stage, batch_size)
+    ended = stores.jobs.succeed(
+        spec.id, result, stage, batch_size, webhook_intent=_webhook_intent(spec, Status.SUCCEEDED)
+    )
     if ended:
         metrics.observe_job_end(spec.created_at, Status.SUCCEEDED.value)
         _after_end(stores, celery, spec, Status.SUCCEEDED)
@@ -49,7 +56,7 @@ def succeed_job(
 def fail_job(stores: Stores, celery: Celery, spec: JobSpec, stage: Stage, code: ErrorCode | str, message: str) -> bool:
     code = code.value if isinstance(code, ErrorCode) else code
     log.warning("job %s failed in %s: %s: %s", spec.id, stage, code, message)
-    ended = stores.jobs.fail(spec.id, stage, code, message)
+    ended = stores.jobs.fail(spec.id, stage, code, message, webhook_intent=_webhook_intent(spec, Status.FAILED))
     if ended:
         metrics.observe_job_end(spec.created_at, Status.FAILED.value, stage, code)
         _after_end(stores, celery, spec, Status.FAILED)
@@ -59,7 +66,7 @@ def fail_job(stores: Stores, celery: Celery, spec: JobSpec, stage: Stage, code: 
 def cancel_job(stores: Stores, celery: Celery, spec: JobSpec) -> bool:
     """Cancel a job that has not ended; True if this call ended it. Its pending tasks are revoked (workers
     drop them unrun); a task already running finds the job ended and writes no status."""
-    ended = stores.jobs.cancel(spec.id)
+    ended = stores.jobs.cancel(spec.id, webhook_intent=_webhook_intent(spec, Status.CANCELED))
     if ended:
         log.info("job %s canceled", spec.id)
         metrics.observe_job_end(spec.created_at, Status.CANCELED.value)
@@ -83,7 +90,7 @@ def _after_end(stores: Stores, celery: Celery, spec: JobSpec, status: Status) ->
             stores.vectors.discard(spec.id)
         except BACKEND_ERRORS as exc:  # they expire with job_ttl_s anyway
             log.warning("job %s: could not delete its vectors now (%s); they expire", spec.id, exc)
-    _notify(stores, celery, spec, webhook_event(status))
+    _notify(stores, celery, spec, status)
     _release_blobs(celery, spec)
 
 
@@ -105,27 +112,44 @@ def _release_blobs(celery: Celery, spec: JobSpec) -> None:
         log.exception("job %s: could not queue the release of its blobs; the sweep will", spec.id)
 
 
-def _notify(stores: Stores, celery: Celery, spec: JobSpec, event: str) -> None:
+def _webhook_intent(spec: JobSpec, status: Status) -> bool:
+    """Whether a job that ends with ``status`` has a webhook to send: it asked for one, for that event."""
+    return spec.webhook is not None and webhook_event(status) in spec.webhook.get("events", ())
+
+
+def _notify(stores: Stores, celery: Celery, spec: JobSpec, status: Status) -> None:
     """Hand the job's event to the ``webhooks`` queue, or settle the delivery when it is not subscribed.
 
     The job already ended, so nothing here may raise: the caller's retry would find the job terminal and
-    never come back, and the delivery would stay ``pending`` for good. A callback that cannot be queued
-    is marked ``failed`` with the reason instead (best effort: the store may be down as well).
+    never come back. A callback that cannot be queued now stays in the outbox, for the sweep.
     """
     if not spec.webhook:
         return
-    if event not in spec.webhook.get("events", ()):
+    event = webhook_event(status)
+    if not _webhook_intent(spec, status):
         try:
             stores.deliveries.set_state(spec.id, "not_subscribed", event)
         except Exception:  # the public view derives this state from the job's status anyway
             log.exception("job %s: could not record that %s is not subscribed", spec.id, event)
         return
+    enqueue_webhook(stores, celery, spec.id, event)
+
+
+def enqueue_webhook(stores: Stores, celery: Celery, job_id: str, event: str) -> bool:
+    """Send the delivery task of a job's webhook intent, then take the intent off the outbox; never raises.
+
+    False when the task could not be sent (logged): the intent stays in the outbox, and the outbox sweep
+    sends it later. The task is on the broker once sent, whose at-least-once delivery takes over; were
+    the removal lost, the sweep would send a copy, which makes no second attempt."""
     try:
-        celery.send_task(TASK_DELIVER_WEBHOOK, args=[spec.id, event])
+        celery.send_task(TASK_DELIVER_WEBHOOK, args=[job_id, event])
+    except Exception:
+        log.exception("job %s: could not queue its %s webhook; it stays in the outbox for the sweep", job_id, event)
+        return False
+    try:
+        stores.deliveries.intent_sent(job_id)
     except Exception as exc:
-        log.exception("job %s: could not queue its %s webhook", spec.id, event)
-        attempt = Attempt(time.time(), None, short_error(f"not queued: {type(exc).__name__}: {exc}"), 0.0)
-        try:
-            stores.deliveries.record_attempt(spec.id, event, attempt.to_dict(), "failed")
-        except Exception:
-            log.exception("job %s: could not mark its webhook failed either", spec.id)
+        log.warning(
+            "job %s: %s webhook queued, not taken off the outbox (%s): the sweep sends a copy", job_id, event, exc
+        )
+    return True

@@ -1,20 +1,34 @@
-"""Webhook deliveries: the state and attempts of a job's callback, its frozen body, and attempt claims.
+"""Webhook deliveries: the state and attempts of a job's callback, its frozen body, attempt claims, and the
+outbox of callbacks not handed to the queue yet.
 
 Keys:
 - fields ``webhook_delivery`` and ``webhook_body`` of the job's hash (``shared/stores/jobs.py``); pending
-  retries extend the record's expiry past ``job_ttl_s`` (:meth:`DeliveryStore.keep_for`)
+  retries extend the record's expiry past ``job_ttl_s``, and its tombstone's with it
+  (:meth:`DeliveryStore.keep_for`)
 - ``mmfuse:webhook-claim:<id>:<n>``  held while attempt n is made (expires after a lease)
+- the outbox, ``jobs.WEBHOOK_OUTBOX_KEY``: a job joins it in the step that ends it (``JobStore.succeed``,
+  ``fail``, ``cancel`` with ``webhook_intent``) and leaves it once its delivery task is on the broker
+  (:meth:`DeliveryStore.intent_sent`); what stays longer was lost between the two
+  (:meth:`DeliveryStore.unsent_intents`, read by the outbox sweep)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 
 from mmfuse.shared.schema import DeliveryState
-from mmfuse.shared.stores.client import RedisStore
-from mmfuse.shared.stores.jobs import Fields, WebhookDelivery, job_key
+from mmfuse.shared.stores.client import RedisStore, text
+from mmfuse.shared.stores.jobs import (
+    KEEP_RECORD_LUA,
+    WEBHOOK_OUTBOX_KEY,
+    Fields,
+    WebhookDelivery,
+    job_key,
+    keep_record_keys,
+)
 
 # Keep the first body; return the kept one (nil if the record is gone).
 _FREEZE_BODY_LUA = f"""
@@ -32,6 +46,7 @@ class DeliveryStore(RedisStore):
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(client)
         self._freeze_body = client.register_script(_FREEZE_BODY_LUA)
+        self._keep_record = client.register_script(KEEP_RECORD_LUA)
 
     def record_attempt(
         self,
@@ -92,8 +107,18 @@ class DeliveryStore(RedisStore):
         return kept if kept is not None else body  # the record expired: nothing to keep it in
 
     def keep_for(self, job_id: str, seconds: float) -> None:
-        """Make the job's record live at least ``seconds`` longer (never shorter): retries outlast ``job_ttl_s``."""
-        key = job_key(job_id)
-        ttl = self._redis.ttl(key)  # -2: gone, -1: no expiry
-        if 0 <= ttl < seconds:
-            self._redis.expire(key, int(seconds + 0.999))
+        """Make the job's record live at least ``seconds`` longer (never shorter): retries outlast ``job_ttl_s``.
+        Its tombstone's expiry moves on as much: it still says when the record expires, and outlives it."""
+        self._keep_record(keys=keep_record_keys(job_id), args=[int(seconds + 0.999)])
+
+    # --- the outbox ---
+
+    def unsent_intents(self, ended_before: float, limit: int = 1000) -> list[str]:
+        """Ids of jobs that ended before ``ended_before`` whose webhook is still in the outbox (oldest first)."""
+        members = self._redis.zrangebyscore(WEBHOOK_OUTBOX_KEY, "-inf", f"({ended_before!r}", start=0, num=limit)
+        return [text(cast(bytes, member)) for member in members]  # no scores asked for: members only
+
+    def intent_sent(self, job_id: str, pipeline: Pipeline | None = None) -> None:
+        """The job's webhook is off the outbox: its delivery task is on the broker (or nothing is to be sent)."""
+        with self._writing(pipeline) as pipe:
+            pipe.zrem(WEBHOOK_OUTBOX_KEY, job_id)

@@ -9,6 +9,12 @@ Keys (the record expires ``job_ttl_s`` after submit):
   ``created_at``: the jobs-in-flight gauges count them and the reaper reads them; moved in the same atomic
   steps as the status, and entries older than ``job_ttl_s`` (whose record expired) are not counted and are
   trimmed at each submit
+- ``mmfuse:job:<id>:tombstone``  hash: the fields named in :class:`TombstoneFields` (the owner's key id and
+  when the record expires), written with the record and outliving it by ``tombstone_ttl_s``: an expired
+  job answers 410, not 404
+- ``mmfuse:webhooks:outbox``  sorted set of the jobs whose webhook is still to be handed to the
+  ``webhooks`` queue, scored by the job's end: added in the same step as the terminal status, so that a
+  crash between the end and the enqueue loses nothing; ``deliveries.DeliveryStore`` reads and clears it
 
 Every write is idempotent, so a task redelivered after a crash (acks_late) is harmless. Each status move
 is one Lua script (atomic, one round trip) built on the functions of ``JOB_LUA``: a stage's start answers
@@ -74,6 +80,21 @@ _QUEUED_KEY = "mmfuse:jobs:queued"
 _RUNNING_KEY = "mmfuse:jobs:running"
 
 
+# The webhook outbox (sorted set, score: the job's end).
+WEBHOOK_OUTBOX_KEY = "mmfuse:webhooks:outbox"
+
+
+class TombstoneFields:
+    """The names of a tombstone's fields, defined here only: the Lua scripts get them from here too."""
+
+    OWNER = "owner"  # the id of the API key that submitted the job
+    EXPIRES_AT = "expires_at"  # unix time the record expires (moved on when its life is extended)
+
+
+def tombstone_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:tombstone"
+
+
 def job_keys(job_id: str) -> list[str]:
     """The first keys of every script over a job's record, in the order ``JOB_LUA`` names them."""
     return [job_key(job_id), events_channel(job_id), _QUEUED_KEY, _RUNNING_KEY]
@@ -120,8 +141,8 @@ end
 """
 
 # Move to a terminal status unless the job already ended, recording the end of the stage that ended it
-# (ARGV[6], '': none) in the same step; publish the wake-up. Returns 1 if it moved, 0 if the job had
-# ended, -1 if there is no record.
+# (ARGV[6], '': none) and, with ARGV[8] == '1', the intent to send its webhook (KEYS[5], the outbox) in the
+# same step; publish the wake-up. Returns 1 if it moved, 0 if the job had ended, -1 if there is no record.
 _END_LUA = f"""{JOB_LUA}
 local status = job_status()
 if not status then return -1 end
@@ -130,9 +151,33 @@ if ARGV[6] ~= '' then record_stage_end(ARGV[6], ARGV[7]) end
 redis.call('HSET', job, '{Fields.STATUS}', ARGV[3], ARGV[4], ARGV[5], '{Fields.FINISHED_AT}', now)
 redis.call('ZREM', queued, job_id)
 redis.call('ZREM', running, job_id)
+if ARGV[8] == '1' then redis.call('ZADD', KEYS[5], now, job_id) end
 redis.call('PUBLISH', events, ARGV[3])
 return 1
 """
+
+# Make a record live at least ARGV[1] s more (never less), and move its tombstone's expiry (the field and
+# the key's own) on by as much: the tombstone still says when the record expires, and still outlives it.
+# KEYS: the record, its tombstone. Returns the seconds added (0: none, or no record).
+KEEP_RECORD_LUA = f"""
+local ttl = redis.call('TTL', KEYS[1])
+local wanted = tonumber(ARGV[1])
+if ttl < 0 or ttl >= wanted then return 0 end
+local added = wanted - ttl
+redis.call('EXPIRE', KEYS[1], wanted)
+local tombstone_ttl = redis.call('TTL', KEYS[2])
+if tombstone_ttl > 0 then
+  redis.call('HINCRBYFLOAT', KEYS[2], '{TombstoneFields.EXPIRES_AT}', added)
+  redis.call('EXPIRE', KEYS[2], tombstone_ttl + added)
+end
+return added
+"""
+
+
+def keep_record_keys(job_id: str) -> list[str]:
+    """The keys of ``KEEP_RECORD_LUA``."""
+    return [job_key(job_id), tombstone_key(job_id)]
+
 
 # A stage's start (ARGV[3]); its reply carries the record as the start left it, so that the worker reads
 # nothing more: {attempt, {field, value, ...}}, or {attempt} when it is not positive.
@@ -265,14 +310,32 @@ class JobRecord:
         return raw.encode("utf-8") if raw is not None else None
 
 
+@dataclass(frozen=True)
+class Tombstone:
+    """What is left of a job once its record expired: whose it was, and when the record expired."""
+
+    owner: str
+    expires_at: float
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[bytes | str, bytes | str]) -> Tombstone | None:
+        fields = {text(k): text(v) for k, v in stored.items()}
+        if TombstoneFields.OWNER not in fields:
+            return None
+        return cls(owner=fields[TombstoneFields.OWNER], expires_at=float(fields[TombstoneFields.EXPIRES_AT]))
+
+
 def _batch_size_arg(batch_size: int | None) -> str:
     return "" if batch_size is None else str(batch_size)
 
 
 class JobStore(RedisStore):
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, tombstone_ttl_s: int | None = None) -> None:
+        """``ttl_s``: how long a record lives after submit; ``tombstone_ttl_s``: how long a job's tombstone
+        outlives its record (None where no job is created: the workers)."""
         super().__init__(client)
         self.ttl_s = ttl_s
+        self.tombstone_ttl_s = tombstone_ttl_s
         self._end_script = client.register_script(_END_LUA)
         self._start_stage = client.register_script(_START_STAGE_LUA)
 
@@ -299,6 +362,13 @@ class JobStore(RedisStore):
                 },
             )
             pipe.expire(key, self.ttl_s)
+            if self.tombstone_ttl_s is not None:
+                tombstone = tombstone_key(spec.id)
+                expires_at = time.time() + self.ttl_s
+                pipe.hset(
+                    tombstone, mapping={TombstoneFields.OWNER: spec.owner, TombstoneFields.EXPIRES_AT: repr(expires_at)}
+                )
+                pipe.expire(tombstone, self.ttl_s + self.tombstone_ttl_s)
             pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
             for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
                 pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s!r}")
@@ -313,14 +383,18 @@ class JobStore(RedisStore):
         return None
 
     def delete(self, job_id: str, idempotency_key: str | None = None, pipeline: Pipeline | None = None) -> None:
-        """Remove a job's record (a failed submit), and the idempotency entry that points at it."""
+        """Remove a job's record and tombstone (a failed submit), and the idempotency entry that points at it."""
         with self._writing(pipeline) as pipe:
-            pipe.delete(job_key(job_id), *([idempotency_key] if idempotency_key else []))
+            pipe.delete(job_key(job_id), tombstone_key(job_id), *([idempotency_key] if idempotency_key else []))
             pipe.zrem(_QUEUED_KEY, job_id)
             pipe.zrem(_RUNNING_KEY, job_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_stored(self._redis.hgetall(job_key(job_id)))
+
+    def tombstone(self, job_id: str) -> Tombstone | None:
+        """The job's tombstone (it outlives the record), None for an id never created or long expired."""
+        return Tombstone.from_stored(self._redis.hgetall(tombstone_key(job_id)))
 
     def ping(self) -> bool:
         return bool(self._redis.ping())
@@ -368,21 +442,27 @@ class JobStore(RedisStore):
         return self.start_stage_and_read(job_id, stage).attempt
 
     # --- terminal moves: each True only for the call that ended the job (so exactly one sends its webhook) ---
+    # With ``webhook_intent``, the intent to send the job's webhook joins the outbox in the same step.
 
     def succeed(
-        self, job_id: str, result: dict[str, Any], stage: Stage | None = None, batch_size: int | None = None
+        self,
+        job_id: str,
+        result: dict[str, Any],
+        stage: Stage | None = None,
+        batch_size: int | None = None,
+        webhook_intent: bool = False,
     ) -> bool:
         """Store the result and end the job; with ``stage``, the end of the stage that built the result
         (and the largest batch its items ran in) is recorded in the same step."""
-        return self._end(job_id, Status.SUCCEEDED, Fields.RESULT, json.dumps(result), stage, batch_size)
+        return self._end(job_id, Status.SUCCEEDED, Fields.RESULT, json.dumps(result), webhook_intent, stage, batch_size)
 
-    def fail(self, job_id: str, stage: Stage, code: str, message: str) -> bool:
+    def fail(self, job_id: str, stage: Stage, code: str, message: str, webhook_intent: bool = False) -> bool:
         error = json.dumps({"code": code, "message": message, "stage": stage})
-        return self._end(job_id, Status.FAILED, Fields.ERROR, error)
+        return self._end(job_id, Status.FAILED, Fields.ERROR, error, webhook_intent)
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, webhook_intent: bool = False) -> bool:
         """Workers still holding one of the job's tasks find it ended: their writes of a status are refused."""
-        return self._end(job_id, Status.CANCELED, Fields.CANCELED_AT, repr(time.time()))
+        return self._end(job_id, Status.CANCELED, Fields.CANCELED_AT, repr(time.time()), webhook_intent)
 
     def _end(
         self,
@@ -390,11 +470,20 @@ class JobStore(RedisStore):
         status: Status,
         field_name: str,
         value: str,
+        webhook_intent: bool,
         stage: Stage | None = None,
         batch_size: int | None = None,
     ) -> bool:
         moved = self._end_script(
-            keys=job_keys(job_id),
-            args=[*job_args(job_id), status.value, field_name, value, stage or "", _batch_size_arg(batch_size)],
+            keys=[*job_keys(job_id), WEBHOOK_OUTBOX_KEY],
+            args=[
+                *job_args(job_id),
+                status.value,
+                field_name,
+                value,
+                stage or "",
+                _batch_size_arg(batch_size),
+                "1" if webhook_intent else "0",
+            ],
         )
         return int(moved) == 1

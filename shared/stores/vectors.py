@@ -5,7 +5,8 @@ builds the result from the vectors it just computed.
 
 Keys (expire ``job_ttl_s`` after they are written; deleted when the job ends):
 - ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> little-endian float32 bytes (kind: image, text,
-  label)
+  label); with the labels, ``logit_scale`` -> classify's softmax scale, a decimal string (the text pool's
+  choice, ``workers.fusion.fusion.classify_scale``)
 - ``mmfuse:job:<id>:done``     set of the encoder stages that finished: fusion runs once it holds them all
 
 Each step that moves a stage and touches these keys is one Lua script (one round trip, atomic) over the
@@ -35,14 +36,17 @@ def _done_key(job_id: str) -> str:
     return f"{job_key(job_id)}:done"
 
 
+LOGIT_SCALE_FIELD = "logit_scale"
+
 # Lua's unpack() puts its values on the C stack (a few thousand at most): write the vectors in slices.
 _HSET_SLICE = 1000  # arguments: an even count, so a slice never splits a field from its value
 
-# An encoder stage's end, unless the job already ended (then nothing is written): the stage's vectors, its
-# end on the record and the fan-in. ARGV[3]: the stage (its modality), ARGV[4]: its batch size ('': none),
-# ARGV[5]: the TTL, ARGV[6]: n, ARGV[7..6 + n]: the job's modalities, then the vectors as field, bytes
-# pairs. Returns -1 if there is no record, 0 if the job ended, 1 if recorded, 2 if recorded and every
-# modality is now encoded (fusion's turn).
+# An encoder stage's end, unless the job already ended or its record is gone (then nothing is written, so
+# an encoder task still running when its job is canceled never re-creates the vectors the cancel deleted):
+# the stage's vectors, its end on the record and the fan-in. ARGV[3]: the stage (its modality), ARGV[4]:
+# its batch size ('': none), ARGV[5]: the TTL, ARGV[6]: n, ARGV[7..6 + n]: the job's modalities, then the
+# vectors as field, bytes pairs. Returns -1 if there is no record, 0 if the job ended, 1 if recorded, 2 if
+# recorded and every modality is now encoded (fusion's turn).
 _FINISH_ENCODING_LUA = f"""{JOB_LUA}
 local vectors, done = KEYS[5], KEYS[6]
 local status = job_status()
@@ -93,6 +97,12 @@ class FusionStart:
         counts = {"image": len(spec.image_keys), "text": len(spec.texts), "label": len(spec.labels)}
         return {kind: self._rows(kind, count) for kind, count in counts.items() if count}
 
+    @property
+    def logit_scale(self) -> float | None:
+        """The softmax scale stored with the label vectors; None when there is none."""
+        stored = self.stored.get(LOGIT_SCALE_FIELD)
+        return None if stored is None else float(stored)
+
     def _rows(self, kind: str, count: int) -> np.ndarray:
         rows = [self.stored.get(f"{kind}:{i}") for i in range(count)]
         if any(row is None for row in rows):
@@ -114,15 +124,18 @@ class VectorStore(RedisStore):
         vectors: Mapping[str, np.ndarray],
         batch_size: int | None,
         modalities: Iterable[Modality],
+        logit_scale: float | None = None,
     ) -> FanIn:
-        """An encoder stage's end, in one step: its vectors by kind, the stage's end on the record, and the
-        fan-in over the job's ``modalities``. Safe to repeat (a redelivered task writes the same); after
-        the job ended it writes nothing."""
+        """An encoder stage's end, in one step: its vectors by kind (and ``logit_scale`` with label vectors),
+        the stage's end on the record, and the fan-in over the job's ``modalities``. Safe to repeat (a
+        redelivered task writes the same); after the job ended it writes nothing."""
         expected = list(modalities)
         fields: list[bytes | str] = []
         for kind, rows in vectors.items():
             for i, row in enumerate(rows):
                 fields += [f"{kind}:{i}", np.asarray(row, dtype="<f4").tobytes()]
+        if logit_scale is not None:
+            fields += [LOGIT_SCALE_FIELD, repr(logit_scale)]
         args = [
             *job_args(job_id),
             modality,

@@ -311,15 +311,16 @@ def test_cancel_an_ended_job_is_409(stack, api, client):
 # --- expiry and blobs -------------------------------------------------------------------------------
 
 
-def test_an_expired_job_is_404(stack, api, client, redis_client):
+def test_an_expired_job_is_410(stack, api, client, redis_client):
+    """More in test_tombstones.py: when, and 404 for other keys."""
     job_id = client.submit(texts=["short-lived"])
     assert client.wait(job_id)["status"] == "succeeded"
     redis_client.pexpire(f"mmfuse:job:{job_id}", 1)  # what MMFUSE_JOB_TTL_S does, sooner
     wait_for(lambda: not redis_client.exists(f"mmfuse:job:{job_id}"), "the job's record to expire")
     response = api.get(f"{stack.gateway_url}/v1/jobs/{job_id}", timeout=10)
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "not_found"
-    assert "expired" in response.json()["error"]["message"]
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "expired"
+    assert response.json()["error"]["details"][0]["expired_at"]
 
 
 def test_blobs_are_deleted_when_the_job_ends(client, blobs):

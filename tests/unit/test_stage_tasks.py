@@ -38,11 +38,11 @@ class FakeJobs:
     def get(self, job_id):
         return self.record
 
-    def succeed(self, job_id, result, stage=None, batch_size=None):
+    def succeed(self, job_id, result, stage=None, batch_size=None, webhook_intent=False):
         self.record.status = Status.SUCCEEDED
         return True
 
-    def fail(self, job_id, stage, code, message):
+    def fail(self, job_id, stage, code, message, webhook_intent=False):
         self.failed.append((stage, code, message))
         self.record.status = Status.FAILED
         return True
