@@ -321,9 +321,10 @@ def start_gateway(stack, workers: int) -> None:
 
 
 def flush_redis(stack) -> None:
-    import redis
+    from mmfuse.shared.stores import connect
 
-    client = redis.Redis.from_url(stack.env["MMFUSE_REDIS_URL"])
+    settings = stack.settings()
+    client = connect(settings.redis_url, settings)
     try:
         client.flushdb()
     finally:
