@@ -22,9 +22,10 @@ from urllib.parse import urlparse
 
 import requests
 
-from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS
+from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS, sentinel_transport_options
 from mmfuse.shared.cpus import AUTO, cpu_shares, read_cpu_budget, torch_threads
 from mmfuse.shared.settings import Settings, env_name
+from mmfuse.shared.stores.client import is_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,32 @@ def cpu_share_env(share: float | None) -> dict[str, str]:
     return {} if share is None else {env_name("cpu_share"): f"{share:.3f}"}
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the local stack restarts a process that exits on its own, as a process supervisor does: after
+    ``first_delay_s``, doubled for each restart of that process within the last ``window_s`` (at most
+    ``max_delay_s``). An exit after ``max_restarts`` restarts within ``window_s`` is a crash loop: the stack
+    stops instead (``LocalStack.failure``)."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    window_s: float = 300.0
+    max_restarts: int = 5
+
+    def delay_s(self, recent_restarts: int) -> float:
+        return min(self.first_delay_s * 2**recent_restarts, self.max_delay_s)
+
+
+@dataclass
+class Supervised:
+    """A process the stack restarts: how it was started, and its restarts so far."""
+
+    command: list[str]
+    extra_env: dict[str, str] | None
+    restarted_at: list[float] = field(default_factory=list)  # time.monotonic() of each restart
+    restart_due: float | None = None  # while it waits out its backoff: when it starts again
+
+
 @dataclass
 class LocalStack:
     """Child processes of one local stack; ``env`` holds its ``MMFUSE_*`` settings."""
@@ -169,10 +196,15 @@ class LocalStack:
     metrics_urls: dict[str, str] = field(default_factory=dict)
     # encoder pool -> the MMFUSE_CPU_SHARE its worker was started with (start_workers), when one was set
     cpu_shares: dict[str, float] = field(default_factory=dict)
-    # Workers restarted when they exit on their own, as compose's `restart: unless-stopped` and Kubernetes do
-    # (a worker can die of a broker outage: kombu's reconnect has crashed with an AttributeError on a second
-    # Redis restart): process name -> (pool, concurrency). Stopping one through the stack ends that.
-    supervised: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # The processes the stack starts itself (Redis and S3 when it starts them, the gateway, the workers, beat)
+    # are restarted when they exit on their own, with backoff (restart_policy), as compose's `restart:
+    # unless-stopped` and Kubernetes do: a worker can die of a broker outage (kombu's reconnect has crashed
+    # with an AttributeError on a second Redis restart), any process of the OOM killer. Stopping one through
+    # the stack ends that. A crash loop sets `failure` and `failed`: `mmfuse up` then stops the stack.
+    supervised: dict[str, Supervised] = field(default_factory=dict)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    failure: str | None = None
+    failed: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _supervisor: threading.Thread | None = field(default=None, repr=False)
@@ -195,7 +227,19 @@ class LocalStack:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
-    def spawn(self, name: str, command: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(
+        self, name: str, command: list[str], extra_env: dict[str, str] | None = None, supervise: bool = False
+    ) -> subprocess.Popen:
+        """Start a child process named ``name`` (its output in ``logs/<name>.log``); ``supervise``: restart it
+        when it exits on its own (:class:`RestartPolicy`)."""
+        with self._lock:
+            process = self._popen(name, command, extra_env)
+            if supervise:
+                self.supervised[name] = Supervised(command, extra_env)
+                self._start_supervisor()
+        return process
+
+    def _popen(self, name: str, command: list[str], extra_env: dict[str, str] | None) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 command,
@@ -211,8 +255,13 @@ class LocalStack:
     # --- services ---
 
     def ensure_redis(self) -> bool:
-        """Start a redis-server for ``MMFUSE_REDIS_URL`` unless one answers there; True if started."""
-        url = urlparse(self.settings().redis_url)
+        """Start a redis-server for ``MMFUSE_REDIS_URL`` unless one answers there; True if started. A
+        ``sentinel://`` URL names a Redis deployed outside the stack (a master, replicas, sentinels): the stack
+        starts none and uses that one."""
+        redis_url = self.settings().redis_url
+        if is_sentinel_url(redis_url):
+            return False
+        url = urlparse(redis_url)
         host, port = url.hostname or "127.0.0.1", url.port or 6379
         if port_open(host, port):
             return False
@@ -222,7 +271,7 @@ class LocalStack:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         data_dir = self.var_dir / f"redis-{port}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        # appendonly: queued jobs survive a Redis restart.
+        # appendonly: queued jobs survive a Redis restart (the supervisor's too).
         self.spawn(
             "redis",
             [
@@ -238,6 +287,7 @@ class LocalStack:
                 "--dir",
                 str(data_dir),
             ],
+            supervise=True,
         )
         self._wait(lambda: redis_answers(host, port), "redis", 30)
         return True
@@ -264,7 +314,8 @@ class LocalStack:
         moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
         if moto is None:
             raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
-        self.spawn("s3", [moto, "-H", host, "-p", port])
+        # Supervised: a restarted moto is empty (it keeps objects in memory), and /readyz makes the bucket again.
+        self.spawn("s3", [moto, "-H", host, "-p", port], supervise=True)
         self._wait(lambda: port_open(host, int(port)), "s3", 30)
         return True
 
@@ -276,7 +327,7 @@ class LocalStack:
         if bind is None:
             bind = settings.gateway_bind if "MMFUSE_GATEWAY_BIND" in self.env else f"127.0.0.1:{free_port()}"
         command = gateway_command(bind, workers or settings.gateway_workers, settings.gateway_threads)
-        self.spawn("gateway", command)
+        self.spawn("gateway", command, supervise=True)
         self.gateway_url = f"http://{bind}"
         return self.gateway_url
 
@@ -334,34 +385,63 @@ class LocalStack:
             port = free_port()
             extra_env["MMFUSE_METRICS_PORT"] = str(port)
             self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
-        name = f"worker-{pool}"
-        with self._lock:
-            process = self.spawn(name, worker_command(pool, concurrency, settings.log_level), extra_env)
-            self.supervised[name] = (pool, concurrency)
-            self._start_supervisor()
-        return process
+        return self.spawn(
+            f"worker-{pool}", worker_command(pool, concurrency, settings.log_level), extra_env, supervise=True
+        )
 
     def _start_supervisor(self) -> None:
         if self._supervisor is None:
             self._supervisor = threading.Thread(target=self._supervise, name="local-stack-supervisor", daemon=True)
             self._supervisor.start()
 
-    def _supervise(self, interval_s: float = 0.5) -> None:
-        """Restart a supervised worker that exited while the stack still counts it as running."""
+    def _supervise(self, interval_s: float = 0.2) -> None:
+        """Restart each supervised process that exited while the stack still counts it as running, once its
+        backoff has passed; stop restarting anything on a crash loop."""
         while not self._stopping.wait(interval_s):
             with self._lock:
-                exited = [
-                    (name, pool, concurrency, process.returncode)
-                    for name, (pool, concurrency) in self.supervised.items()
-                    if (process := self.processes.get(name)) is not None and process.poll() is not None
-                ]
-                for name, pool, concurrency, returncode in exited:
-                    with open(self.log_dir / f"{name}.log", "a") as log:
-                        log.write(f"\n--- local stack: {name} exited with {returncode}; restarting it ---\n")
-                    self.start_worker(pool, concurrency)
+                if self.failed.is_set():
+                    continue
+                now = time.monotonic()
+                for name, record in list(self.supervised.items()):
+                    process = self.processes.get(name)
+                    if process is None or process.poll() is None:
+                        continue
+                    if record.restart_due is None:
+                        self._schedule_restart(name, record, process.returncode, now)
+                    elif now >= record.restart_due:
+                        record.restart_due = None
+                        record.restarted_at.append(now)
+                        self._popen(name, record.command, record.extra_env)
+                    if self.failed.is_set():
+                        break
+
+    def _schedule_restart(self, name: str, record: Supervised, returncode: int, now: float) -> None:
+        """A supervised process exited: note it in its log, and set when it starts again, or declare a crash
+        loop."""
+        policy = self.restart_policy
+        recent = sum(1 for at in record.restarted_at if now - at < policy.window_s)
+        if recent >= policy.max_restarts:
+            self.failure = (
+                f"{name} exited with code {returncode} after {recent} restarts within {policy.window_s:g} s: "
+                f"a crash loop; see {self.log_dir / name}.log"
+            )
+            self._note(name, f"{self.failure}; not restarting it")
+            log.error("local stack: %s", self.failure)
+            self.failed.set()
+            return
+        delay = policy.delay_s(recent)
+        record.restart_due = now + delay
+        restart = len(record.restarted_at) + 1
+        message = f"{name} exited with code {returncode}; restarting in {delay:.1f} s (restart {restart})"
+        self._note(name, message)
+        log.warning("local stack: %s", message)
+
+    def _note(self, name: str, message: str) -> None:
+        with open(self.log_dir / f"{name}.log", "a") as process_log:
+            process_log.write(f"\n--- local stack: {message} ---\n")
 
     def start_beat(self) -> subprocess.Popen:
-        return self.spawn("beat", beat_command(self.settings().log_level))
+        return self.spawn("beat", beat_command(self.settings().log_level), supervise=True)
 
     def start(self, pools: tuple[str, ...] = POOLS, timeout_s: float = 180) -> LocalStack:
         self.ensure_redis()
@@ -401,8 +481,10 @@ class LocalStack:
         """Wait until every pool's worker answers a Celery ping (it loads its model before that)."""
         from celery import Celery
 
-        probe = Celery(broker=self.settings().effective_broker_url)
+        settings = self.settings()
+        probe = Celery(broker=settings.effective_broker_url)
         probe.conf.accept_content = ["json"]
+        probe.conf.broker_transport_options = sentinel_transport_options(settings)
         wanted = set(pools)
 
         def all_answer() -> bool:
@@ -420,7 +502,8 @@ class LocalStack:
         from mmfuse.shared.apikeys import KeyStore
         from mmfuse.shared.stores import connect
 
-        client = connect(self.settings().redis_url)
+        settings = self.settings()
+        client = connect(settings.redis_url, settings)
         try:
             return KeyStore(client).create(name, rate_per_s, burst)[0]
         finally:

@@ -2,7 +2,9 @@
 
 Every error answer is ``{"error": {"code", "message"}}`` from one of the handlers registered here: an
 ``ApiError`` raised by a view, an HTTP error of Flask's (404 route, 405, 413), an error of a backing service
-(``BACKEND_ERRORS``: Redis, the broker, S3) as 503 ``service_unavailable``, anything else as 500.
+(``BACKEND_ERRORS``: Redis, the broker, S3) as 503 ``service_unavailable``, anything else as 500. What
+gunicorn answers itself, before a request reaches the app (a malformed request, 414, 431), has the same
+shape too (``gateway/gunicorn_conf.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from mmfuse.gateway.api import api
+from mmfuse.gateway.embeddings import embeddings
 from mmfuse.gateway.health import health
 from mmfuse.gateway.metrics import init_metrics
 from mmfuse.gateway.openapi import docs
@@ -31,7 +34,9 @@ HTTP_ERROR_CODES = {
     404: ErrorCode.NOT_FOUND,
     405: ErrorCode.METHOD_NOT_ALLOWED,
     413: ErrorCode.PAYLOAD_TOO_LARGE,
+    414: ErrorCode.URI_TOO_LONG,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    431: ErrorCode.HEADERS_TOO_LARGE,
 }
 # Sent with a 503: a Redis restart, a broker failover or an S3 blip is over in seconds.
 BACKEND_RETRY_AFTER_S = 2
@@ -58,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("could not ensure bucket %s at start: %s", settings.s3_bucket, exc)
     app.register_blueprint(health)
     app.register_blueprint(api)
+    app.register_blueprint(embeddings)
     app.register_blueprint(docs)
     init_metrics(app)
     register_error_handlers(app, settings)
@@ -76,7 +82,7 @@ def register_error_handlers(app: Flask, settings: Settings) -> None:
         message = error.description or error.name
         if status == 413:
             message = f"request body exceeds {settings.max_body_bytes} bytes (MMFUSE_MAX_BODY_BYTES)"
-        return _api_error_answer(ApiError(status, _http_error_code(status), message))
+        return _api_error_answer(ApiError(status, http_error_code(status), message))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> ResponseReturnValue:
@@ -102,7 +108,8 @@ def _backend_unavailable(error: Exception) -> ResponseReturnValue:
     return _api_error_answer(unavailable)
 
 
-def _http_error_code(status: int) -> str:
+def http_error_code(status: int) -> str:
+    """The error code of an HTTP error answered without a more specific one (Flask's, gunicorn's)."""
     if status in HTTP_ERROR_CODES:
         return HTTP_ERROR_CODES[status]
     return ErrorCode.INTERNAL_ERROR if status >= 500 else "http_error"

@@ -53,7 +53,14 @@ def parse_job_request(request: Request, settings: Settings) -> ValidatedJob:
         images, texts, options = _parse_multipart(request)
     else:
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json or multipart/form-data")
+    return validate_job(images, texts, options, settings)
+
+
+def validate_job(images: list[bytes], texts: list[str], options: JobOptions, settings: Settings) -> ValidatedJob:
+    """A job's inputs, however they arrived (``POST /v1/jobs``, ``POST /v1/embeddings``), checked against
+    the limits; errors name them ``images.<i>`` and ``texts.<i>``."""
     _check_counts(len(images), texts, options, settings)
+    _check_unicode(texts, options)
     checked = [_check_image(data, f"images.{i}", settings) for i, data in enumerate(images)]
     _check_combination(checked, texts, options, settings)
     return ValidatedJob(images=checked, texts=texts, options=options)
@@ -67,14 +74,15 @@ def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
     return ApiError(422, ErrorCode.VALIDATION_ERROR, f"{first['loc'] or 'body'}: {first['message']}", details)
 
 
-def _validate(model: type[BaseModel], data: object, prefix: str = ""):
+def validate_model(model: type[BaseModel], data: object, prefix: str = ""):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc, prefix) from None
 
 
-def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
+def json_object(request: Request) -> dict:
+    """The request's body as a JSON object: 400 if it is not JSON, 422 if it is not an object."""
     try:
         data = json.loads(request.get_data(cache=False))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -88,7 +96,11 @@ def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
             "body must be a JSON object",
             [{"loc": "", "message": "expected an object"}],
         )
-    job = _validate(JobRequest, data)
+    return data
+
+
+def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
+    job = validate_model(JobRequest, json_object(request))
     images = []
     for index, encoded in enumerate(job.images):
         try:
@@ -127,7 +139,7 @@ def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptio
             options_data = json.loads(options_raw)
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, ErrorCode.INVALID_JSON, f"options part is not valid JSON: {exc}") from None
-        options = _validate(JobOptions, options_data, prefix="options.")
+        options = validate_model(JobOptions, options_data, prefix="options.")
     images = [storage.read() for storage in files.getlist("images")]
     return images, form.getlist("texts"), options
 
@@ -168,6 +180,22 @@ def _check_counts(n_images: int, texts: list[str], options: JobOptions, settings
                     f"{name}.{index}: {len(text)} characters, limit is {settings.max_text_chars}",
                     [{"loc": f"{name}.{index}", "message": "too long", "limit": settings.max_text_chars}],
                 )
+
+
+def _check_unicode(texts: list[str], options: JobOptions) -> None:
+    """422 for a text or label that is not valid Unicode: a lone surrogate (JSON's ``"\\ud800"`` escape) parses
+    into a Python string, but no tokenizer can encode it, so the job would fail in its encoder. (Multipart text
+    parts are decoded from UTF-8 bytes and cannot carry one; pydantic refuses one in the webhook URL.)"""
+    for name, items in (("texts", texts), ("labels", options.labels)):
+        for index, text in enumerate(items):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                loc = f"{name}.{index}"
+                message = f"not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start}"
+                raise ApiError(
+                    422, ErrorCode.VALIDATION_ERROR, f"{loc}: {message}", [{"loc": loc, "message": message}]
+                ) from None
 
 
 def _sniff_format(data: bytes) -> tuple[str, str] | None:

@@ -22,6 +22,12 @@ on_starting
 child_exit
 worker_exit
 on_exit
+# gunicorn: its error answers, replaced by gateway/gunicorn_conf.py's JSON writer
+_.write_error
+# urllib3: the connection class of a pool, and a pool manager's pool classes (shared/webhooks.py, the
+# attempt deadline's connections)
+ConnectionCls
+_.pool_classes_by_scheme
 # Celery and Flask settings assigned as attributes (cli/stack.py, gateway/app.py)
 _.accept_content
 _.sort_keys

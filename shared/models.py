@@ -11,8 +11,10 @@ offline (``mmfuse models make-test`` writes one).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +36,9 @@ class Encoder(Protocol):
     modality: str
     model_id: str
     dim: int
+    # The softmax scale the checkpoint learned for zero-shot classification over the texts this encoder
+    # encodes (CLIP: exp of its ``logit_scale`` weight); None when it has none (image and sentence encoders).
+    logit_scale: float | None
 
     def prepare(self, raw: Any) -> Any:
         """Turn one raw input (image bytes, text) into what ``encode`` batches. Thread-safe."""
@@ -84,6 +89,7 @@ class ClipImageEncoder:
     """CLIP's vision tower and projection; only these weights are loaded."""
 
     modality = "image"
+    logit_scale: float | None = None  # labels are encoded by the text tower, whose encoder carries the scale
 
     def __init__(
         self,
@@ -120,6 +126,7 @@ class _TextEncoder:
     """Tokenise per batch (padded to the batch's longest item), one forward pass, pool, normalise."""
 
     modality = "text"
+    logit_scale: float | None = None
 
     def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
         from transformers import AutoTokenizer
@@ -131,9 +138,21 @@ class _TextEncoder:
         config = self.model.config
         self.dim = getattr(config, "projection_dim", None) or config.hidden_size
         self.max_length = min(self.tokenizer.model_max_length, config.max_position_embeddings)
+        # count_tokens runs in task threads while the inference thread tokenises batches: a fast tokenizer keeps
+        # its truncation and padding settings as state that each call sets, so counting has one of its own.
+        self._counting_tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self._counting_lock = threading.Lock()
 
     def prepare(self, raw: str) -> str:
         return raw
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """The tokens ``encode`` reads for ``texts``: special tokens included, after truncation, no padding."""
+        if not texts:
+            return 0
+        with self._counting_lock:
+            encoded = self._counting_tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return sum(len(ids) for ids in encoded["input_ids"])
 
     def encode(self, prepared: list[str]) -> np.ndarray:
         torch = _torch()
@@ -153,6 +172,10 @@ class _TextEncoder:
 
 class ClipTextEncoder(_TextEncoder):
     """CLIP's text tower and projection: the same space as ``ClipImageEncoder`` of one checkpoint."""
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(model_id, device, dtype)
+        self.logit_scale = learned_logit_scale(model_id)
 
     def _load_model(self, model_id: str):
         from transformers import CLIPTextModelWithProjection
@@ -175,6 +198,40 @@ class SentenceEncoder(_TextEncoder):
         hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+LOGIT_SCALE_WEIGHT = "logit_scale"  # CLIPModel's learned log temperature
+
+
+def learned_logit_scale(model_id: str) -> float | None:
+    """exp(``logit_scale``) of a CLIP checkpoint: the scale of the image-text cosine similarities its towers
+    were trained with (100 for OpenAI's released CLIPs), or None when its weights have none.
+
+    The weight is CLIPModel's, outside both towers, so loading a tower leaves it out: it is read alone from
+    the checkpoint's weights file (safetensors, single or sharded; else pytorch_model.bin, memory-mapped),
+    which loading the tower just fetched. Computed in float32, as CLIPModel does.
+    """
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
+
+    def find(filename: str) -> str | None:
+        return cached_file(model_id, filename, _raise_exceptions_for_missing_entries=False)
+
+    torch = _torch()
+    value = None
+    if index := find(SAFE_WEIGHTS_INDEX_NAME):
+        shard = json.loads(Path(index).read_text())["weight_map"].get(LOGIT_SCALE_WEIGHT)
+        path = find(shard) if shard else None
+    else:
+        path = find(SAFE_WEIGHTS_NAME)
+    if path:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as weights:
+            if LOGIT_SCALE_WEIGHT in weights.keys():  # noqa: SIM118 (safe_open has keys(), no __contains__)
+                value = weights.get_tensor(LOGIT_SCALE_WEIGHT)
+    elif path := find(WEIGHTS_NAME):
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(LOGIT_SCALE_WEIGHT)
+    return None if value is None else float(value.float().exp())
 
 
 def decode_image(raw: bytes, max_pixels: int = 0, max_aspect_ratio: float = 0):

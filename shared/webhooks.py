@@ -7,7 +7,14 @@ wait) testable against a real HTTP server.
 
 Callback URLs are supplied by API users, so the service's own network position must not become theirs
 (SSRF): :func:`check_url` refuses hosts that resolve to loopback, private, link-local and similar
-addresses, both when a job is submitted and again before every attempt, because DNS answers change.
+addresses, both when a job is submitted and again before every attempt, because DNS answers change. It
+also refuses credentials in the URL (``user:password@``): the URL is stored with the job and shown by
+``GET /v1/jobs/<id>``, so a password in it would be shown to anyone holding the job; receivers
+authenticate deliveries by their signature.
+
+An attempt has a total deadline (:func:`deliver_once`): connect, send and the answer's status line and
+headers together, not only a timeout per socket read, which a receiver trickling its answer a byte at a
+time would never reach.
 """
 
 from __future__ import annotations
@@ -16,17 +23,24 @@ import ipaddress
 import json
 import random
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from mmfuse.shared.schema import WEBHOOK_EVENTS, short_error
+from mmfuse_client.retry import parse_retry_after as parse_retry_after  # one reading of the header
 from mmfuse_client.webhooks import sign
 
 USER_AGENT = "mmfuse-webhooks/1"
@@ -40,7 +54,8 @@ _NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 class WebhookURLRejected(ValueError):
     """A callback URL the service will not call; ``reason`` is a stable, machine-readable code.
 
-    Reasons: ``invalid_url``, ``scheme_not_allowed``, ``unresolvable_host``, ``address_not_allowed``.
+    Reasons: ``invalid_url``, ``scheme_not_allowed``, ``credentials_not_allowed``, ``unresolvable_host``,
+    ``address_not_allowed``.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -54,7 +69,8 @@ def check_url(
     allow_networks: Sequence[str] = (),
     resolve: Callable[..., Sequence[tuple[Any, ...]]] = socket.getaddrinfo,
 ) -> None:
-    """Raise :class:`WebhookURLRejected` unless ``url`` is http(s) and every address of its host is public.
+    """Raise :class:`WebhookURLRejected` unless ``url`` is http(s) without credentials and every address of
+    its host is public.
 
     Every resolved address must pass, not just one: a host with one public and one private address
     would otherwise let the HTTP client pick the private one. Addresses inside ``allow_networks``
@@ -74,6 +90,13 @@ def check_url(
         raise WebhookURLRejected("scheme_not_allowed", f"only http and https are allowed, not {scheme!r}")
     if not host:
         raise WebhookURLRejected("invalid_url", "the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        # The detail never repeats the URL: it would show the password it refuses to keep.
+        raise WebhookURLRejected(
+            "credentials_not_allowed",
+            "the URL carries credentials (user:password@host), which would be stored and shown with the job; "
+            "verify deliveries by their signature instead",
+        )
 
     allowed = [ipaddress.ip_network(net, strict=False) for net in allow_networks]
     for address in _resolve(host, port or (443 if scheme == "https" else 80), resolve):
@@ -196,6 +219,10 @@ def deliver_once(
     Only 2xx counts as delivered. Timeouts, connection errors, 429 and 5xx are worth retrying; 410 means
     stop for good; anything else (other 4xx, and 3xx, since redirects are not followed: they could lead
     past the address check) will not improve by retrying.
+
+    The attempt ends within ``connect_timeout_s + read_timeout_s`` in all (:func:`attempt_deadline`): the
+    connection, the upload of the body and the answer's status line and headers together. The host's DNS
+    lookup, before that, is bounded by the resolver's own timeout.
     """
     started, clock = time.time(), time.monotonic()
 
@@ -209,23 +236,27 @@ def deliver_once(
         # A DNS failure may pass; an address or URL the guard refuses will not change its mind.
         return outcome(error=str(exc), delivered=False, retryable=exc.reason == "unresolvable_host")
 
-    try:
-        # stream=True: the response body is never read, so a receiver cannot make us download it.
-        with requests.post(
-            url,
-            data=body,
-            headers=dict(headers),
-            timeout=(connect_timeout_s, read_timeout_s),
-            allow_redirects=False,
-            stream=True,
-        ) as response:
-            status, retry_after = response.status_code, response.headers.get("retry-after")
-    except requests.Timeout as exc:
-        return outcome(error=f"timeout: {exc}", delivered=False, retryable=True)
-    except requests.ConnectionError as exc:
-        return outcome(error=f"connection_error: {exc}", delivered=False, retryable=True)
-    except requests.RequestException as exc:
-        return outcome(error=f"request_error: {exc}", delivered=False, retryable=False)
+    total_s = connect_timeout_s + read_timeout_s
+    with deadline_session(total_s) as (session, deadline):
+        try:
+            # stream=True: the response body is never read, so a receiver cannot make us download it.
+            with session.post(
+                url,
+                data=body,
+                headers=dict(headers),
+                timeout=(connect_timeout_s, read_timeout_s),
+                allow_redirects=False,
+                stream=True,
+            ) as response:
+                status, retry_after = response.status_code, response.headers.get("retry-after")
+        except requests.RequestException as exc:
+            if deadline.expired:  # the deadline cut the connection: whatever broke, it broke because of that
+                return outcome(error=f"timeout: no answer within {total_s:g} s in all", delivered=False, retryable=True)
+            if isinstance(exc, requests.Timeout):
+                return outcome(error=f"timeout: {exc}", delivered=False, retryable=True)
+            if isinstance(exc, requests.ConnectionError):
+                return outcome(error=f"connection_error: {exc}", delivered=False, retryable=True)
+            return outcome(error=f"request_error: {exc}", delivered=False, retryable=False)
 
     if 200 <= status < 300:
         return outcome(status, delivered=True, retryable=False)
@@ -238,20 +269,111 @@ def deliver_once(
     return outcome(status, f"HTTP {status}{note}", delivered=False, retryable=False)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP-date); None if unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+# --- an attempt's total deadline -------------------------------------------------------------------------
+# Socket timeouts bound each wait for a byte, not the whole answer. The deadline shuts down the sockets an
+# attempt opened when its time is up, which ends whatever read or write is blocked on them; the attempt's
+# connections are urllib3's, so they report their sockets through a context variable set for the attempt.
+
+
+class AttemptDeadline:
+    """Shuts down the sockets watched under it once ``seconds`` have passed since it started."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS socket: its own would drop the TLS state under the thread
+    # blocked reading it. OSError: closed already.
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current_deadline: ContextVar[AttemptDeadline | None] = ContextVar("webhook_attempt_deadline", default=None)
+
+
+@contextmanager
+def deadline_session(seconds: float) -> Iterator[tuple[requests.Session, AttemptDeadline]]:
+    """A requests session whose every request in this block ends within ``seconds`` in all (connect, send
+    and the whole answer, however slowly it trickles): the one way mmfuse makes an outbound HTTP call."""
+    with attempt_deadline(seconds) as deadline, requests.Session() as session:
+        session.mount("http://", _DeadlineAdapter())
+        session.mount("https://", _DeadlineAdapter())
+        yield session, deadline
+
+
+@contextmanager
+def attempt_deadline(seconds: float) -> Iterator[AttemptDeadline]:
+    """A deadline for the HTTP attempt made in this block (through ``_DeadlineAdapter``)."""
+    deadline = AttemptDeadline(seconds)
+    token = _current_deadline.set(deadline)
+    deadline._timer.start()
     try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is taken as such
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+        yield deadline
+    finally:
+        deadline._timer.cancel()
+        _current_deadline.reset(token)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        if (deadline := _current_deadline.get()) is not None:
+            deadline.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        if (deadline := _current_deadline.get()) is not None:
+            deadline.watch(self.sock)
+
+
+class _WatchedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter over connections that report their sockets to the attempt's deadline, directly or
+    through an HTTP proxy (``HTTPS_PROXY`` and the like, as requests reads them)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:  # a SOCKS proxy's manager has pools of its own kind
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 def next_delay(

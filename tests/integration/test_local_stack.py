@@ -1,12 +1,27 @@
-"""The local stack restarts a worker that exits on its own, as compose's `restart: unless-stopped` does, and
-leaves one it was told to stop stopped."""
+"""The local stack restarts a process that exits on its own, with backoff, as compose's `restart:
+unless-stopped` does, and leaves one it was told to stop stopped; a crash loop stops the stack instead. Its
+demo job asks only for what the configured models can answer."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
+import sys
 
-from tests.support import running_stack, stack_env, wait_for
+import requests
+
+from mmfuse.cli.main import DEMO_TEXTS, demo_image, demo_options
+from mmfuse.cli.stack import RestartPolicy
+from mmfuse.shared.models import make_test_checkpoint
+from tests.support import api_session, running_stack, stack_env, wait_for
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):  # not listening, or not answering, yet
+        return False
 
 
 def test_a_worker_that_dies_is_restarted_and_one_stopped_stays_stopped(checkpoint_dir, tmp_path_factory):
@@ -21,7 +36,45 @@ def test_a_worker_that_dies_is_restarted_and_one_stopped_stays_stopped(checkpoin
         )
         assert restarted.poll() is None
         stack.wait_workers(("fusion",), timeout_s=60)  # it answers Celery pings again
-        assert "worker-fusion exited with -9; restarting it" in stack.tail("worker-fusion", 200)
+        assert "worker-fusion exited with code -9; restarting in 1.0 s (restart 1)" in stack.tail("worker-fusion", 200)
 
         stack.stop_process("worker-webhooks", sig=signal.SIGKILL)
         assert "worker-webhooks" not in stack.processes and "worker-webhooks" not in stack.supervised
+
+
+def test_the_gateway_is_restarted_a_crash_loop_stops_the_stack_and_the_demo_fits_the_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("two-spaces")
+    image_model = make_test_checkpoint(models / "clip-a", "tiny", seed=0)
+    text_model = make_test_checkpoint(models / "clip-b", "tiny", seed=1)  # another checkpoint: another space
+    env = stack_env(image_model, MMFUSE_TEXT_MODEL=str(text_model))
+    with running_stack(tmp_path_factory.mktemp("supervised-all"), env, pools=("image", "text", "fusion")) as stack:
+        # `mmfuse up`'s demo job for these models: accepted and run.
+        settings = stack.settings()
+        assert not settings.shared_embedding_space
+        body = {"images": [base64.b64encode(demo_image()).decode()], "texts": DEMO_TEXTS}
+        body.update(demo_options(settings.shared_embedding_space))
+        api = api_session(stack.api_key)
+        answer = api.post(f"{stack.gateway_url}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=90)
+        assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
+        assert set(answer.json()["result"]) == {"embeddings"}
+
+        # The gateway, killed, is restarted on its address and answers again.
+        died = stack.processes["gateway"]
+        os.killpg(died.pid, signal.SIGKILL)
+        wait_for(
+            lambda: stack.processes["gateway"].pid != died.pid and answers(f"{stack.gateway_url}/healthz"),
+            "the gateway to be restarted and answer",
+            timeout_s=60,
+        )
+        assert "gateway exited with code -9; restarting in 1.0 s (restart 1)" in stack.tail("gateway", 400)
+        assert not stack.failed.is_set()
+
+        # A process that exits at once, each time: restarted with growing delays, then declared a crash loop.
+        stack.restart_policy = RestartPolicy(first_delay_s=0.1, max_delay_s=0.4, window_s=60, max_restarts=3)
+        stack.spawn("crasher", [sys.executable, "-c", "raise SystemExit(3)"], supervise=True)
+        wait_for(stack.failed.is_set, "the crash loop to be declared", timeout_s=30)
+        assert stack.failure is not None and stack.failure.startswith("crasher exited with code 3 after 3 restarts")
+        crasher_log = stack.tail("crasher", 50)
+        for number, delay in ((1, "0.1"), (2, "0.2"), (3, "0.4")):
+            assert f"crasher exited with code 3; restarting in {delay} s (restart {number})" in crasher_log
+        assert "a crash loop" in crasher_log

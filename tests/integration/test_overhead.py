@@ -17,7 +17,7 @@ from mmfuse.shared.celery_app import ENCODE_TASKS, create_celery, stage_task_id
 from mmfuse.shared.schema import JobSpec, Status, new_job_id, vector_from_b64
 from mmfuse.shared.stores.jobs import job_key
 from mmfuse.shared.stores.vectors import FanIn
-from mmfuse.workers.fusion.fusion import build_result
+from mmfuse.workers.fusion.fusion import build_result, classify_scale
 from tests.support import TOL, make_png, wait_for, wait_until_no_tasks
 
 NO_VECTORS = np.zeros((0, 0), np.float32)  # what build_result gets for a kind the job has none of
@@ -71,7 +71,16 @@ def test_a_text_only_job_ends_in_its_encoder_with_the_fusion_result(stack, clien
     wait_until_no_tasks(redis_client, [job["id"]])
 
     spec = JobSpec(id=job["id"], created_at=0, texts=texts, labels=labels, outputs=["embeddings", "classify"])
-    expected = build_result(spec, NO_VECTORS, reference.texts(texts), reference.texts(labels), settings.logit_scale)
+    expected = build_result(
+        spec,
+        NO_VECTORS,
+        reference.texts(texts),
+        reference.texts(labels),
+        classify_scale(settings.logit_scale, reference.text.logit_scale),
+    )
+    # The text tower's own count of what it read, texts and labels (fusion has no tokenizer to count with).
+    usage = job["result"].pop("usage")
+    assert usage == {"text_tokens": reference.text.count_tokens(texts) + reference.text.count_tokens(labels)}
     assert_result_equals(job["result"], expected)
     # No fusion stage: none in the view, none on the record, none started in the fusion pool.
     stages = job["timings"]["stages"]
@@ -96,7 +105,13 @@ def test_an_image_only_job_ends_in_its_encoder(stack, client, redis_client, refe
     spec = JobSpec(
         id=job["id"], created_at=0, image_keys=["a", "b"], fusion="concat", weights={"image": 2.0, "text": 1.0}
     )
-    expected = build_result(spec, reference.images(images), NO_VECTORS, NO_VECTORS, settings.logit_scale)
+    expected = build_result(
+        spec,
+        reference.images(images),
+        NO_VECTORS,
+        NO_VECTORS,
+        classify_scale(settings.logit_scale, reference.text.logit_scale),
+    )
     assert_result_equals(job["result"], expected)
     assert set(job["timings"]["stages"]) == {"image"}
     assert fusion_starts(stack) == before
@@ -123,7 +138,12 @@ def test_a_multimodal_job_still_fans_in_to_fusion(stack, client, redis_client, r
         reference.texts(texts),
         reference.texts(["blue", "red"]),
     )
-    assert_result_equals(job["result"], build_result(spec, ref_images, ref_texts, ref_labels, settings.logit_scale))
+    assert_result_equals(
+        job["result"],
+        build_result(
+            spec, ref_images, ref_texts, ref_labels, classify_scale(settings.logit_scale, reference.text.logit_scale)
+        ),
+    )
     assert set(job["timings"]["stages"]) == {"image", "text", "fusion"}
     assert record_fields(redis_client, job["id"])["fusion_attempts"] == "1"
     assert fusion_starts(stack) == before + 1

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import requests
 
-from mmfuse.workers.fusion.fusion import fuse, zero_shot
+from mmfuse.workers.fusion.fusion import classify_scale, fuse, zero_shot
 from tests.support import TOL, make_png
 
 
-def test_embeddings_equal_in_process_model(client, reference):
+def test_embeddings_equal_in_process_model(client, reference, settings):
     image = make_png((200, 30, 30))
     texts = ["a red rectangle", "the quick brown fox jumps over the lazy dog"]
     labels = ["red", "green", "blue"]
@@ -35,7 +35,9 @@ def test_embeddings_equal_in_process_model(client, reference):
         result["embeddings"]["fused"], fuse(ref_images, ref_texts, "mean", {"image": 1.0, "text": 1.0}), atol=TOL
     )
     np.testing.assert_allclose(result["similarity"], ref_images @ ref_texts.T, atol=TOL)
-    expected_scores = zero_shot(ref_images, ref_labels, 100.0)
+    expected_scores = zero_shot(
+        ref_images, ref_labels, classify_scale(settings.logit_scale, reference.text.logit_scale)
+    )
     assert result["classify"]["labels"] == labels
     np.testing.assert_allclose(result["classify"]["images"][0]["scores"], expected_scores[0], atol=1e-4)
     assert result["classify"]["images"][0]["label"] == labels[int(expected_scores[0].argmax())]
@@ -47,7 +49,7 @@ def test_embeddings_equal_in_process_model(client, reference):
 
 
 @pytest.mark.parametrize("outputs", [["embeddings"], ["similarity"], ["classify"]])
-def test_each_output_kind_alone(client, reference, outputs):
+def test_each_output_kind_alone(client, reference, settings, outputs):
     image = make_png((30, 200, 30))
     texts = ["green", "a box"]
     labels = ["green box", "red box"] if outputs == ["classify"] else []
@@ -62,8 +64,9 @@ def test_each_output_kind_alone(client, reference, outputs):
         np.testing.assert_allclose(job["result"]["similarity"], ref_images @ ref_texts.T, atol=TOL)
     else:
         ref_labels = reference.texts(labels)
+        scale = classify_scale(settings.logit_scale, reference.text.logit_scale)
         np.testing.assert_allclose(
-            job["result"]["classify"]["images"][0]["scores"], zero_shot(ref_images, ref_labels, 100.0)[0], atol=1e-4
+            job["result"]["classify"]["images"][0]["scores"], zero_shot(ref_images, ref_labels, scale)[0], atol=1e-4
         )
 
 

@@ -63,7 +63,9 @@ def test_local_stack_runs_the_gateway_as_mmfuse_gateway_does(monkeypatch, tmp_pa
     monkeypatch.delenv("MMFUSE_GATEWAY_WORKERS", raising=False)
     spawned: dict[str, list[str]] = {}
     monkeypatch.setattr(
-        LocalStack, "spawn", lambda self, name, command, extra_env=None: spawned.update({name: command})
+        LocalStack,
+        "spawn",
+        lambda self, name, command, extra_env=None, supervise=False: spawned.update({name: command}),
     )
 
     default = LocalStack(var_dir=tmp_path / "a")

@@ -3,6 +3,10 @@
 - ``mean``: each modality's centroid (mean of its items, normalised), weighted sum, normalised. Only
   meaningful when both towers share one embedding space (one CLIP checkpoint).
 - ``concat``: the weighted centroids side by side, normalised; works across spaces.
+
+Zero-shot scores (``classify``) are a softmax over scaled cosine similarities. The scale travels with the
+label vectors: the text pool, which encodes the labels, decides it (:func:`classify_scale`) and stores it
+beside them; fusion uses what it finds there.
 """
 
 from __future__ import annotations
@@ -13,9 +17,21 @@ import numpy as np
 
 from mmfuse.shared.schema import FusionStrategy, JobSpec, Output, vector_to_b64
 
+# The scale for a text checkpoint without a learned one (a sentence encoder): CLIP's, whose training caps
+# exp(logit_scale) at 100, which OpenAI's released checkpoints reach.
+FALLBACK_LOGIT_SCALE = 100.0
+
 
 class FusionError(ValueError):
     pass
+
+
+def classify_scale(configured: float, learned: float | None) -> float:
+    """The softmax scale of ``classify``: ``MMFUSE_LOGIT_SCALE`` when set (> 0), else the text checkpoint's
+    learned one (``Encoder.logit_scale``), else :data:`FALLBACK_LOGIT_SCALE`."""
+    if configured > 0:
+        return configured
+    return learned if learned is not None else FALLBACK_LOGIT_SCALE
 
 
 def normalise(vector: np.ndarray) -> np.ndarray:
@@ -63,8 +79,11 @@ def zero_shot(items: np.ndarray, labels: np.ndarray, logit_scale: float) -> np.n
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: np.ndarray, logit_scale: float) -> dict:
-    """The stored result: vectors as base64 float32 (converted to JSON floats only at the API edge)."""
+def build_result(
+    spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: np.ndarray, logit_scale: float | None
+) -> dict:
+    """The stored result: vectors as base64 float32 (converted to JSON floats only at the API edge).
+    ``logit_scale``: classify's (:func:`classify_scale`); None only for a job that does not classify."""
     result: dict = {}
     if Output.EMBEDDINGS.value in spec.outputs:
         fused = fuse(images, texts, spec.fusion, spec.weights) if len(images) + len(texts) else None
@@ -77,6 +96,8 @@ def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: n
     if Output.SIMILARITY.value in spec.outputs:
         result["similarity"] = similarity(images, texts).round(7).tolist()
     if Output.CLASSIFY.value in spec.outputs:
+        if logit_scale is None:
+            raise FusionError("classify needs the scale stored with the label vectors; none was found")
         result["classify"] = {"labels": spec.labels}
         for name, vectors in (("images", images), ("texts", texts)):
             scores = zero_shot(vectors, labels, logit_scale) if len(vectors) else np.zeros((0, len(labels)))
@@ -86,7 +107,7 @@ def build_result(spec: JobSpec, images: np.ndarray, texts: np.ndarray, labels: n
     return result
 
 
-def build_job_result(spec: JobSpec, vectors: Mapping[str, np.ndarray], logit_scale: float) -> dict:
+def build_job_result(spec: JobSpec, vectors: Mapping[str, np.ndarray], logit_scale: float | None) -> dict:
     """``build_result`` over a job's vectors by kind (image, text, label), wherever they come from: the
     store (fusion) or the encoder that just computed them (a job with one modality). A kind the job has
     no items of is an empty (0, 0) array either way, so both give the same result."""

@@ -47,7 +47,8 @@ class FusionWorker:
             return
         try:
             with metrics.Timer() as fusion:
-                result = build_job_result(spec, start.vectors(spec), self.settings.logit_scale)
+                # The scale the text pool stored with the label vectors: it has the checkpoint, fusion has none.
+                result = build_job_result(spec, start.vectors(spec), start.logit_scale)
         except (FusionError, KeyError) as exc:
             fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.FUSION_ERROR, str(exc))
             return
@@ -70,7 +71,7 @@ def create_fusion_app(settings: Settings | None = None, stores: Stores | None = 
     def fuse_job(job_id: str) -> None:
         worker.run(job_id)
 
-    metrics.serve_celery_worker_metrics(settings.metrics_port)
+    metrics.serve_celery_worker_metrics(settings)
     return celery
 
 
