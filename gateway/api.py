@@ -22,7 +22,7 @@ from mmfuse.shared import lifecycle
 from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.blobstore import image_key
 from mmfuse.shared.celery_app import ENCODE_TASKS, stage_task_id
-from mmfuse.shared.jobview import public_job
+from mmfuse.shared.jobview import iso, public_job
 from mmfuse.shared.logs import job_context
 from mmfuse.shared.responses import ENCODING_FORMATS, EncodingFormat
 from mmfuse.shared.schema import ApiError, ErrorCode, JobSpec, Status, WebhookRequest, new_job_id
@@ -36,11 +36,23 @@ api.before_request(authenticate)
 
 
 def get_owned_job(job_id: str) -> JobRecord:
-    """The caller's job, or 404. Another key's job is "not found" too: ids must not leak."""
-    record = services().stores.jobs.get(job_id)
-    if record is None or not owns(record.spec.owner):
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id} (unknown or expired)")
-    return record
+    """The caller's job; 410 when its record expired (its tombstone is left), else 404. Another key's job,
+    expired or not, is "not found" too: ids must not leak."""
+    jobs = services().stores.jobs
+    record = jobs.get(job_id)
+    if record is not None and owns(record.spec.owner):
+        return record
+    tombstone = jobs.tombstone(job_id) if record is None else None
+    if tombstone is not None and owns(tombstone.owner):
+        # A record gone before its time (evicted under maxmemory) is gone by now all the same.
+        expired_at = iso(min(tombstone.expires_at, time.time()))
+        raise ApiError(
+            410,
+            ErrorCode.EXPIRED,
+            f"job {job_id} expired at {expired_at}: its record, result and webhook state are no longer kept",
+            [{"loc": "job_id", "message": "the job's record expired", "expired_at": expired_at}],
+        )
+    raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id}")
 
 
 # --- submit -----------------------------------------------------------------------------------------
@@ -67,8 +79,8 @@ def submit_job() -> Response:
     _check_webhook(job.options.webhook)
     job_id = new_job_id()
     with job_context(job_id):
-        spec = _spec_for(job_id, job, url_for("v1.get_job", job_id=job_id, _external=True))
-        concurrent_entry = _create_job(spec, job, idem)
+        spec = job_spec_for(job_id, job, url_for("v1.get_job", job_id=job_id, _external=True))
+        concurrent_entry = create_job(spec, job, idem)
         if concurrent_entry is not None and idem is not None:
             return _replay(idem, concurrent_entry, wait)  # a concurrent request with this key made its job first
         return _submit_answer(spec.id, spec.status_url, None, wait, replayed=False)
@@ -123,7 +135,8 @@ def _check_webhook(webhook: WebhookRequest | None) -> None:
         ) from None
 
 
-def _spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
+def job_spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
+    """The spec of a validated job submitted by the caller (``POST /v1/jobs``, ``POST /v1/embeddings``)."""
     options = job.options
     return JobSpec(
         id=job_id,
@@ -140,7 +153,7 @@ def _spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
     )
 
 
-def _create_job(spec: JobSpec, job: ValidatedJob, idem: Idempotency | None) -> bytes | None:
+def create_job(spec: JobSpec, job: ValidatedJob, idem: Idempotency | None) -> bytes | None:
     """Blobs, then the record (with the idempotency entry, atomically), then the tasks: a task never points at
     something missing. On a backend error everything written so far is removed before the error goes on to
     the app's 503 handler. Returns the idempotency entry when a concurrent request with the same key made
@@ -156,6 +169,7 @@ def _create_job(spec: JobSpec, job: ValidatedJob, idem: Idempotency | None) -> b
         record_written = concurrent_entry is None
         if record_written:
             _enqueue(spec)
+            _await_replicas()
     except BACKEND_ERRORS as exc:
         log.warning("submit failed, rolling back job %s: %s", spec.id, exc)
         _roll_back(spec.id, blob_keys, record_written, idem.redis_key if idem is not None else None)
@@ -170,6 +184,19 @@ def _enqueue(spec: JobSpec) -> None:
     for modality in spec.modalities:
         # Known task ids: a cancel revokes them.
         celery.send_task(ENCODE_TASKS[modality], args=[spec.id], task_id=stage_task_id(spec.id, modality))
+
+
+def _await_replicas() -> None:
+    """With ``MMFUSE_REDIS_MIN_REPLICAS_ACK``, no 202 before that many replicas hold the record and the
+    tasks: ReplicationNotAcknowledged (a Redis error: roll back, 503) otherwise. A separate broker Redis
+    acknowledges its own writes."""
+    settings = services().settings
+    if settings.redis_min_replicas_ack == 0:
+        return
+    timeout_ms = settings.redis_replicas_ack_timeout_ms
+    services().stores.jobs.wait_for_replicas(settings.redis_min_replicas_ack, timeout_ms)
+    if settings.effective_broker_url != settings.redis_url:
+        services().queues.wait_for_replicas(settings.redis_min_replicas_ack, timeout_ms)
 
 
 def _roll_back(job_id: str, blob_keys: list[str], record_written: bool, idempotency_key: str | None) -> None:

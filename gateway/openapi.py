@@ -17,6 +17,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from pydantic.json_schema import models_json_schema
 
 from mmfuse.gateway import prefer
+from mmfuse.gateway.embeddings import EmbeddingsAnswer, EmbeddingsRequest, OpenAIErrorBody, model_alias, served_models
 from mmfuse.gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from mmfuse.gateway.idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
 from mmfuse.gateway.services import services
@@ -35,6 +36,9 @@ _MODELS = (
     responses.ErrorBody,
     responses.Liveness,
     responses.Readiness,
+    EmbeddingsRequest,
+    EmbeddingsAnswer,
+    OpenAIErrorBody,
 )
 
 
@@ -223,6 +227,12 @@ def build_spec(app: Flask) -> dict:
             **unavailable,
         },
     }
+    expired = {
+        "410": _error(
+            "The job existed and its record expired (`expired`); `error.details[0].expired_at` says when "
+            "(ISO 8601, UTC)."
+        )
+    }
     read = {
         "operationId": "getJob",
         "tags": ["jobs"],
@@ -230,8 +240,9 @@ def build_spec(app: Flask) -> dict:
         "description": (
             "The job's status, timings, and its result or error once it ended. With `wait`, the "
             "answer comes as soon as the job ends or after that many seconds (long-poll). "
-            f"Records expire {settings.job_ttl_s} s after submission; after that, and for "
-            "another key's jobs, the answer is 404 `not_found` (unknown or expired)."
+            f"Records expire {settings.job_ttl_s} s after submission; after that the job's owner gets 410 "
+            f"`expired` (with `error.details[0].expired_at`) for {settings.tombstone_ttl_s} s more, then 404. "
+            "Unknown ids and another key's jobs, expired or not, are 404 `not_found`."
         ),
         "parameters": [
             job_id,
@@ -247,7 +258,8 @@ def build_spec(app: Flask) -> dict:
         "responses": {
             "200": _json(responses.JobView, "The job."),
             **unauthorized,
-            "404": _error("No such job for this key: unknown, expired, or another key's."),
+            "404": _error("No such job for this key: unknown, or another key's."),
+            **expired,
             "422": _error("`wait` or `encoding_format` is invalid."),
             **unavailable,
         },
@@ -265,18 +277,21 @@ def build_spec(app: Flask) -> dict:
         "responses": {
             "200": _json(responses.JobView, "The canceled job."),
             **unauthorized,
-            "404": _error("No such job for this key: unknown, expired, or another key's."),
+            "404": _error("No such job for this key: unknown, or another key's."),
+            **expired,
             "409": _error("The job already ended (`job_already_ended`); `error.details[0].status` says how."),
             **unavailable,
         },
     }
-    for operation in (submit, read, cancel):
+    embed = _embeddings_operation(settings, bool(unauthorized))
+    for operation in (submit, read, cancel, embed):
         if security:
             operation["security"] = security
 
     paths: dict[str, dict] = {
         "/v1/jobs": {"post": submit},
         "/v1/jobs/{job_id}": {"get": read, "delete": cancel},
+        "/v1/embeddings": {"post": embed},
         "/healthz": {
             "get": {
                 "operationId": "liveness",
@@ -337,13 +352,60 @@ def build_spec(app: Flask) -> dict:
             "version": _version(),
             "description": (
                 "Multimodal embeddings behind an asynchronous API: submit images and texts, then read "
-                "the job (or have the submit wait for it) or receive a signed webhook. Errors always have the body "
-                '`{"error": {"code", "message", "details"?}}`.'
+                "the job (or have the submit wait for it) or receive a signed webhook; or OpenAI's embeddings API "
+                "(`POST /v1/embeddings`). Errors have the body "
+                '`{"error": {"code", "message", "details"?}}`, except on `POST /v1/embeddings` (OpenAI\'s shape).'
             ),
         },
         "paths": paths,
         "components": components,
-        "tags": [{"name": "jobs"}, {"name": "operations"}],
+        "tags": [{"name": "jobs"}, {"name": "embeddings"}, {"name": "operations"}],
+    }
+
+
+def _embeddings_operation(settings: Settings, auth_required: bool) -> dict:
+    def error(description: str, headers: dict | None = None) -> dict:
+        return _json(OpenAIErrorBody, description, headers)
+
+    served = "; ".join(
+        f"`{model_id}` or `{model_alias(model_id)}` ({', '.join(kinds)})"
+        for model_id, kinds in served_models(settings).items()
+    )
+    return {
+        "operationId": "createEmbeddings",
+        "tags": ["embeddings"],
+        "summary": "Create embeddings (OpenAI-compatible)",
+        "description": (
+            "OpenAI's embeddings API: the official clients work with `base_url` set to this server's `/v1`. "
+            "The request runs as one job on the same path as `POST /v1/jobs` and is answered when it ends; "
+            f"after {settings.embeddings_wait_s:g} s the job is canceled and the answer is 504.\n\n"
+            f"Models: {served}. `modality` (Infinity's convention): `text` (default) or `image`, whose inputs "
+            "are data URIs (`data:image/png;base64,...`) or http(s) URLs that the gateway fetches: public "
+            f"addresses only, at most {settings.max_image_bytes} bytes each, all within "
+            f"{settings.image_url_timeout_s:g} s. Limits: {settings.max_texts} texts of at most "
+            f"{settings.max_text_chars} characters, {settings.max_images} images. Token-id arrays, `dimensions` "
+            "and `modality: audio` are refused (422). `usage.prompt_tokens` counts the texts' tokens as the "
+            "model's tokenizer cut them (0 for images).\n\n"
+            'Errors on this route have OpenAI\'s shape: `{"error": {"message", "type", "param", "code"}}`.'
+        ),
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(EmbeddingsRequest)}}},
+        "responses": {
+            "200": _json(EmbeddingsAnswer, "One vector per input, in input order."),
+            "400": error("The body is not valid JSON."),
+            **({"401": error("Missing, unknown or revoked API key.")} if auth_required else {}),
+            "409": error("The job was canceled (`DELETE /v1/jobs/{job_id}`) before it ended."),
+            "413": error("The body, or an image's bytes or pixels, exceed a limit."),
+            "415": error("Not JSON, or an image in a format that is not accepted."),
+            "422": error(
+                "Invalid: an unknown model (`model_not_found`), too many inputs, token-id arrays, `dimensions`, "
+                "an image URL the SSRF guard refuses (`image_url_rejected`) or that could not be loaded "
+                "(`image_fetch_failed`), an image that cannot be decoded; `param` names the field."
+            ),
+            "429": error("This API key's rate limit is exceeded.", _RETRY_AFTER),
+            "500": error("The encoder failed on this input unexpectedly (`encoder_error`)."),
+            "503": error("A backing service is unavailable, or the job failed on the server's side.", _RETRY_AFTER),
+            "504": error("The job did not end in time (`deadline_exceeded`); it was canceled."),
+        },
     }
 
 
@@ -363,6 +425,14 @@ def _with_limits(schemas: dict, settings: Settings) -> dict:
             properties["texts"].update(items=dict(text), maxItems=settings.max_texts)
             properties["images"].update(maxItems=settings.max_images)
             properties["images"]["items"].update(contentEncoding="base64")
+    embeddings_input = schemas["EmbeddingsRequest"]["properties"]["input"]["anyOf"]
+    embeddings_input[0].update(minLength=1, pattern=r"\S")
+    embeddings_input[1].update(minItems=1, maxItems=max(settings.max_texts, settings.max_images))
+    embeddings_input[1]["items"].update(minLength=1, pattern=r"\S")
+    served = served_models(settings)
+    schemas["EmbeddingsRequest"]["properties"]["model"]["enum"] = sorted(
+        {name for model_id in served for name in (model_id, model_alias(model_id))}
+    )
     return schemas
 
 

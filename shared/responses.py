@@ -109,12 +109,17 @@ class Classify(_Answer):
     texts: list[Classification]
 
 
+class Usage(_Answer):
+    text_tokens: int = Field(ge=0, description="Tokens the text tower read: texts and labels, after truncation.")
+
+
 class JobResult(_Answer):
     """What a succeeded job produced: one key per requested output."""
 
     embeddings: Embeddings | None = None
     similarity: list[list[float]] | None = Field(None, description="Cosine similarity, images × texts.")
     classify: Classify | None = None
+    usage: Usage | None = Field(None, description="Set on a job of texts (and labels) without images.")
 
 
 class JobFailure(_Answer):

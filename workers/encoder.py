@@ -39,7 +39,7 @@ from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Modality
 from mmfuse.shared.settings import Settings, get_settings
 from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.vectors import FanIn
-from mmfuse.workers.fusion.fusion import FusionError, build_job_result
+from mmfuse.workers.fusion.fusion import FusionError, build_job_result, classify_scale
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,13 @@ class EncoderWorker:
     def model_id(self) -> str:
         s = self.settings
         return s.effective_image_model if self.modality == "image" else s.effective_text_model
+
+    @property
+    def classify_scale(self) -> float:
+        """The softmax scale for classifying against the labels this pool encodes (only the text pool does):
+        ``MMFUSE_LOGIT_SCALE``, else the checkpoint's learned one; decided here, where the checkpoint is."""
+        assert self.encoder is not None, "start() loads the model first"
+        return classify_scale(self.settings.logit_scale, self.encoder.logit_scale)
 
     def start(self) -> None:
         """Load the model once for this process, warm it up, and start the batcher's inference thread."""
@@ -241,22 +248,35 @@ class EncoderWorker:
         by_kind = {kind: kind_vectors for kind, kind_vectors, _ in encoded}
         batch_size = max(size for _, _, size in encoded)
         if spec.stages == [self.modality]:  # this stage is the job's only one: nothing to fuse
-            self._finish_job(spec, by_kind, batch_size)
+            self._finish_job(spec, by_kind, batch_size, inputs)
             return
-        fan_in = self.stores.vectors.finish_encoding(job_id, self.modality, by_kind, batch_size, spec.modalities)
+        fan_in = self.stores.vectors.finish_encoding(
+            job_id,
+            self.modality,
+            by_kind,
+            batch_size,
+            spec.modalities,
+            self.classify_scale if len(by_kind.get("label", ())) else None,  # with the labels this pool encoded
+        )
         if fan_in == FanIn.COMPLETE:
             self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, FUSION))
 
-    def _finish_job(self, spec: JobSpec, vectors: dict[str, np.ndarray], batch_size: int) -> None:
+    def _finish_job(
+        self, spec: JobSpec, vectors: dict[str, np.ndarray], batch_size: int, inputs: Sequence[tuple[str, Sequence]]
+    ) -> None:
         """End a job whose only modality is this pool's: nothing to fuse, so no fusion hop. The result is
         what fusion would build from the same vectors (``build_job_result``), and the job ends the same way,
-        this stage's end recorded in the same step."""
+        this stage's end recorded in the same step. A text tower adds the tokens it read (``usage``: what
+        ``POST /v1/embeddings`` reports, counted where the tokenizer already is)."""
         try:
             with metrics.Timer() as fusion:
-                result = build_job_result(spec, vectors, self.settings.logit_scale)
+                result = build_job_result(spec, vectors, self.classify_scale)
         except FusionError as exc:
             self.fail(spec, ErrorCode.FUSION_ERROR, str(exc))
             return
+        count_tokens = getattr(self.encoder, "count_tokens", None)
+        if count_tokens is not None:
+            result["usage"] = {"text_tokens": sum(count_tokens(raw_items) for _, raw_items in inputs)}
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
         succeed_job(self.stores, self.celery, spec, result, stage=self.modality, batch_size=batch_size)
 
@@ -296,7 +316,7 @@ def create_encoder_app(
 
     # Serving starts before the model loads (the receivers run in this order).
     metrics.serve_celery_worker_metrics(
-        settings.metrics_port,
+        settings,
         [metrics.DeviceMemoryCollector(modality, settings.device)] if settings.device.startswith("cuda") else [],
     )
 

@@ -28,6 +28,7 @@ def test_the_document_is_valid_and_lists_every_route(stack):
     assert set(spec["paths"]) == {
         "/v1/jobs",
         "/v1/jobs/{job_id}",
+        "/v1/embeddings",
         "/healthz",
         "/readyz",
         "/metrics",
