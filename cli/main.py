@@ -31,19 +31,26 @@ def demo_image() -> bytes:
     return buffer.getvalue()
 
 
-def run_demo(gateway_url: str, api_key: str) -> dict:
+DEMO_TEXTS = ["a red circle on a white background", "a photo of a dog"]
+DEMO_LABELS = ["red circle", "dog", "car"]
+
+
+def demo_options(shared_embedding_space: bool) -> dict:
+    """What the demo job (an image and two texts) asks for: with both towers in one embedding space
+    (``Settings.shared_embedding_space``, the gateway's rule) everything; across two spaces (e.g. a sentence
+    encoder for text) only what the gateway accepts there: the embeddings, fused by ``concat``."""
+    if shared_embedding_space:
+        return {"labels": DEMO_LABELS, "outputs": ["embeddings", "similarity", "classify"], "fusion": "mean"}
+    return {"outputs": ["embeddings"], "fusion": "concat"}
+
+
+def run_demo(gateway_url: str, api_key: str, shared_embedding_space: bool = True) -> dict:
     from mmfuse_client.http import MmfuseClient
 
     client = MmfuseClient(gateway_url, api_key=api_key)
-    texts = ["a red circle on a white background", "a photo of a dog"]
+    texts = DEMO_TEXTS
     started = time.monotonic()
-    job = client.run(
-        [demo_image()],
-        texts,
-        labels=["red circle", "dog", "car"],
-        outputs=["embeddings", "similarity", "classify"],
-        timeout_s=120,
-    )
+    job = client.run([demo_image()], texts, timeout_s=120, **demo_options(shared_embedding_space))
     elapsed = time.monotonic() - started
     print(f"\ndemo job {job['id']}: {job['status']} in {elapsed * 1000:.0f} ms (submit -> result)")
     if job["status"] != "succeeded":
@@ -60,6 +67,9 @@ def run_demo(gateway_url: str, api_key: str) -> dict:
         f"{[round(x, 4) for x in embeddings['images'][0][:4]]}"
     )
     print(f"  fused ({embeddings['fusion']}): dim {len(embeddings['fused'])}")
+    if "similarity" not in result:
+        print("  (image and text models of two embedding spaces: no similarity or zero-shot scores)")
+        return job
     for text, score in zip(texts, result["similarity"][0], strict=False):
         print(f"  cosine(image, {text!r}) = {score:.4f}")
     top = result["classify"]["images"][0]
@@ -125,7 +135,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(describe_torch_threads(stack))
         api_key = stack.create_api_key("local")
         print(f"API key for this stack (send 'Authorization: Bearer <key>'): {api_key}")
-        job = run_demo(stack.gateway_url, api_key)
+        job = run_demo(stack.gateway_url, api_key, stack.settings().shared_embedding_space)
         if args.exit_after_demo:
             return 0 if job["status"] == "succeeded" else 1
         print(
@@ -134,9 +144,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"-H 'content-type: application/json' "
             f'-d \'{{"texts": ["hello"]}}\''
         )
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
-        print("a stack process exited; stopping", file=sys.stderr)
+        # A process that exits is restarted (its log says so); only a crash loop ends the stack.
+        while not stack.failed.wait(1):
+            pass
+        print(f"stopping the stack: {stack.failure}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -263,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     make_test.add_argument("--seed", type=int, default=0)
     make_test.add_argument("directory")
     make_test.set_defaults(func=cmd_make_test)
+
+    from mmfuse.cli import embed  # mmfuse embed: bulk embedding through the client
+
+    embed.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,287 @@
+"""Typed views of the API's answers: :class:`Job` and what it holds, and the errors.
+
+Vectors are numpy ``float32`` arrays when numpy is importable (``pip install 'mmfuse-client[numpy]'``), lists
+of floats otherwise. The client asks the API for base64 float32 vectors and decodes them here, so the values
+are the server's float32 bits exactly, and a vector costs 4 bytes on the wire instead of ~20.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+try:  # optional: vectors as arrays when it is there
+    import numpy as _np
+except ImportError:  # pragma: no cover - exercised by the fresh-venv test, which has no numpy
+    _np = None  # type: ignore[assignment]
+
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+# A vector: ``numpy.ndarray`` (float32) with numpy installed, else ``list[float]``.
+Vector = Any
+
+
+def has_numpy() -> bool:
+    return _np is not None
+
+
+def decode_vector(encoded: str | Sequence[float]) -> Vector:
+    """A vector from the API: base64 of little-endian float32, or JSON floats."""
+    if not isinstance(encoded, str):
+        return _np.asarray(encoded, dtype=_np.float32) if _np is not None else [float(x) for x in encoded]
+    raw = base64.b64decode(encoded)
+    if _np is not None:
+        return _np.frombuffer(raw, dtype="<f4").astype(_np.float32)
+    values = array.array("f", raw)
+    if sys.byteorder == "big":  # pragma: no cover - no big-endian CI
+        values.byteswap()
+    return values.tolist()
+
+
+def _matrix(rows: Sequence[Sequence[float]]) -> Any:
+    return _np.asarray(rows, dtype=_np.float32) if _np is not None else [[float(x) for x in row] for row in rows]
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+class MmfuseError(Exception):
+    """The API answered an error (``status`` 4xx/5xx, ``code`` from its JSON body), or no answer came
+    (``status`` None: see :class:`MmfuseConnectionError`)."""
+
+    def __init__(
+        self,
+        status: int | None,
+        code: str,
+        message: str,
+        body: Mapping[str, Any] | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(f"{status} {code}: {message}" if status is not None else f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body: dict[str, Any] = dict(body or {})
+        self.retry_after_s = retry_after_s
+
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        error = self.body.get("error")
+        return list(error.get("details") or []) if isinstance(error, dict) else []
+
+
+class MmfuseConnectionError(MmfuseError):
+    """No answer: the connection failed or timed out, on every attempt the retry policy allowed."""
+
+    def __init__(self, message: str):
+        super().__init__(None, "connection_error", message)
+
+
+class JobTimeout(MmfuseError, TimeoutError):
+    """The job had not ended when the caller's ``timeout_s`` ran out (it may still end: ``get`` it later)."""
+
+    def __init__(self, job_id: str, status: str, timeout_s: float):
+        super().__init__(None, "timeout", f"job {job_id} still {status} after {timeout_s:g} s")
+        self.job_id = job_id
+
+
+class JobFailed(MmfuseError):
+    """Raised by :meth:`Job.raise_for_status` for a job that ended without succeeding."""
+
+    def __init__(self, job: Job):
+        error = job.error or JobError(job.status, f"job {job.status}")
+        super().__init__(None, error.code, f"job {job.id} {job.status}: {error.message}")
+        self.job = job
+
+
+# --- the job ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why something did not succeed: a failed job's error (``stage`` set), or, in a :class:`Outcome`, the
+    API's refusal (``http_status`` set) or the transport's (``connection_error``, ``timeout``)."""
+
+    code: str
+    message: str
+    stage: str | None = None
+    http_status: int | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> JobError:
+        if isinstance(exc, JobFailed):
+            return exc.job.error or cls(exc.code, exc.message)
+        if isinstance(exc, MmfuseError):
+            return cls(exc.code, exc.message, http_status=exc.status)
+        return cls("client_error", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    images: list[Vector]  # one per image, in submission order
+    texts: list[Vector]  # one per text, in submission order
+    fused: Vector | None  # the job's fused vector
+    fusion: str  # mean | concat
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str  # the label with the highest score
+    scores: list[float]  # softmax over the labels, in label order
+
+
+@dataclass(frozen=True)
+class Classify:
+    labels: list[str]
+    images: list[Classification]
+    texts: list[Classification]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a succeeded job produced: one field per requested output, None for the others."""
+
+    embeddings: Embeddings | None = None
+    similarity: Any = None  # images × texts cosine matrix: a (n_images, n_texts) array, or lists
+    classify: Classify | None = None
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> JobResult:
+        embeddings = data.get("embeddings")
+        classify = data.get("classify")
+        similarity = data.get("similarity")
+        return cls(
+            embeddings=Embeddings(
+                images=[decode_vector(v) for v in embeddings["images"]],
+                texts=[decode_vector(v) for v in embeddings["texts"]],
+                fused=decode_vector(embeddings["fused"]) if embeddings.get("fused") is not None else None,
+                fusion=embeddings["fusion"],
+            )
+            if embeddings
+            else None,
+            similarity=_matrix(similarity) if similarity is not None else None,
+            classify=Classify(
+                labels=list(classify["labels"]),
+                images=[Classification(c["label"], list(c["scores"])) for c in classify["images"]],
+                texts=[Classification(c["label"], list(c["scores"])) for c in classify["texts"]],
+            )
+            if classify
+            else None,
+        )
+
+
+@dataclass(frozen=True)
+class Timings:
+    created_at: str | None  # ISO 8601, UTC
+    started_at: str | None
+    finished_at: str | None
+    canceled_at: str | None
+    queued_s: float | None
+    total_s: float | None
+    stages: dict[str, dict[str, Any]]  # per stage: started_at, finished_at, duration_s, batch_size
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Timings:
+        return cls(
+            **{name: data.get(name) for name in ("created_at", "started_at", "finished_at", "canceled_at")},
+            queued_s=data.get("queued_s"),
+            total_s=data.get("total_s"),
+            stages=dict(data.get("stages") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the API last showed it. A submit's answer has ``id``, ``status`` and ``status_url`` only; a
+    read (``get``, ``wait``, ``run``) has everything. ``raw`` is the JSON as it came."""
+
+    id: str
+    status: str  # queued | running | succeeded | failed | canceled
+    status_url: str | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    timings: Timings | None = None
+    request: dict[str, Any] | None = None  # what was asked: counts of images and texts, labels, outputs, fusion
+    webhook: dict[str, Any] | None = None  # the callback and its delivery state
+    replayed: bool = False  # the answer to a repeated Idempotency-Key: the earlier submit's job
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def raise_for_status(self) -> Job:
+        """This job if it succeeded; :class:`JobFailed` if it failed or was canceled."""
+        if self.ended and not self.succeeded:
+            raise JobFailed(self)
+        return self
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any], replayed: bool = False) -> Job:
+        error = data.get("error")
+        result = data.get("result")
+        timings = data.get("timings")
+        return cls(
+            id=data["id"],
+            status=data["status"],
+            status_url=data.get("status_url"),
+            result=JobResult.from_api(result) if result else None,
+            error=JobError(error["code"], error["message"], error.get("stage")) if error else None,
+            timings=Timings.from_api(timings) if timings else None,
+            request=data.get("request"),
+            webhook=data.get("webhook"),
+            replayed=replayed,
+            raw=dict(data),
+        )
+
+
+# --- many jobs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """One job of a ``run_many``: its inputs, its options (the keywords of ``submit``) and, optionally, its
+    Idempotency-Key (else a new one per job, kept across that job's retries)."""
+
+    images: Sequence[bytes] = ()
+    texts: Sequence[str] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+
+    @classmethod
+    def of(cls, item: JobInput | Mapping[str, Any]) -> JobInput:
+        """``item`` itself, or one from a mapping of ``submit``'s keywords (``images``, ``texts``,
+        ``idempotency_key``, and the options)."""
+        if isinstance(item, JobInput):
+            return item
+        options = dict(item)
+        return cls(
+            images=options.pop("images", ()),
+            texts=options.pop("texts", ()),
+            idempotency_key=options.pop("idempotency_key", None),
+            options=options,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one job of a ``run_many`` ended. ``job`` is the ended job when there is one (a failed job too);
+    ``error`` says why it did not succeed: the job's error, the API's refusal of the submit, or the
+    transport's. Exactly one of "succeeded" and "has an error" holds."""
+
+    index: int  # position in the input
+    input: JobInput
+    job: Job | None
+    error: JobError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,273 @@
+"""The client's retries, idempotency keys, error mapping and ``run_many`` against a scripted HTTP server on a
+loopback port (the real stack is in tests/integration/test_client_package.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mmfuse_client import (
+    AsyncClient,
+    Client,
+    JobInput,
+    JobTimeout,
+    MmfuseClient,
+    MmfuseConnectionError,
+    MmfuseError,
+    RetryPolicy,
+    content_idempotency_key,
+)
+
+FAST = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
+DROP = "drop"  # close the connection without answering
+
+
+def b64(values: list[float]) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def ended_job(job_id: str = "j1", status: str = "succeeded") -> dict:
+    return {
+        "id": job_id,
+        "status": status,
+        "request": {"images": 0, "texts": 1, "labels": [], "outputs": ["embeddings"], "fusion": "mean"},
+        "timings": {"created_at": "t", "started_at": None, "finished_at": None, "canceled_at": None, "stages": {}},
+        "result": {
+            "embeddings": {
+                "images": [],
+                "texts": [b64([0.6, 0.8])],
+                "fused": b64([0.6, 0.8]),
+                "fusion": "mean",
+                "encoding_format": "base64",
+            }
+        }
+        if status == "succeeded"
+        else None,
+        "error": {"code": "encoder_error", "message": "boom", "stage": "text"} if status == "failed" else None,
+        "webhook": None,
+    }
+
+
+class Scripted:
+    """Answers requests from a script, in order (the last entry repeats); records every request."""
+
+    def __init__(self, *script: Any):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with scripted.lock:
+                    scripted.requests.append(
+                        {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                    )
+                    step = scripted.script[min(len(scripted.requests), len(scripted.script)) - 1]
+                if callable(step):
+                    step = step(self.command, self.path, body)
+                if step == DROP:
+                    self.close_connection = True
+                    return
+                status, headers, payload = step
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _answer  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    servers: list[Scripted] = []
+
+    def make(*script: Any) -> Scripted:
+        servers.append(Scripted(*script))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+ACCEPTED = (202, {}, {"id": "j1", "status": "queued", "status_url": "http://x/v1/jobs/j1"})
+
+
+def test_a_submit_retried_after_503_and_a_lost_answer_keeps_its_idempotency_key(scripted):
+    server = scripted(
+        (503, {"Retry-After": "0"}, {"error": {"code": "service_unavailable", "message": "x"}}), DROP, ACCEPTED
+    )
+    job = Client(server.url, "k", retry=FAST).submit(texts=["hello"])
+    assert (job.id, job.status) == ("j1", "queued")
+    keys = [request["headers"]["Idempotency-Key"] for request in server.requests]
+    assert len(keys) == 3 and len(set(keys)) == 1
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer k"
+    assert json.loads(server.requests[0]["body"])["texts"] == ["hello"]
+
+
+def test_each_submit_has_its_own_key_unless_one_is_given(scripted):
+    server = scripted(ACCEPTED)
+    client = Client(server.url, retry=FAST)
+    client.submit(texts=["a"])
+    client.submit(texts=["a"])
+    client.submit(texts=["a"], idempotency_key="mine")
+    client.submit(texts=["a"], headers={"idempotency-key": "theirs"})
+    keys = [request["headers"]["Idempotency-Key"] for request in server.requests]
+    assert keys[0] != keys[1] and keys[2:] == ["mine", "theirs"]
+
+
+def test_content_keys_name_the_content():
+    key = content_idempotency_key([b"png"], ["text"], {"fusion": "mean"})
+    assert key == content_idempotency_key([b"png"], ["text"], {"outputs": ["embeddings"]})  # defaults spelled out
+    assert key != content_idempotency_key([b"png"], ["text"], {"fusion": "concat"})
+    assert key != content_idempotency_key([b"jpg"], ["text"])
+    assert key.startswith("sha256-") and len(key) < 255
+
+
+def test_a_refusal_is_not_retried_and_says_why(scripted):
+    error = {"error": {"code": "text_too_long", "message": "texts.0: too long", "details": [{"loc": "texts.0"}]}}
+    server = scripted((422, {}, error))
+    with pytest.raises(MmfuseError) as refused:
+        Client(server.url, retry=FAST).submit(texts=["x"])
+    assert (refused.value.status, refused.value.code, refused.value.details) == (
+        422,
+        "text_too_long",
+        [{"loc": "texts.0"}],
+    )
+    assert len(server.requests) == 1
+
+
+def test_retries_end_with_the_last_answer_or_a_connection_error(scripted):
+    busy = scripted((429, {"Retry-After": "0"}, {"error": {"code": "rate_limited", "message": "slow down"}}))
+    with pytest.raises(MmfuseError) as limited:
+        Client(busy.url, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.001)).submit(texts=["x"])
+    assert (limited.value.status, limited.value.code, limited.value.retry_after_s) == (429, "rate_limited", 0.0)
+    assert len(busy.requests) == 3
+    gone = scripted(DROP)
+    with pytest.raises(MmfuseConnectionError):
+        Client(gone.url, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.001)).get("j1")
+    assert len(gone.requests) == 2
+
+
+def test_run_answers_in_one_request_when_the_server_applies_the_wait(scripted):
+    server = scripted((200, {"Preference-Applied": "wait=30"}, ended_job()))
+    job = Client(server.url, retry=FAST).run(texts=["x"], timeout_s=30)
+    assert job.succeeded and job.result is not None and job.result.embeddings is not None
+    fused = job.result.embeddings.fused
+    assert isinstance(fused, np.ndarray) and fused.dtype == np.float32 and fused.tolist() == pytest.approx([0.6, 0.8])
+    request = server.requests[0]
+    assert request["headers"]["Prefer"] == "wait=30" and "encoding_format=base64" in request["path"]
+
+
+def test_run_long_polls_when_the_submit_answers_202(scripted):
+    server = scripted(ACCEPTED, (200, {}, {**ended_job(), "status": "running", "result": None}), (200, {}, ended_job()))
+    job = Client(server.url, retry=FAST).run(texts=["x"], timeout_s=5)
+    assert job.status == "succeeded"
+    assert [r["method"] for r in server.requests] == ["POST", "GET", "GET"]
+    assert "wait=" in server.requests[1]["path"]
+
+
+def test_wait_gives_up_after_its_timeout(scripted):
+    server = scripted((200, {}, {**ended_job(), "status": "queued", "result": None}))
+    with pytest.raises(JobTimeout) as timed_out:
+        Client(server.url, retry=FAST).wait("j1", timeout_s=0)
+    assert timed_out.value.job_id == "j1" and isinstance(timed_out.value, TimeoutError)
+
+
+def test_a_failed_job_is_returned_and_raises_on_request(scripted):
+    server = scripted((200, {"Preference-Applied": "wait=5"}, ended_job(status="failed")))
+    job = Client(server.url, retry=FAST).run(texts=["x"], timeout_s=5)
+    assert job.status == "failed" and job.error is not None and job.error.code == "encoder_error"
+    with pytest.raises(MmfuseError, match="boom"):
+        job.raise_for_status()
+
+
+def test_run_many_keeps_input_order_and_reports_every_failure(scripted):
+    def answer(method: str, path: str, body: bytes) -> Any:
+        text = json.loads(body)["texts"][0] if body else ""
+        if text == "refused":
+            return 422, {}, {"error": {"code": "validation_error", "message": "no"}}
+        if text == "fails":
+            return 200, {"Preference-Applied": "wait=5"}, ended_job(text, "failed")
+        return 200, {"Preference-Applied": "wait=5"}, ended_job(text)
+
+    server = scripted(answer)
+    items: list[Any] = [{"texts": [f"t{i}"]} for i in range(10)]
+    items[3] = {"texts": ["refused"]}
+    items[5] = JobInput(texts=["fails"])
+    items[7] = 42  # not a job at all
+    seen: list[int] = []
+    outcomes = Client(server.url, retry=FAST).run_many(items, concurrency=3, on_outcome=lambda o: seen.append(o.index))
+    assert [o.index for o in outcomes] == list(range(10)) and sorted(seen) == list(range(10))
+    assert [o.ok for o in outcomes] == [i not in (3, 5, 7) for i in range(10)]
+    assert outcomes[0].job is not None and outcomes[0].job.id == "t0"
+    assert outcomes[3].error is not None and (outcomes[3].error.code, outcomes[3].error.http_status) == (
+        "validation_error",
+        422,
+    )
+    assert outcomes[5].job is not None and outcomes[5].error == outcomes[5].job.error
+    assert outcomes[7].error is not None and outcomes[7].error.code == "client_error"
+
+
+def test_the_json_client_answers_dicts(scripted):
+    server = scripted(ACCEPTED, (200, {}, ended_job()))
+    client = MmfuseClient(server.url, "k")
+    assert client.submit(texts=["x"]) == "j1"
+    job = client.get("j1")
+    assert isinstance(job, dict) and job["status"] == "succeeded"
+    assert "encoding_format=float" in server.requests[1]["path"]
+
+
+def test_the_async_client(scripted):
+    server = scripted(
+        lambda method, path, body: (
+            (200, {"Preference-Applied": "wait=5"}, ended_job(json.loads(body)["texts"][0]))
+            if method == "POST"
+            else (
+                409,
+                {},
+                {"error": {"code": "job_already_ended", "message": "x", "details": [{"status": "canceled"}]}},
+            )
+            if method == "DELETE"
+            else (200, {}, {**ended_job("c"), "status": "canceled", "result": None})
+        )
+    )
+
+    async def use() -> tuple:
+        async with AsyncClient(server.url, retry=FAST) as client:
+            ran = await client.run(texts=["a"], timeout_s=5)
+            many = await client.run_many([{"texts": ["b"]}, {"texts": ["c"]}], concurrency=2)
+            canceled = await client.cancel("c")
+            return ran, many, canceled
+
+    ran, many, canceled = asyncio.run(use())
+    assert ran.id == "a" and [o.job.id for o in many if o.job] == ["b", "c"]
+    assert canceled.status == "canceled"  # a 409 because it was canceled already is not an error
