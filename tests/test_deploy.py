@@ -1,12 +1,12 @@
-"""Checks of the deployment files: docker-compose.yml, deploy/Dockerfile, .dockerignore, deploy/k8s/.
+"""Checks of the deployment files: docker-compose.yml, deploy/Dockerfile, .dockerignore (deploy/k8s/:
+tests/test_k8s.py).
 
 No Docker engine is needed. The compose file is validated against the Compose Specification JSON
-schema that check-jsonschema ships (``--builtin-schema vendor.compose-spec``); the Kubernetes
-manifests against the Kubernetes API schemas that kubernetes-validate ships, in strict mode (unknown
-fields are errors). Both run offline. What those schemas cannot see (references between services,
-GPU reservations, which MMFUSE_* variables exist, that the values parse) is checked here directly.
+schema that check-jsonschema ships (``--builtin-schema vendor.compose-spec``), offline. What that
+schema cannot see (references between services, GPU reservations, which MMFUSE_* variables exist,
+that the values parse) is checked here directly.
 
-Needs: pip install check-jsonschema kubernetes-validate pyyaml
+Needs: pip install check-jsonschema pyyaml
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ if str(REPO) not in sys.path:  # import the working tree's settings, not an inst
     sys.path.insert(0, str(REPO))
 
 from mmfuse.shared.settings import Settings, SettingsError, env_name  # noqa: E402
+from mmfuse.shared.stores.client import parse_sentinel_url  # noqa: E402
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-K8S_DIR = REPO / "deploy" / "k8s"
 
 SETTINGS_VARS = {env_name(f.name) for f in dataclasses.fields(Settings)}
 
@@ -45,24 +45,6 @@ COMPOSE_APP_COMMANDS = {
 }
 ENCODERS = {"image-worker", "text-worker"}
 
-K8S_DEPLOYMENT_ARGS = {
-    "mmfuse-gateway": ["gateway"],
-    "mmfuse-image-worker": ["worker", "image"],
-    "mmfuse-text-worker": ["worker", "text"],
-    "mmfuse-fusion-worker": ["worker", "fusion"],
-    "mmfuse-webhook-worker": ["worker", "webhooks"],
-    "mmfuse-maintenance-worker": ["worker", "maintenance"],
-    "mmfuse-beat": ["beat"],
-}
-K8S_GPU_DEPLOYMENTS = {"mmfuse-image-worker", "mmfuse-text-worker"}
-K8S_EXPECTED = {("Deployment", name) for name in K8S_DEPLOYMENT_ARGS} | {
-    ("Service", "mmfuse-gateway"),
-    ("ConfigMap", "mmfuse-config"),
-    ("Secret", "mmfuse-secrets"),
-}
-# Oldest Kubernetes minor the manifests are meant for, and the newest the validator knows.
-K8S_VERSIONS = ("1.29.0", "latest")
-
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -73,19 +55,6 @@ K8S_VERSIONS = ("1.29.0", "latest")
 def compose() -> dict:
     with COMPOSE_FILE.open() as fh:
         return yaml.safe_load(fh)  # resolves anchors and << merge keys, as compose does
-
-
-@pytest.fixture(scope="module")
-def k8s_docs() -> list[tuple[str, dict]]:
-    docs = []
-    for path in sorted(K8S_DIR.glob("*.y*ml")):
-        with path.open() as fh:
-            docs.extend((path.name, doc) for doc in yaml.safe_load_all(fh) if doc is not None)
-    return docs
-
-
-def k8s_by_kind(docs, kind: str) -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc for _, doc in docs if doc["kind"] == kind}
 
 
 _INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
@@ -220,9 +189,14 @@ def test_compose_references_resolve(compose):
                 assert source in volumes, f"{name} mounts undeclared named volume {source}"
 
 
+SENTINEL_PROFILE = {"redis-replica", "redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3"}
+
+
 def test_compose_has_expected_services(compose):
     # prometheus and grafana: their provisioning is checked in tests/test_monitoring_deploy.py.
-    assert set(compose["services"]) == {"redis", "minio", "minio-init", "prometheus", "grafana", *COMPOSE_APP_COMMANDS}
+    default = {name for name, service in compose["services"].items() if not service.get("profiles")}
+    assert default == {"redis", "minio", "minio-init", "prometheus", "grafana", *COMPOSE_APP_COMMANDS}
+    assert set(compose["services"]) - default == SENTINEL_PROFILE
     for name, command in COMPOSE_APP_COMMANDS.items():
         assert compose["services"][name]["command"] == command, name
 
@@ -301,6 +275,27 @@ def test_stores(compose):
         assert env["MMFUSE_REDIS_URL"].startswith("redis://redis:6379/"), name
 
 
+def test_sentinel_profile_replicates_redis_and_its_url_is_a_valid_setting(compose):
+    """`--profile sentinel`: a replica of `redis` and three sentinels watching it by name; the sentinel URL
+    that the comment in x-mmfuse-env gives parses, and names those sentinels."""
+    services = compose["services"]
+    for name in SENTINEL_PROFILE:
+        assert services[name]["profiles"] == ["sentinel"], name
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 : replica.index("--replicaof") + 3] == ["redis", "6379"]
+    sentinels = [name for name in SENTINEL_PROFILE if name.startswith("redis-sentinel-")]
+    for name in sentinels:
+        script = " ".join(services[name]["entrypoint"])
+        master = Settings().redis_sentinel_master
+        assert f"sentinel monitor {master} redis 6379 2" in script and "--sentinel" in script, name
+        assert services[name]["healthcheck"], name
+    url = next(
+        line.strip().lstrip("#").strip() for line in COMPOSE_FILE.read_text().splitlines() if "sentinel://" in line
+    )
+    settings = Settings.from_env({"MMFUSE_REDIS_URL": url})
+    assert {host for host, _ in parse_sentinel_url(settings.redis_url).sentinels} == set(sentinels)
+
+
 def test_compose_environments_are_valid_settings(compose):
     """With nothing set in the shell or .env, every service's environment parses and validates."""
     models = set()
@@ -315,171 +310,16 @@ def test_compose_environments_are_valid_settings(compose):
 
 
 # --------------------------------------------------------------------------------------------------
-# MMFUSE_* variables named anywhere in the deployment files
+# MMFUSE_* variables named in the compose file (deploy/k8s: tests/test_k8s.py)
 # --------------------------------------------------------------------------------------------------
 
 
-DEPLOY_FILES = [COMPOSE_FILE, *sorted(K8S_DIR.glob("*.y*ml"))]
-
-
-@pytest.mark.parametrize("path", DEPLOY_FILES, ids=lambda p: str(p.relative_to(REPO)))
-def test_mmfuse_variables_are_settings_fields(path):
+def test_mmfuse_variables_are_settings_fields():
+    path = COMPOSE_FILE
     named = mmfuse_vars_in(path.read_text())
     assert named, f"{path.name} names no MMFUSE_* variable"
     unknown = named - SETTINGS_VARS
     assert not unknown, f"not fields of shared.settings.Settings: {sorted(unknown)}"
-
-
-# --------------------------------------------------------------------------------------------------
-# deploy/k8s
-# --------------------------------------------------------------------------------------------------
-
-
-def test_k8s_manifests_have_expected_kinds(k8s_docs):
-    found = [(doc["kind"], doc["metadata"]["name"]) for _, doc in k8s_docs]
-    assert len(found) == len(set(found)), "duplicate resources"
-    assert set(found) == K8S_EXPECTED
-    for filename, doc in k8s_docs:
-        assert "namespace" not in doc["metadata"], f"{filename}: manifests are namespace-less"
-
-
-def test_k8s_manifests_validate_against_kubernetes_schema(k8s_docs):
-    import kubernetes_validate
-
-    for version in K8S_VERSIONS:
-        version = kubernetes_validate.latest_version() if version == "latest" else version
-        for filename, doc in k8s_docs:
-            try:
-                kubernetes_validate.validate(doc, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{filename} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): {exc}")
-
-
-def test_k8s_validator_rejects_unknown_fields(k8s_docs):
-    import kubernetes_validate
-
-    gateway = yaml.safe_load(yaml.safe_dump(k8s_by_kind(k8s_docs, "Deployment")["mmfuse-gateway"]))
-    container = gateway["spec"]["template"]["spec"]["containers"][0]
-    container["readinesProbe"] = container.pop("readinessProbe")  # a typo
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(gateway, "1.29.0", strict=True)
-
-
-def test_k8s_selectors_match_pods(k8s_docs):
-    deployments = k8s_by_kind(k8s_docs, "Deployment")
-    for name, dep in deployments.items():
-        labels = dep["spec"]["template"]["metadata"]["labels"]
-        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
-    service = k8s_by_kind(k8s_docs, "Service")["mmfuse-gateway"]
-    selected = [
-        n
-        for n, d in deployments.items()
-        if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-    ]
-    assert selected == ["mmfuse-gateway"]
-    ports = deployments["mmfuse-gateway"]["spec"]["template"]["spec"]["containers"][0]["ports"]
-    target = service["spec"]["ports"][0]["targetPort"]
-    assert target in {p.get("name") for p in ports} | {p["containerPort"] for p in ports}
-
-
-def _container(dep: dict) -> dict:
-    containers = dep["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
-
-
-def test_k8s_deployments_run_the_right_pool(k8s_docs):
-    deployments = k8s_by_kind(k8s_docs, "Deployment")
-    assert set(deployments) == set(K8S_DEPLOYMENT_ARGS)
-    uid = int(dockerfile_arg_default("MMFUSE_UID"))
-    for name, dep in deployments.items():
-        container = _container(dep)
-        assert "command" not in container, f"{name}: keep the image's `mmfuse` entrypoint"
-        assert container["args"] == K8S_DEPLOYMENT_ARGS[name]
-        security = dep["spec"]["template"]["spec"]["securityContext"]
-        assert security["runAsNonRoot"] is True and security["runAsUser"] == uid, name
-
-
-def test_k8s_encoder_workers_request_a_gpu(k8s_docs):
-    for name, dep in k8s_by_kind(k8s_docs, "Deployment").items():
-        container = _container(dep)
-        resources = container.get("resources", {})
-        limits, requests = resources.get("limits", {}), resources.get("requests", {})
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        if name not in K8S_GPU_DEPLOYMENTS:
-            assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests, name
-            continue
-        assert str(limits["nvidia.com/gpu"]) == "1", name
-        # Kubernetes requires request == limit for extended resources.
-        assert str(requests.get("nvidia.com/gpu", limits["nvidia.com/gpu"])) == "1", name
-        assert env["MMFUSE_DEVICE"] == "cuda", name
-        assert env["HF_HOME"] == "/models", name
-        assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"], name
-        assert env["MMFUSE_METRICS_PORT"] == "9100", name
-
-
-def test_k8s_gateway_probes(k8s_docs):
-    container = _container(k8s_by_kind(k8s_docs, "Deployment")["mmfuse-gateway"])
-    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert port_names == {"http": 8080}
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = container[probe]["httpGet"]
-        assert get["path"] == path, probe
-        assert port_names.get(get["port"], get["port"]) == 8080, probe
-    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    assert Settings.from_env(env).gateway_bind == "0.0.0.0:8080", "the probes and the Service reach port 8080"
-
-
-def _k8s_container_env(container: dict, configmaps: dict, secrets: dict) -> dict[str, str]:
-    """The environment the container would get, checking every ConfigMap/Secret reference."""
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            ref = source["configMapRef"]["name"]
-            assert ref in configmaps, f"unknown ConfigMap {ref}"
-            env.update(configmaps[ref]["data"])
-        else:
-            ref = source["secretRef"]["name"]
-            assert ref in secrets, f"unknown Secret {ref}"
-            env.update(secrets[ref]["stringData"])
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = str(var["value"])
-            continue
-        value_from = var["valueFrom"]
-        if "secretKeyRef" in value_from:
-            ref, store = value_from["secretKeyRef"], secrets
-        else:
-            ref, store = value_from["configMapKeyRef"], configmaps
-        assert ref["name"] in store, f"unknown reference {ref['name']}"
-        data = store[ref["name"]].get("stringData") or store[ref["name"]].get("data")
-        assert ref["key"] in data, f"{ref['name']} has no key {ref['key']}"
-        env[var["name"]] = data[ref["key"]]
-    return env
-
-
-def test_k8s_environments_are_valid_settings(k8s_docs):
-    configmaps = k8s_by_kind(k8s_docs, "ConfigMap")
-    secrets = k8s_by_kind(k8s_docs, "Secret")
-    for name, dep in k8s_by_kind(k8s_docs, "Deployment").items():
-        env = _k8s_container_env(_container(dep), configmaps, secrets)
-        try:
-            Settings.from_env(env)
-        except SettingsError as exc:
-            pytest.fail(f"{name}: {exc}")
-        # Only the webhook pool holds the signing secrets.
-        assert ("MMFUSE_WEBHOOK_SECRETS" in env) == (name == "mmfuse-webhook-worker"), name
-        # Every pod that touches S3 has its credentials; beat only sends tasks.
-        assert ({"MMFUSE_S3_ACCESS_KEY", "MMFUSE_S3_SECRET_KEY"} <= env.keys()) == (name != "mmfuse-beat"), name
-    # Credentials stay out of the ConfigMap.
-    for configmap in configmaps.values():
-        assert not {k for k in configmap["data"] if "SECRET" in k or "ACCESS_KEY" in k}
-
-
-def test_k8s_readme_exists():
-    text = (K8S_DIR / "README.md").read_text()
-    for word in ("helm", "replicas", "keda"):
-        assert word in text.lower(), word
 
 
 # --------------------------------------------------------------------------------------------------
