@@ -35,10 +35,11 @@ class Services:
     @classmethod
     def connect(cls, settings: Settings) -> Services:
         """Clients only: nothing is reached until a request needs it, so the app starts with its backends down."""
-        client = connect(settings.redis_url)  # one client (and connection pool) for every store of this process
+        # one client (and connection pool) for every store of this process
+        client = connect(settings.redis_url, settings)
         broker_url = settings.effective_broker_url
-        broker = client if broker_url == settings.redis_url else connect(broker_url)
-        stores = Stores.over(client, settings.job_ttl_s)
+        broker = client if broker_url == settings.redis_url else connect(broker_url, settings)
+        stores = Stores.over(client, settings.job_ttl_s, settings.tombstone_ttl_s)
         return cls(
             settings=settings,
             stores=stores,

@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=()
-command -v redis-server >/dev/null || packages+=(redis-server)   # the local stack and the tests start their own
+# the local stack and the tests start their own; `redis-server --sentinel` is the sentinel (no redis-sentinel package)
+command -v redis-server >/dev/null || packages+=(redis-server)
 command -v prometheus >/dev/null || packages+=(prometheus)        # the live dashboard check in the tests
+command -v ip >/dev/null || packages+=(iproute2)                 # network namespaces: tests/multihost
+command -v unshare >/dev/null || packages+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if ((${#packages[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -22,4 +25,6 @@ fi
 .venv/bin/python -m pip install -q -c constraints.txt torch ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # The client is a distribution of its own that the server depends on: install it from this checkout first.
 .venv/bin/python -m pip install -q -c constraints.txt -e ./client -e '.[test]'
+# kubectl, pinned, for its built-in kustomize: tests/test_k8s.py renders deploy/k8s with it.
+.venv/bin/python scripts/install_kubectl.py .venv/bin/kubectl
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"

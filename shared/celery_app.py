@@ -12,12 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from kombu import Queue
 
 from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.heartbeat import install_worker_heartbeat
 from mmfuse.shared.logs import install_celery_logging
-from mmfuse.shared.schema import Stage
+from mmfuse.shared.schema import FUSION, Stage
 from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.stores.client import is_sentinel_url, sentinel_options
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,16 @@ TASK_ENCODE_IMAGE = "mmfuse.encode.image"
 TASK_ENCODE_TEXT = "mmfuse.encode.text"
 TASK_FUSE = "mmfuse.fuse"
 TASK_DELIVER_WEBHOOK = "mmfuse.webhooks.deliver"
-# maintenance: the two periodic ones are sent by `mmfuse beat`
+# maintenance: the periodic ones (reap, sweeps) are sent by `mmfuse beat`
 TASK_REAP_JOBS = "mmfuse.maintenance.reap_jobs"
 TASK_SWEEP_BLOBS = "mmfuse.maintenance.sweep_blobs"
 TASK_RELEASE_BLOBS = "mmfuse.maintenance.release_blobs"
+TASK_SWEEP_WEBHOOK_OUTBOX = "mmfuse.maintenance.sweep_webhook_outbox"
+TASK_RECOVER_WORKERS = "mmfuse.maintenance.recover_workers"
+TASK_SWEEP_ORPHANED_TASKS = "mmfuse.maintenance.sweep_orphaned_tasks"
 
 ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT}
+STAGE_TASKS = {**ENCODE_TASKS, FUSION: TASK_FUSE}  # the task that runs each stage of a job
 ROUTES = {
     TASK_ENCODE_IMAGE: {"queue": "image"},
     TASK_ENCODE_TEXT: {"queue": "text"},
@@ -43,6 +50,9 @@ ROUTES = {
     TASK_REAP_JOBS: {"queue": "maintenance"},
     TASK_SWEEP_BLOBS: {"queue": "maintenance"},
     TASK_RELEASE_BLOBS: {"queue": "maintenance"},
+    TASK_SWEEP_WEBHOOK_OUTBOX: {"queue": "maintenance"},
+    TASK_RECOVER_WORKERS: {"queue": "maintenance"},
+    TASK_SWEEP_ORPHANED_TASKS: {"queue": "maintenance"},
 }
 
 
@@ -76,8 +86,8 @@ class DurableTask(Task):
     :func:`create_celery`), so task bodies are idempotent. When a task ends in an exception (its retries
     spent, or an error not worth retrying), Celery acks its message and calls :meth:`on_failure` once,
     which calls the task's ``give_up(exc, *args, **kwargs)`` (see :func:`durable_task`): fail the job, mark
-    the delivery failed, or leave it to a sweep. A retry that cannot be published (the broker is down)
-    makes Celery reject the message instead, without ``on_failure``: the reaper is the backstop.
+    the delivery failed, or leave it to a sweep. A retry that cannot be published (the broker is down or
+    failing over) puts the message back instead (:meth:`retry`), without ``on_failure``.
     """
 
     autoretry_for = BACKEND_ERRORS
@@ -86,6 +96,16 @@ class DurableTask(Task):
     retry_jitter = True
     max_retries = MAX_RETRIES
     give_up: GiveUp | None = None
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's retry, but a retry it cannot publish requeues the message rather than drop it: Celery
+        rejects it without requeue, which loses the task when the broker is only failing over. Rejected with
+        requeue, the message goes back to the head of its queue; with the broker still unreachable, it stays
+        unacked there until the visibility timeout brings it back."""
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as reject:  # Celery's retry raises it only for a retry it could not publish
+            raise Reject(reject.args[0] if reject.args else None, requeue=True) from reject
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
@@ -131,7 +151,30 @@ def beat_schedule(settings: Settings) -> dict:
             "schedule": settings.cleanup_interval_s,
             "options": {"expires": settings.cleanup_interval_s},
         },
+        "sweep-webhook-outbox": {
+            "task": TASK_SWEEP_WEBHOOK_OUTBOX,
+            "schedule": settings.webhook_outbox_interval_s,
+            "options": {"expires": settings.webhook_outbox_interval_s},
+        },
+        "recover-workers": {
+            "task": TASK_RECOVER_WORKERS,
+            "schedule": settings.worker_recovery_interval_s,
+            "options": {"expires": settings.worker_recovery_interval_s},
+        },
+        "sweep-orphaned-tasks": {
+            "task": TASK_SWEEP_ORPHANED_TASKS,
+            "schedule": settings.orphan_sweep_interval_s,
+            "options": {"expires": settings.orphan_sweep_interval_s},
+        },
     }
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    """What kombu's ``sentinel://`` transport needs beyond the URL, as ``shared.stores.connect`` has it: the
+    master group's name, how to talk to the sentinels (none for a ``redis://`` broker)."""
+    if not is_sentinel_url(settings.effective_broker_url):
+        return {}
+    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": sentinel_options(settings)}
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -159,6 +202,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
             # the timeout): sweep every tenth of it (1..60 s), so the task is back within ~1.1 timeouts.
             "unacked_restore_interval": min(60, max(1, settings.broker_visibility_timeout_s // 10)),
             "unacked_restore_throttle": 1,
+            # One list per queue, named after it, whatever a message's priority (kombu's default steps
+            # would put priorities 3..9 in sub-lists "<queue>\x06\x16<step>"): the key KEDA's redis scaler
+            # reads (deploy/k8s). No task is sent with a priority anyway.
+            "priority_steps": [0],
+            **sentinel_transport_options(settings),
         },
         broker_connection_retry_on_startup=True,
         # A submit must fail fast (503) when the broker is down, not retry for a minute.
@@ -167,4 +215,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    # A worker's tasks are sent again within seconds of its death, not after the visibility timeout.
+    install_worker_heartbeat(app, settings)
     return app

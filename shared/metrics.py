@@ -12,7 +12,8 @@ Where the values come from:
   (``PROMETHEUS_MULTIPROC_DIR``, set up by ``gateway/gunicorn_conf.py``) and serves ``/metrics`` for
   all its processes together, plus the broker and job-store gauges of :class:`StoreCollector`, read from
   Redis at scrape time;
-- each Celery worker serves its own ``/metrics`` on ``MMFUSE_METRICS_PORT`` (:func:`start_metrics_server`).
+- each Celery worker serves its own ``/metrics`` on ``MMFUSE_METRICS_PORT`` (:func:`start_metrics_server`),
+  and ``/ready`` there once its model is loaded (:func:`serve_celery_worker_metrics`).
   Every pool runs Celery's ``threads`` pool: one process, so its own registry is all there is to serve.
 
 Every metric has at least one label, so a process exports only the series it actually recorded (an
@@ -23,8 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     REGISTRY,
@@ -33,12 +38,18 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from mmfuse.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -255,36 +266,83 @@ class _Delegate(Collector):
         yield from self.registry.collect()
 
 
-def start_metrics_server(port: int, collectors: Iterable[Collector] = (), addr: str = "0.0.0.0"):
+def start_metrics_server(
+    port: int, collectors: Iterable[Collector] = (), addr: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+) -> WSGIServer:
     """Serve ``/metrics`` on ``port`` from a daemon thread (Celery workers); returns the HTTP server.
+
+    With ``ready``, ``/ready`` answers 200 while it returns True and 503 otherwise: the readiness probe of
+    a worker pod, which must not count as available before its model has loaded.
 
     Raises with the variable's name when the port cannot be bound: a worker without its metrics would
     look dead to Prometheus, better it fails at start.
     """
+    app = make_wsgi_app(serving_registry(collectors))
+    if ready is not None:
+        app = _answering_readiness(app, ready)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
     try:
-        server, _thread = start_http_server(port, addr, registry=serving_registry(collectors))
+        server = make_server(addr, port, app, Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise RuntimeError(f"MMFUSE_METRICS_PORT={port}: cannot serve metrics there: {exc}") from exc
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     log.info("serving Prometheus metrics on %s:%d/metrics", addr, port)
     return server
 
 
-def serve_celery_worker_metrics(port: int, collectors: Iterable[Collector] = ()) -> None:
-    """Serve this Celery worker's metrics on ``port`` (0: not at all) once the worker starts.
+READY_PATH = "/ready"
+
+
+def _answering_readiness(app: WSGIApplication, ready: Callable[[], bool]) -> WSGIApplication:
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != READY_PATH:
+            return app(environ, start_response)
+        is_ready = ready()
+        body = b"ready\n" if is_ready else b"not ready\n"
+        status = "200 OK" if is_ready else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return serve
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per request: Prometheus and the probes ask every few seconds."""
+
+
+def serve_celery_worker_metrics(settings: Settings, collectors: Iterable[Collector] = ()) -> None:
+    """Serve this Celery worker's metrics on ``settings.metrics_address``:``metrics_port`` (port 0: not at
+    all) once the worker starts, and its readiness on ``/ready``: ready from Celery's ``worker_ready``
+    (every ``worker_init`` receiver has run, so the model is loaded, and the consumer is up) until its
+    warm shutdown begins.
 
     Call at import of a worker module, before connecting other ``worker_init`` receivers: the server
-    then answers while the model loads.
+    then answers (``/ready``: 503) while the model loads.
     """
+    port, address = settings.metrics_port, settings.metrics_address
     if not port:
         return
-    from celery.signals import worker_init
+    from celery.signals import worker_init, worker_ready, worker_shutting_down
 
     collectors = tuple(collectors)
+    ready = threading.Event()
 
     def _serve(**_kwargs) -> None:
-        start_metrics_server(port, collectors)
+        start_metrics_server(port, collectors, address, ready=ready.is_set)
+
+    def _ready(**_kwargs) -> None:
+        ready.set()
+
+    def _draining(**_kwargs) -> None:
+        ready.clear()
 
     worker_init.connect(_serve, weak=False, dispatch_uid="mmfuse-metrics-server")
+    worker_ready.connect(_ready, weak=False, dispatch_uid="mmfuse-metrics-ready")
+    worker_shutting_down.connect(_draining, weak=False, dispatch_uid="mmfuse-metrics-draining")
 
 
 def mark_process_dead(pid: int) -> None:

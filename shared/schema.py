@@ -91,10 +91,17 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
     INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
     WEBHOOK_URL_REJECTED = "webhook_url_rejected"
+    MODEL_NOT_FOUND = "model_not_found"  # POST /v1/embeddings: a model this server does not serve
+    IMAGE_URL_REJECTED = "image_url_rejected"  # an image URL the SSRF guard refuses
+    IMAGE_FETCH_FAILED = "image_fetch_failed"  # an image URL that did not answer with an image in time
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
+    EXPIRED = "expired"  # the job existed, and its record expired (410)
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    BAD_REQUEST = "bad_request"  # not a well-formed HTTP request (a broken request line or header)
+    URI_TOO_LONG = "uri_too_long"  # 414: the request line exceeds the gateway's limit
+    HEADERS_TOO_LARGE = "headers_too_large"  # 431: a header, or the number of headers, exceeds the limit
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     JOB_ALREADY_ENDED = "job_already_ended"
     SERVICE_UNAVAILABLE = "service_unavailable"

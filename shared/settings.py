@@ -101,6 +101,14 @@ def listen_address(value: str, _settings: Settings) -> str | None:
     return None
 
 
+def ip_address(value: str, _settings: Settings) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IP address"
+    return None
+
+
 def torch_device(value: str, _settings: Settings) -> str | None:
     if value in ("cpu", "cuda") or (value.startswith("cuda:") and value[len("cuda:") :].isdigit()):
         return None
@@ -136,14 +144,50 @@ def webhook_secrets_format(value: tuple[str, ...], _settings: Settings) -> str |
     return None
 
 
+def redis_address(value: str, _settings: Settings) -> str | None:
+    """A ``sentinel://`` URL must parse (shared/stores/client.py has the form); redis-py checks the others."""
+    from mmfuse.shared.stores.client import is_sentinel_url, parse_sentinel_url  # the one home of the form
+
+    if not value or not is_sentinel_url(value):
+        return None
+    try:
+        parse_sentinel_url(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def non_empty(value: str, _settings: Settings) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def below_redis_socket_timeout(value: int, _settings: Settings) -> str | None:
+    """A blocking command must end before the client's socket timeout, which would count it as a failure."""
+    from mmfuse.shared.stores.client import SOCKET_TIMEOUT_S
+
+    limit_ms = SOCKET_TIMEOUT_S * 1000
+    return None if value < limit_ms else f"must be below the Redis socket timeout ({limit_ms} ms)"
+
+
 # --- the settings --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- stores and broker ---
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    broker_url: str = ""  # empty: same as redis_url
+    # redis://HOST:PORT/DB, or Sentinel: sentinel://[:PASSWORD@]HOST:PORT[/DB];sentinel://HOST:PORT;... (kombu's
+    # form, for the broker too; README "Redis with Sentinel")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", redis_address)
+    broker_url: str = setting("", redis_address)  # empty: same as redis_url
+    # the master group the sentinels of a sentinel:// URL monitor (`sentinel monitor <name> ...`)
+    redis_sentinel_master: str = setting("mymaster", non_empty)
+    # the sentinels' own password (their requirepass), if they have one; the URL's is the master's
+    redis_sentinel_password: str = ""
+    # Replicas that must acknowledge a submit's writes (Redis WAIT) before it is answered 202; 0: no wait.
+    # Replication is asynchronous: without it, a failover can lose writes acknowledged just before it.
+    redis_min_replicas_ack: int = setting(0, non_negative)
+    # how long a submit waits for those acknowledgements before it answers 503 (and rolls back)
+    redis_replicas_ack_timeout_ms: int = setting(500, positive, below_redis_socket_timeout)
     s3_endpoint: str = "127.0.0.1:9000"  # host:port, as the minio SDK takes it
     s3_access_key: str = "minioadmin"
     s3_secret_key: str = "minioadmin"
@@ -152,8 +196,19 @@ class Settings:
     s3_region: str = "us-east-1"
     # job records, results and idempotency keys expire this long after submit
     job_ttl_s: int = setting(24 * 3600, positive)
+    # an expired job's tombstone (its owner, when it expired) outlives the record this long: GET answers
+    # 410 expired meanwhile, then 404 as for an id that never existed
+    tombstone_ttl_s: int = setting(7 * 24 * 3600, positive)
     # Celery redelivers an unacked task after this long; must exceed the slowest task.
     broker_visibility_timeout_s: int = setting(3600, positive)
+    # Each worker process beats this often; once its heartbeat is this old, the recovery sweep (every
+    # worker_recovery_interval_s, on the maintenance pool) puts the tasks it held back on their queues:
+    # a dead worker's tasks run again within lapse + sweep interval (docs/reliability.md).
+    worker_heartbeat_lapse_s: float = setting(15.0, positive)
+    worker_heartbeat_interval_s: float = setting(
+        5.0, positive, below_field("worker_heartbeat_lapse_s", "a beat must come before the last one lapses")
+    )
+    worker_recovery_interval_s: float = setting(5.0, positive)
 
     # --- models ---
     model: str = DEFAULT_MODEL
@@ -168,7 +223,9 @@ class Settings:
     # This pool's part of the CPUs under torch_threads=auto: 1 on a node of its own; where encoder pools
     # share a host, each one's part (`mmfuse up` sets it from each tower's cost).
     cpu_share: float = setting(1.0, fraction)
-    logit_scale: float = 100.0  # CLIP's trained temperature for zero-shot softmax
+    # The scale of the cosine similarities in classify's softmax over labels. 0: the text checkpoint's own
+    # (a CLIP's learned logit_scale, exp'd; 100 for a checkpoint without one, e.g. a sentence encoder).
+    logit_scale: float = setting(0.0, non_negative)
 
     # --- batching, per pool ---
     image_max_batch_size: int = setting(16, positive)
@@ -216,6 +273,18 @@ class Settings:
     webhook_read_timeout_s: float = setting(10.0, positive)
     webhook_max_payload_bytes: int = setting(256 * 1024, positive)
     webhook_allow_networks: tuple[str, ...] = setting((), ip_networks)  # CIDRs admitted despite the SSRF guard
+    # A job's webhook intent is written with its end, then handed to the queue; one still not handed over
+    # this long after the end (the ender crashed, the broker refused) is queued by the outbox sweep, which
+    # runs every webhook_outbox_interval_s (on the maintenance pool, sent by `mmfuse beat`).
+    webhook_outbox_grace_s: float = setting(60.0, positive)
+    webhook_outbox_interval_s: float = setting(30.0, positive)
+
+    # --- POST /v1/embeddings (OpenAI-compatible; item limits as for jobs: max_texts, max_images, ...) ---
+    # how long a request waits for its job; past it the job is canceled and the answer is 504
+    embeddings_wait_s: float = setting(60.0, positive)
+    # image URLs: one deadline for fetching all of a request's, and CIDRs admitted despite the SSRF guard
+    image_url_timeout_s: float = setting(10.0, positive)
+    image_url_allow_networks: tuple[str, ...] = setting((), ip_networks)
 
     # --- lifecycle: run by `mmfuse beat` on the maintenance pool ---
     # a job still queued/running this long after submit is failed
@@ -225,9 +294,17 @@ class Settings:
     reaper_interval_s: float = setting(60.0, positive)  # how often jobs past their deadline are looked for
     # how often S3 is swept for blobs of jobs that ended or expired
     cleanup_interval_s: float = setting(3600.0, positive)
+    # A job's pending stage whose task the broker holds nowhere (not queued, not unacked: lost in a Redis
+    # failover) this long after the stage's last sign of life has its task sent again by the lost-task
+    # sweep, every orphan_sweep_interval_s (docs/reliability.md, "Redis failover").
+    orphan_grace_s: float = setting(
+        60.0, positive, below_field("job_deadline_s", "a lost task must be sent again before the reaper fails its job")
+    )
+    orphan_sweep_interval_s: float = setting(30.0, positive)
 
     # --- observability ---
     metrics_port: int = setting(0, tcp_port_or_zero)  # workers serve /metrics here; 0 disables
+    metrics_address: str = setting("0.0.0.0", ip_address)  # the address workers serve /metrics on
     log_level: str = setting("INFO", one_of(*LOG_LEVELS, ignore_case=True))
     # json: one object per line, for log collectors; text: for people (`mmfuse up` uses it)
     log_format: str = setting("json", one_of(*LOG_FORMATS))

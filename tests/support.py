@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +58,7 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_WORKER_CONCURRENCY": "64",
         "MMFUSE_WEBHOOK_SECRETS": " ".join(TEST_WEBHOOK_SECRETS),
         "MMFUSE_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8 ::1/128",
+        "MMFUSE_IMAGE_URL_ALLOW_NETWORKS": "127.0.0.0/8 ::1/128",  # POST /v1/embeddings' image URLs
         "MMFUSE_WEBHOOK_RETRY_SCHEDULE_S": "0.2 0.2 0.2",
         "MMFUSE_WEBHOOK_CONNECT_TIMEOUT_S": "1",
         "MMFUSE_WEBHOOK_READ_TIMEOUT_S": "1",
@@ -65,6 +67,9 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_REAPER_INTERVAL_S": "1",
         "MMFUSE_CLEANUP_INTERVAL_S": "2",
         "MMFUSE_JOB_DEADLINE_S": "600",
+        # The webhook outbox sweep: every second, for intents not handed to the queue 3 s after their job's end.
+        "MMFUSE_WEBHOOK_OUTBOX_INTERVAL_S": "1",
+        "MMFUSE_WEBHOOK_OUTBOX_GRACE_S": "3",
         # Metrics on: LocalStack gives each worker its own free port (stack.metrics_urls).
         "MMFUSE_METRICS_PORT": "1",
     }
@@ -290,6 +295,54 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TrickleReceiver:
+    """A callback URL that answers slowly but never stalls: it reads each request, then sends a complete 200
+    one byte per ``byte_interval_s``, so every read of the sender gets a byte long before a read timeout.
+    ``requests`` counts the requests received; ``endings`` says how each answer ended: ``"answered"``, or
+    ``"cut"`` when the sender hung up before it was out."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: trickled-one-byte-at-a-time\r\n\r\n"
+
+    def __init__(self, byte_interval_s: float) -> None:
+        self.byte_interval_s = byte_interval_s
+        self.requests = 0
+        self.endings: list[str] = []
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/hook"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            self.requests += 1
+            try:
+                for byte in self.ANSWER:
+                    if self._stop.wait(self.byte_interval_s):
+                        return
+                    conn.sendall(bytes([byte]))
+                self.endings.append("answered")
+            except OSError:
+                self.endings.append("cut")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
 
 
 # --- the judge of webhook signatures ----------------------------------------------------------------

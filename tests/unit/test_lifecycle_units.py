@@ -14,7 +14,16 @@ from PIL import Image
 
 from mmfuse.gateway import idempotency
 from mmfuse.gateway.validation import parse_job_request
-from mmfuse.shared.celery_app import TASK_REAP_JOBS, TASK_SWEEP_BLOBS, beat_schedule, create_celery, stage_task_id
+from mmfuse.shared.celery_app import (
+    TASK_REAP_JOBS,
+    TASK_RECOVER_WORKERS,
+    TASK_SWEEP_BLOBS,
+    TASK_SWEEP_ORPHANED_TASKS,
+    TASK_SWEEP_WEBHOOK_OUTBOX,
+    beat_schedule,
+    create_celery,
+    stage_task_id,
+)
 from mmfuse.shared.schema import ApiError, JobSpec, Status
 from mmfuse.shared.settings import Settings, SettingsError
 from mmfuse.shared.stores.jobs import JobRecord
@@ -78,15 +87,25 @@ def test_a_listing_is_grouped_by_job():
 
 
 def test_beat_schedule_comes_from_settings():
-    settings = Settings(reaper_interval_s=5, cleanup_interval_s=50)
+    settings = Settings(
+        reaper_interval_s=5,
+        cleanup_interval_s=50,
+        webhook_outbox_interval_s=7,
+        worker_recovery_interval_s=3,
+        orphan_sweep_interval_s=11,
+    )
     schedule = beat_schedule(settings)
     assert {entry["task"]: entry["schedule"] for entry in schedule.values()} == {
         TASK_REAP_JOBS: 5,
         TASK_SWEEP_BLOBS: 50,
+        TASK_SWEEP_WEBHOOK_OUTBOX: 7,
+        TASK_RECOVER_WORKERS: 3,
+        TASK_SWEEP_ORPHANED_TASKS: 11,
     }
     celery = create_celery(settings)
     assert celery.conf.beat_schedule == schedule
     assert celery.amqp.router.route({}, TASK_REAP_JOBS)["queue"].name == "maintenance"
+    assert celery.amqp.router.route({}, TASK_SWEEP_ORPHANED_TASKS)["queue"].name == "maintenance"
     assert stage_task_id("abc", "fusion") == "abc.fusion"
 
 
@@ -96,6 +115,8 @@ def test_beat_schedule_comes_from_settings():
         ({"MMFUSE_JOB_DEADLINE_S": "0"}, "must be > 0"),
         ({"MMFUSE_REAPER_INTERVAL_S": "0"}, "MMFUSE_REAPER_INTERVAL_S"),
         ({"MMFUSE_JOB_TTL_S": "3600"}, "below MMFUSE_JOB_TTL_S"),
+        ({"MMFUSE_ORPHAN_GRACE_S": "7200"}, "MMFUSE_ORPHAN_GRACE_S: must be below MMFUSE_JOB_DEADLINE_S"),
+        ({"MMFUSE_ORPHAN_SWEEP_INTERVAL_S": "0"}, "MMFUSE_ORPHAN_SWEEP_INTERVAL_S: must be > 0"),
     ],
 )
 def test_lifecycle_settings_are_checked(env, message):

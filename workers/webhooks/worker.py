@@ -206,7 +206,7 @@ def create_webhooks_app(
     ) -> None:
         worker.deliver(task, job_id, event, attempt_number, not_before)
 
-    metrics.serve_celery_worker_metrics(settings.metrics_port)
+    metrics.serve_celery_worker_metrics(settings)
     return celery
 
 
