@@ -15,7 +15,7 @@ from mmfuse.shared.celery_app import QUEUES, create_celery
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores, connect
 from mmfuse.shared.stores.events import JobEvents
-from mmfuse.shared.stores.queues import BrokerQueues
+from mmfuse.shared.stores.queues import BrokerQueues, KombuKeys
 
 EXTENSION = "mmfuse"  # the key of an app's Services in app.extensions
 
@@ -40,13 +40,14 @@ class Services:
         broker_url = settings.effective_broker_url
         broker = client if broker_url == settings.redis_url else connect(broker_url, settings)
         stores = Stores.over(client, settings.job_ttl_s, settings.tombstone_ttl_s)
+        celery = create_celery(settings)
         return cls(
             settings=settings,
             stores=stores,
             blobs=BlobStore(settings),
-            celery=create_celery(settings),
+            celery=celery,
             keys=KeyStore(client),
-            queues=BrokerQueues(broker, QUEUES),
+            queues=BrokerQueues(broker, QUEUES, KombuKeys.of(celery.conf.broker_transport_options)),
             events=JobEvents(client, stores.jobs),
         )
 

@@ -20,11 +20,11 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown
-from kombu.transport.redis import PRIORITY_STEPS
 
 from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores.client import connect
+from mmfuse.shared.stores.queues import KombuKeys
 from mmfuse.shared.stores.workers import WorkerStore
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,8 @@ def worker_store(celery: Celery, settings: Settings) -> WorkerStore:
     """The store of heartbeats over ``celery``'s broker, naming kombu's keys as its transport does."""
     from mmfuse.shared.celery_app import QUEUES
 
-    options = celery.conf.broker_transport_options or {}
     return WorkerStore(
-        connect(settings.effective_broker_url),
-        QUEUES,
-        options.get("global_keyprefix", ""),
-        options.get("priority_steps", PRIORITY_STEPS),
+        connect(settings.effective_broker_url), QUEUES, KombuKeys.of(celery.conf.broker_transport_options)
     )
 
 

@@ -68,6 +68,20 @@ def reference(checkpoint_dir) -> Reference:
 
 
 @pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A redis-server of the module's own, for tests of stores that need no stack."""
+    from mmfuse.cli.stack import LocalStack, free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    local = LocalStack(var_dir=tmp_path_factory.mktemp("redis"), env={"MMFUSE_REDIS_URL": url})
+    try:
+        local.ensure_redis()
+        yield url
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
 def receiver() -> Iterator[WebhookReceiver]:
     """A webhook receiver of the module's own: callback URLs with scripted answers, every request recorded."""
     server = WebhookReceiver()

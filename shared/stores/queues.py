@@ -13,8 +13,9 @@ found nowhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
@@ -53,26 +54,47 @@ class TaskScan:
     partly_read: frozenset[str]  # queues with more waiting messages than the look read: its newest unread
 
 
-class BrokerQueues(RedisStore):
-    """Reads kombu's queue lists and unacked messages (never writes them). ``key_prefix`` and
-    ``priority_steps``: the broker transport's ``global_keyprefix`` and ``priority_steps``, which name kombu's
-    keys (``shared.heartbeat.worker_store`` reads them off the Celery app the same way)."""
+@dataclass(frozen=True)
+class KombuKeys:
+    """The names of kombu's keys under one broker transport's options: its ``global_keyprefix`` prefixes
+    every key, its ``priority_steps`` decide the lists of a queue. The one place the stores that read or put
+    back broker messages get those names from."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        queues: Sequence[str],
-        key_prefix: str = "",
-        priority_steps: Sequence[int] = PRIORITY_STEPS,
-    ) -> None:
+    prefix: str = ""
+    priority_steps: tuple[int, ...] = tuple(PRIORITY_STEPS)
+
+    @classmethod
+    def of(cls, transport_options: Mapping[str, Any] | None) -> KombuKeys:
+        """The keys of a Celery app's broker (``celery.conf.broker_transport_options``)."""
+        options = transport_options or {}
+        return cls(options.get("global_keyprefix", ""), tuple(options.get("priority_steps", PRIORITY_STEPS)))
+
+    def queue_list(self, queue: str, priority: int = 0) -> str:
+        return self.prefix + queue_list_key(queue, priority, self.priority_steps)
+
+    def queue_lists(self, queue: str) -> list[str]:
+        return [self.prefix + key for key in queue_list_keys(queue, self.priority_steps)]
+
+    @property
+    def unacked(self) -> str:
+        return self.prefix + unacked_keys()[0]
+
+    @property
+    def unacked_index(self) -> str:
+        return self.prefix + unacked_keys()[1]
+
+
+class BrokerQueues(RedisStore):
+    """Reads kombu's queue lists and unacked messages (never writes them), named by ``keys``."""
+
+    def __init__(self, client: redis.Redis, queues: Sequence[str], keys: KombuKeys = KombuKeys()) -> None:
         super().__init__(client)
         self.queues = tuple(queues)
-        self.key_prefix = key_prefix
-        self.priority_steps = tuple(priority_steps)
-        self._unacked = key_prefix + unacked_keys()[0]
+        self.keys = keys
+        self._unacked = keys.unacked
 
     def _list_keys(self, queue: str) -> list[str]:
-        return [self.key_prefix + key for key in queue_list_keys(queue, self.priority_steps)]
+        return self.keys.queue_lists(queue)
 
     def depths(self) -> dict[str, int]:
         """Messages waiting in each queue (all its priority lists), not counting those a worker holds."""

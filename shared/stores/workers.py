@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS
 from kombu.utils.json import dumps, loads
 
 from mmfuse.shared.stores.client import RedisStore, raw, text
-from mmfuse.shared.stores.queues import queue_list_key, unacked_keys
+from mmfuse.shared.stores.queues import KombuKeys
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +102,12 @@ class WorkerStore(RedisStore):
         self,
         client: redis.Redis,
         queues: Sequence[str],
-        key_prefix: str = "",
-        priority_steps: Sequence[int] = PRIORITY_STEPS,
+        keys: KombuKeys = KombuKeys(),
     ) -> None:
         super().__init__(client)
         self.queues = frozenset(queues)
-        self.key_prefix = key_prefix
-        self.priority_steps = tuple(priority_steps)
-        self._unacked, self._unacked_index = (key_prefix + key for key in unacked_keys())
+        self.keys = keys
+        self._unacked, self._unacked_index = keys.unacked, keys.unacked_index
         self._beat = client.register_script(_BEAT_LUA)
         self._lapsed = client.register_script(_LAPSED_LUA)
         self._restore = client.register_script(_RESTORE_LUA)
@@ -187,7 +184,7 @@ class WorkerStore(RedisStore):
             headers["redelivered"] = True
         if isinstance(properties, dict) and isinstance(properties.get("delivery_info"), dict):
             properties["delivery_info"]["redelivered"] = True
-        queue_key = self.key_prefix + queue_list_key(routing_key, priority, self.priority_steps)
+        queue_key = self.keys.queue_list(routing_key, priority)
         return queue_key, dumps(message)
 
 

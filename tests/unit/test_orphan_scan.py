@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from mmfuse.cli.stack import LocalStack, free_port
 from mmfuse.shared.celery_app import STAGE_TASKS, create_celery, stage_task_id
 from mmfuse.shared.schema import JobSpec, Stage, Status
 from mmfuse.shared.settings import Settings
@@ -22,18 +21,6 @@ from mmfuse.shared.stores import Stores, connect
 from mmfuse.shared.stores.jobs import Fields, JobRecord
 from mmfuse.shared.stores.queues import BrokerQueues
 from mmfuse.workers.maintenance.orphans import broker_queues, pending_stages, sweep_orphans
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A redis-server of this module's own."""
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    local = LocalStack(var_dir=tmp_path_factory.mktemp("orphan-redis"), env={"MMFUSE_REDIS_URL": url})
-    try:
-        local.ensure_redis()
-        yield url
-    finally:
-        local.stop()
 
 
 @pytest.fixture(params=["", "tenant-a:"], ids=["no-prefix", "global-keyprefix"])
@@ -67,7 +54,7 @@ def take(celery: Celery, queue: str = "text") -> Any:
 
 def queued(broker: BrokerQueues, queue: str) -> list[tuple[str, list]]:
     """``(task id, args)`` of each message waiting in ``queue``, oldest first."""
-    raws = broker._redis.lrange(broker.key_prefix + queue, 0, -1)
+    raws = broker._redis.lrange(broker.keys.prefix + queue, 0, -1)
     messages = [json.loads(raw) for raw in reversed(raws)]
     return [(m["headers"]["id"], json.loads(m["headers"]["argsrepr"].replace("'", '"'))) for m in messages]
 

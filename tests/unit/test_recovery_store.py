@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from mmfuse.cli.stack import LocalStack, free_port
 from mmfuse.shared.celery_app import TASK_ENCODE_TEXT, create_celery
 from mmfuse.shared.heartbeat import WorkerHeartbeat, worker_store
 from mmfuse.shared.settings import Settings, SettingsError
@@ -20,18 +19,6 @@ from mmfuse.workers.maintenance.recovery import recover_dead_workers
 from tests.support import wait_for
 
 WORKER = "text@host:123"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A redis-server of this module's own."""
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    local = LocalStack(var_dir=tmp_path_factory.mktemp("recovery-redis"), env={"MMFUSE_REDIS_URL": url})
-    try:
-        local.ensure_redis()
-        yield url
-    finally:
-        local.stop()
 
 
 @pytest.fixture(params=["", "tenant-a:"], ids=["no-prefix", "global-keyprefix"])
@@ -81,14 +68,14 @@ def test_a_lapsed_workers_unacked_messages_go_back_once(broker):
     held = take(celery, 3)
     store.beat(WORKER, 60, [m.delivery_tag for m in held], prune=False)
     held[2].ack()  # c ran to its end: nothing to put back
-    assert unacked_tags(store, store.key_prefix) == {m.delivery_tag for m in held[:2]}
+    assert unacked_tags(store, store.keys.prefix) == {m.delivery_tag for m in held[:2]}
     assert store.lapsed() == []  # alive for 60 s more
 
     store.retire(WORKER)
     assert store.lapsed() == [WORKER]
     [outcome] = recover_dead_workers(store)
     assert (outcome.worker_id, outcome.restored, outcome.held, outcome.released) == (WORKER, 2, 3, True)
-    assert unacked_tags(store, store.key_prefix) == set()
+    assert unacked_tags(store, store.keys.prefix) == set()
     assert store.held(WORKER) == set() and WORKER not in store.lapse_at()
 
     # Back where a consumer reads them, ahead of newer messages, as kombu's own restore puts them, and

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
-from kombu.transport.redis import PRIORITY_STEPS
 
 from mmfuse.shared.celery_app import QUEUES, ROUTES, STAGE_TASKS, stage_task_id
 from mmfuse.shared.schema import FUSION, Stage
@@ -33,7 +32,7 @@ from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.client import connect
 from mmfuse.shared.stores.jobs import JobRecord
-from mmfuse.shared.stores.queues import BrokerQueues
+from mmfuse.shared.stores.queues import BrokerQueues, KombuKeys
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,8 @@ def pending_stages(record: JobRecord) -> list[PendingStage]:
 
 def broker_queues(celery: Celery, settings: Settings) -> BrokerQueues:
     """The store that reads ``celery``'s broker queues, naming kombu's keys as its transport does."""
-    options = celery.conf.broker_transport_options or {}
     return BrokerQueues(
-        connect(settings.effective_broker_url, settings),
-        QUEUES,
-        options.get("global_keyprefix", ""),
-        options.get("priority_steps", PRIORITY_STEPS),
+        connect(settings.effective_broker_url, settings), QUEUES, KombuKeys.of(celery.conf.broker_transport_options)
     )
 
 
