@@ -132,24 +132,19 @@ def _notify(stores: Stores, celery: Celery, spec: JobSpec, status: Status) -> No
         except Exception:  # the public view derives this state from the job's status anyway
             log.exception("job %s: could not record that %s is not subscribed", spec.id, event)
         return
-    enqueue_webhook(stores, celery, spec.id, event)
+    enqueue_webhook(celery, spec.id, event)
 
 
-def enqueue_webhook(stores: Stores, celery: Celery, job_id: str, event: str) -> bool:
-    """Send the delivery task of a job's webhook intent, then take the intent off the outbox; never raises.
+def enqueue_webhook(celery: Celery, job_id: str, event: str) -> bool:
+    """Send the delivery task of a job's webhook intent; never raises.
 
-    False when the task could not be sent (logged): the intent stays in the outbox, and the outbox sweep
-    sends it later. The task is on the broker once sent, whose at-least-once delivery takes over; were
-    the removal lost, the sweep would send a copy, which makes no second attempt."""
+    The intent stays in the outbox until the task runs (it leaves in the step that records the delivery's
+    first attempt): a task lost on its way (the broker refused it, or lost it between its pop and its
+    unacked record) is sent again by the outbox sweep; a copy of a task that did run makes no second
+    attempt. False when the task could not be sent (logged)."""
     try:
         celery.send_task(TASK_DELIVER_WEBHOOK, args=[job_id, event])
     except Exception:
         log.exception("job %s: could not queue its %s webhook; it stays in the outbox for the sweep", job_id, event)
         return False
-    try:
-        stores.deliveries.intent_sent(job_id)
-    except Exception as exc:
-        log.warning(
-            "job %s: %s webhook queued, not taken off the outbox (%s): the sweep sends a copy", job_id, event, exc
-        )
     return True

@@ -7,9 +7,10 @@ Keys:
   (:meth:`DeliveryStore.keep_for`)
 - ``mmfuse:webhook-claim:<id>:<n>``  held while attempt n is made (expires after a lease)
 - the outbox, ``jobs.WEBHOOK_OUTBOX_KEY``: a job joins it in the step that ends it (``JobStore.succeed``,
-  ``fail``, ``cancel`` with ``webhook_intent``) and leaves it once its delivery task is on the broker
-  (:meth:`DeliveryStore.intent_sent`); what stays longer was lost between the two
-  (:meth:`DeliveryStore.unsent_intents`, read by the outbox sweep)
+  ``fail``, ``cancel`` with ``webhook_intent``) and leaves it in the step that records its delivery's first
+  attempt or state (:meth:`DeliveryStore.record_attempt`, :meth:`DeliveryStore.set_state`): its task ran.
+  An intent older than a grace period is one whose task was never sent, or was lost on the way (the outbox
+  sweep reads :meth:`DeliveryStore.unsent_intents`, sends the task again and postpones the intent)
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class DeliveryStore(RedisStore):
                         delivery.attempts.append(attempt)
                     pipe.multi()
                     pipe.hset(key, Fields.WEBHOOK_DELIVERY, delivery.to_json())
+                    pipe.zrem(WEBHOOK_OUTBOX_KEY, job_id)  # the delivery task ran: the intent is served
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -119,6 +121,11 @@ class DeliveryStore(RedisStore):
         return [text(cast(bytes, member)) for member in members]  # no scores asked for: members only
 
     def intent_sent(self, job_id: str, pipeline: Pipeline | None = None) -> None:
-        """The job's webhook is off the outbox: its delivery task is on the broker (or nothing is to be sent)."""
+        """The job's webhook is off the outbox: nothing is left to send for it."""
         with self._writing(pipeline) as pipe:
             pipe.zrem(WEBHOOK_OUTBOX_KEY, job_id)
+
+    def postpone_intent(self, job_id: str, at: float) -> None:
+        """The intent's task was sent (again) at ``at``: the sweep looks at it next a grace period later, not
+        at every run while the task waits in its queue."""
+        self._redis.zadd(WEBHOOK_OUTBOX_KEY, {job_id: at}, xx=True)

@@ -1,6 +1,6 @@
 """The webhook outbox: a job's end writes the intent to send its webhook in the same step as its status,
-the intent leaves the outbox once its delivery task is on the broker, and the periodic sweep sends the
-intents that were lost in between.
+the intent leaves the outbox in the step that records the delivery's first attempt, and the periodic
+sweep sends again the tasks of intents older than a grace period (never sent, or lost on the way).
 
 The store scripts and the sweep run against the session stack's redis-server, in a database of their own
 (``PRIVATE_DB``): its broker queues have no consumer, so the tasks the code under test sends stay there to
@@ -113,7 +113,12 @@ def test_ending_a_job_queues_its_webhook_and_clears_the_intent(private):
     assert deliver_tasks(client, [subscribed.id]) == [
         f"webhooks: mmfuse.webhooks.deliver['{subscribed.id}', 'job.succeeded']"
     ]
-    assert client.zscore(WEBHOOK_OUTBOX_KEY, subscribed.id) is None  # on the broker: off the outbox
+    # On the broker, still in the outbox: the intent is served once the task runs, in the step that
+    # records its first attempt (a task lost on its way is sent again by the sweep).
+    assert client.zscore(WEBHOOK_OUTBOX_KEY, subscribed.id) is not None
+    attempt = {"at": time.time(), "status": 200, "error": None, "duration_s": 0.01}
+    stores.deliveries.record_attempt(subscribed.id, "job.succeeded", attempt, "delivered")
+    assert client.zscore(WEBHOOK_OUTBOX_KEY, subscribed.id) is None
     # An event the webhook did not ask for: no intent, no task, the delivery settled.
     assert deliver_tasks(client, [unsubscribed.id]) == []
     assert client.zscore(WEBHOOK_OUTBOX_KEY, unsubscribed.id) is None
@@ -139,7 +144,12 @@ def test_the_sweep_sends_lost_intents_only(private):
     assert sorted(deliver_tasks(client, everyone)) == sorted(
         f"webhooks: mmfuse.webhooks.deliver['{spec.id}', 'job.succeeded']" for spec in lost
     )
-    assert stores.deliveries.unsent_intents(time.time() + 1) == [young.id]
+    # The lost ones stay until their task runs, postponed to the sweep's time: the next copy comes only
+    # a grace period later. The attempted one left when its attempt was recorded; the expired one with it.
+    assert {spec.id: client.zscore(WEBHOOK_OUTBOX_KEY, spec.id) for spec in lost} == {
+        spec.id: cutoff + GRACE_S for spec in lost
+    }
+    assert stores.deliveries.unsent_intents(cutoff + GRACE_S) == [young.id]
 
 
 def test_an_intent_the_broker_refuses_stays_for_the_next_sweep(stack, private):
