@@ -140,32 +140,16 @@ def durable_task(app: Celery, name: str, give_up: GiveUp | None = None, **option
 def beat_schedule(settings: Settings) -> dict:
     """What ``mmfuse beat`` sends, and how often; each run expires after one interval (a backlog of
     identical sweeps while the maintenance pool is down is pointless)."""
+    every = {
+        "reap-jobs": (TASK_REAP_JOBS, settings.reaper_interval_s),
+        "sweep-blobs": (TASK_SWEEP_BLOBS, settings.cleanup_interval_s),
+        "sweep-webhook-outbox": (TASK_SWEEP_WEBHOOK_OUTBOX, settings.webhook_outbox_interval_s),
+        "recover-workers": (TASK_RECOVER_WORKERS, settings.worker_recovery_interval_s),
+        "sweep-orphaned-tasks": (TASK_SWEEP_ORPHANED_TASKS, settings.orphan_sweep_interval_s),
+    }
     return {
-        "reap-jobs": {
-            "task": TASK_REAP_JOBS,
-            "schedule": settings.reaper_interval_s,
-            "options": {"expires": settings.reaper_interval_s},
-        },
-        "sweep-blobs": {
-            "task": TASK_SWEEP_BLOBS,
-            "schedule": settings.cleanup_interval_s,
-            "options": {"expires": settings.cleanup_interval_s},
-        },
-        "sweep-webhook-outbox": {
-            "task": TASK_SWEEP_WEBHOOK_OUTBOX,
-            "schedule": settings.webhook_outbox_interval_s,
-            "options": {"expires": settings.webhook_outbox_interval_s},
-        },
-        "recover-workers": {
-            "task": TASK_RECOVER_WORKERS,
-            "schedule": settings.worker_recovery_interval_s,
-            "options": {"expires": settings.worker_recovery_interval_s},
-        },
-        "sweep-orphaned-tasks": {
-            "task": TASK_SWEEP_ORPHANED_TASKS,
-            "schedule": settings.orphan_sweep_interval_s,
-            "options": {"expires": settings.orphan_sweep_interval_s},
-        },
+        name: {"task": task, "schedule": interval_s, "options": {"expires": interval_s}}
+        for name, (task, interval_s) in every.items()
     }
 
 
