@@ -22,8 +22,8 @@ from mmfuse_client.http import (
     REPLAYED_HEADER,
     TERMINAL_STATUSES,
     ApiRequest,
+    ClientBase,
     JobOptions,
-    Transport,
     already_canceled,
     answer,
     cancel_request,
@@ -37,32 +37,17 @@ from mmfuse_client.http import (
     submit_request,
 )
 from mmfuse_client.results import Job, JobInput, JobTimeout, MmfuseConnectionError, MmfuseError, Outcome
-from mmfuse_client.retry import RetryPolicy
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio mmfuse API client. Use it as ``async with AsyncClient(...) as client:`` (or ``await
-    client.aclose()``); arguments as :class:`~mmfuse_client.http.Client`'s."""
+    client.aclose()``); arguments as :class:`~mmfuse_client.http.ClientBase`'s."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-        retry: RetryPolicy | None = None,
-        session: requests.Session | None = None,
-        max_connections: int = 32,
-    ):
-        self.transport = Transport(
-            base_url, api_key, timeout_s, connect_timeout_s, retry or RetryPolicy(), session, max_connections
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.transport.max_connections, thread_name_prefix="mmfuse-async"
         )
-        self._threads = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="mmfuse-async")
-
-    @property
-    def base_url(self) -> str:
-        return self.transport.base_url
 
     async def aclose(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

@@ -113,6 +113,7 @@ class Transport:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.retry = retry
+        self.max_connections = max_connections  # requests in flight at once, at most
         self.owns_session = session is None
         if session is None:
             session = requests.Session()
@@ -270,8 +271,8 @@ def _request_options(job: Mapping[str, Any]) -> dict:
 # --- the client -------------------------------------------------------------------------------------
 
 
-class Client:
-    """A synchronous mmfuse API client; thread-safe (``run_many`` shares one across its threads).
+class ClientBase:
+    """What the sync and the asyncio client share: their transport (session, retry policy, timeouts).
 
     ``base_url`` and ``api_key`` default to ``$MMFUSE_API_URL`` (else http://127.0.0.1:8080) and
     ``$MMFUSE_API_KEY``. ``timeout_s`` bounds the wait for an answer (plus the seconds a long-poll asks the
@@ -296,6 +297,11 @@ class Client:
     @property
     def base_url(self) -> str:
         return self.transport.base_url
+
+
+class Client(ClientBase):
+    """A synchronous mmfuse API client; thread-safe (``run_many`` shares one across its threads). Arguments:
+    :class:`ClientBase`."""
 
     @property
     def session(self) -> requests.Session:
