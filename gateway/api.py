@@ -22,7 +22,7 @@ from mmfuse.shared import lifecycle
 from mmfuse.shared.backends import BACKEND_ERRORS
 from mmfuse.shared.blobstore import image_key
 from mmfuse.shared.celery_app import ENCODE_TASKS, stage_task_id
-from mmfuse.shared.jobview import iso, public_job
+from mmfuse.shared.jobview import iso, public_job_json
 from mmfuse.shared.logs import job_context
 from mmfuse.shared.responses import ENCODING_FORMATS, EncodingFormat
 from mmfuse.shared.schema import ApiError, ErrorCode, JobSpec, Status, WebhookRequest, new_job_id
@@ -53,6 +53,11 @@ def get_owned_job(job_id: str) -> JobRecord:
             [{"loc": "job_id", "message": "the job's record expired", "expired_at": expired_at}],
         )
     raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id}")
+
+
+def job_response(record: JobRecord, encoding_format: EncodingFormat = "float") -> Response:
+    """The job as the API shows it (``public_job``), its JSON made by the view's own serialiser."""
+    return Response(public_job_json(record, encoding_format) + "\n", mimetype="application/json")
 
 
 # --- submit -----------------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ def _submit_answer(
     if wait is not None and wait.seconds > 0 and (record is None or not record.status.terminal):
         record = services().events.wait_until_ended(job_id, wait.seconds) or record
     if wait is not None and record is not None and record.status.terminal:
-        response = jsonify(public_job(record, wait.encoding_format))
+        response = job_response(record, wait.encoding_format)
         response.headers["Content-Location"] = status_url  # the body is that resource's representation
     else:
         status = record.status.value if record is not None else Status.QUEUED.value
@@ -256,7 +261,7 @@ def get_job(job_id: str) -> Response:
         record = get_owned_job(job_id)
         if wait_s > 0 and not record.status.terminal:
             record = services().events.wait_until_ended(job_id, wait_s) or record
-        return jsonify(public_job(record, encoding_format))
+        return job_response(record, encoding_format)
 
 
 def _encoding_format(raw: str) -> EncodingFormat:
@@ -304,4 +309,4 @@ def cancel_job(job_id: str) -> Response:
                 f"job {job_id} already ended: {record.status.value}",
                 [{"loc": "status", "message": "the job already ended", "status": record.status.value}],
             )
-        return jsonify(public_job(record))
+        return job_response(record)
