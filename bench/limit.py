@@ -2,8 +2,9 @@
 
 Every measurement runs in a fresh process that loads the encoders with ``shared.models.get_encoder`` exactly
 as a worker does (so ``shared.models.set_torch_threads(threads)``), on the device and dtype of the
-``MMFUSE_*`` settings, and runs ``prepare`` (image decode + CLIP preprocessing; texts are tokenised inside
-``encode``) and ``encode`` for every item, like the workers.
+``MMFUSE_*`` settings, and runs ``prepare`` (image decode + CLIP preprocessing; audio decode + CLAP's
+log-mel features per 10 s window; texts are tokenised inside ``encode``) and ``encode`` for every item,
+like the workers (``shared.models.embed``).
 
 Layouts measured for a job (the best one-process layout is the limit; which one won is reported):
 - ``seq``: one process runs every tower of the job one after the other, with 1 torch thread and with one per
@@ -29,15 +30,16 @@ from dataclasses import asdict, dataclass, field
 class Workload:
     """What one job holds: ``towers`` (each needs one item per job) and the models they run."""
 
-    towers: tuple[str, ...]  # ("image", "text"), ("image",) or ("text",)
+    towers: tuple[str, ...]  # ("image", "text"), ("image",), ("text",) or ("audio",)
     models: dict[str, str]  # tower -> checkpoint
     images: list[bytes] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     device: str = "cpu"  # MMFUSE_DEVICE, MMFUSE_DTYPE of the pipeline
     dtype: str = "float32"
+    audios: list[bytes] = field(default_factory=list)  # encoded clips (WAV), as a job carries them
 
     def raw(self, tower: str) -> list:
-        return self.images if tower == "image" else self.texts
+        return {"image": self.images, "audio": self.audios}.get(tower, self.texts)
 
 
 @dataclass
@@ -97,10 +99,12 @@ def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
 
 def _run_batch(encoders: dict, workload: Workload, batch: int, offset: int) -> None:
     """One batch of ``batch`` jobs through every tower of ``encoders``: prepare each item, one forward per tower."""
+    from mmfuse.shared.models import embed
+
     for tower, encoder in encoders.items():
         raw = workload.raw(tower)
         items = [raw[(offset + i) % len(raw)] for i in range(batch)]
-        encoder.encode([encoder.prepare(item) for item in items])
+        embed(encoder, items)
 
 
 def _rate(encoders: dict, workload: Workload, batch: int, min_time_s: float, min_batches: int = 2) -> float:

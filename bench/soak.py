@@ -71,7 +71,7 @@ from bench.inputs import make_texts
 from mmfuse.cli.stack import LocalStack, redis_answers
 from mmfuse.shared.celery_app import POOLS
 from mmfuse.shared.schema import ErrorCode, Status
-from mmfuse.workers.fusion.fusion import fuse
+from mmfuse.workers.fusion.fusion import centroid, fuse
 from tests.support import TEST_WEBHOOK_SECRETS, TOL, WebhookReceiver, make_png, stack_env, standard_signature
 
 # Failure codes a job may end with under this soak's chaos, and why; any other is an anomaly. Not
@@ -226,7 +226,7 @@ class Expected:
     def vectors(self, submit: Submit) -> dict[str, np.ndarray]:
         images = self.images[list(submit.images)] if submit.images else self.images[:0]
         texts = self.texts[list(submit.texts)] if submit.texts else self.texts[:0]
-        fused = fuse(images, texts, "mean", {"image": 1.0, "text": 1.0})
+        fused = fuse([(1.0, centroid(rows)) for rows in (images, texts) if len(rows)], "mean")
         return {"images": images, "texts": texts, "fused": fused}
 
 
@@ -684,7 +684,7 @@ def machine() -> dict[str, Any]:
 
 def run_soak(plan: SoakPlan, var_dir: Path, model: str | None = None, deadline_s: int = 120) -> SoakResult:
     from mmfuse.shared.blobstore import BlobStore
-    from mmfuse.shared.models import get_encoder, make_test_checkpoint
+    from mmfuse.shared.models import embed, get_encoder, make_test_checkpoint
     from mmfuse.shared.stores import Stores
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -703,8 +703,8 @@ def run_soak(plan: SoakPlan, var_dir: Path, model: str | None = None, deadline_s
     image_inputs = [make_png(color) for color in IMAGE_COLORS]
     image_encoder, text_encoder = get_encoder("image", checkpoint), get_encoder("text", checkpoint)
     expected = Expected(
-        image_encoder.encode([image_encoder.prepare(raw) for raw in image_inputs]),
-        text_encoder.encode([text_encoder.prepare(text) for text in TEXTS]),
+        embed(image_encoder, image_inputs),
+        embed(text_encoder, TEXTS),
     )
     info = machine()
     receiver = WebhookReceiver()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ from mmfuse.shared.celery_app import POOLS
 
 if TYPE_CHECKING:
     from mmfuse.cli.stack import LocalStack
+    from mmfuse.shared.schema import Modality
 
 DEFAULT_VAR_DIR = Path("var")
 
@@ -31,30 +34,113 @@ def demo_image() -> bytes:
     return buffer.getvalue()
 
 
-DEMO_TEXTS = ["a red circle on a white background", "a photo of a dog"]
-DEMO_LABELS = ["red circle", "dog", "car"]
+DEMO_AUDIO_SECONDS = 3.0
+DEMO_AUDIO_SAMPLE_RATE = 48_000  # CLAP's rate: the worker decodes the clip without resampling
 
 
-def demo_options(shared_embedding_space: bool) -> dict:
-    """What the demo job (an image and two texts) asks for: with both towers in one embedding space
-    (``Settings.shared_embedding_space``, the gateway's rule) everything; across two spaces (e.g. a sentence
-    encoder for text) only what the gateway accepts there: the embeddings, fused by ``concat``."""
-    if shared_embedding_space:
-        return {"labels": DEMO_LABELS, "outputs": ["embeddings", "similarity", "classify"], "fusion": "mean"}
-    return {"outputs": ["embeddings"], "fusion": "concat"}
+def demo_audio() -> bytes:
+    """A 3 s chirp (a sine sweeping up from 200 Hz to 2 kHz) as a 16-bit mono WAV file, written with
+    soundfile."""
+    import numpy as np
+    import soundfile
+
+    start_hz, end_hz = 200.0, 2000.0
+    t = np.arange(int(DEMO_AUDIO_SECONDS * DEMO_AUDIO_SAMPLE_RATE)) / DEMO_AUDIO_SAMPLE_RATE
+    # A linear sweep's phase is the integral of its frequency, start + (end - start) t / T.
+    phase = 2 * np.pi * (start_hz * t + (end_hz - start_hz) * t**2 / (2 * DEMO_AUDIO_SECONDS))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, 0.5 * np.sin(phase), DEMO_AUDIO_SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
-def run_demo(gateway_url: str, api_key: str, shared_embedding_space: bool = True) -> dict:
-    from mmfuse_client.http import MmfuseClient
+DEMO_TEXTS = ["a red circle on a white background", "a rising whistle"]
+DEMO_LABELS = ["red circle", "whistle", "dog"]
+DEMO_MODALITIES: tuple[Modality, ...] = ("image", "text", "audio")
 
-    client = MmfuseClient(gateway_url, api_key=api_key)
-    texts = DEMO_TEXTS
+
+def demo_options(models: Mapping[str, str], modalities: Sequence[Modality] = DEMO_MODALITIES) -> dict:
+    """What the demo job (an image, two texts and an audio clip, or those of ``modalities``) asks for: what
+    the models of its modalities (``Settings.models()``, each an embedding space) can answer, by the rules
+    the gateway checks a job with (``shared.spaces.JobShape.check``). Fusion by ``mean`` when the job is in
+    one space, else ``concat`` (a CLIP image with a CLAP clip always is); ``similarity`` when two of its
+    modalities can be compared (audio with texts through CLAP's own text tower); ``classify`` when every item
+    can be compared with the labels."""
+    from mmfuse.shared.spaces import JobShape, SpaceError
+
+    counts: dict[Modality, int] = {
+        "image": 1 if "image" in modalities else 0,
+        "text": len(DEMO_TEXTS) if "text" in modalities else 0,
+        "audio": 1 if "audio" in modalities else 0,
+    }
+    spaces: dict[str, str] = {modality: models[modality] for modality in modalities}
+
+    def allowed(options: dict) -> bool:
+        labels = len(options.get("labels", ()))
+        try:
+            JobShape(counts, labels, options["outputs"], options["fusion"], {}, spaces).check()
+        except SpaceError:
+            return False
+        return True
+
+    options: dict = {"outputs": ["embeddings"], "fusion": "mean"}
+    if not allowed(options):
+        options["fusion"] = "concat"
+    for output, extra in (("similarity", {}), ("classify", {"labels": DEMO_LABELS})):
+        candidate = {**options, **extra, "outputs": [*options["outputs"], output]}
+        if allowed(candidate):
+            options = candidate
+    return options
+
+
+def demo_job(models: Mapping[str, str], modalities: Sequence[Modality] = DEMO_MODALITIES) -> dict:
+    """The demo job's JSON body: its items of ``modalities`` (files as base64) and :func:`demo_options`."""
+    body: dict = {}
+    if "image" in modalities:
+        body["images"] = [base64.b64encode(demo_image()).decode()]
+    if "text" in modalities:
+        body["texts"] = DEMO_TEXTS
+    if "audio" in modalities:
+        body["audios"] = [base64.b64encode(demo_audio()).decode()]
+    return {**body, **demo_options(models, modalities)}
+
+
+ENDED = ("succeeded", "failed", "canceled")
+
+
+def submit_and_wait(gateway_url: str, api_key: str, body: dict, timeout_s: float = 120) -> dict:
+    """POST the job and wait for it to end: in the same request (``Prefer: wait``) when it ends within the
+    server's wait cap, else by long-polling its URL. Plain HTTP (requests), as any client could."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    with requests.Session() as http:
+        http.headers["Authorization"] = f"Bearer {api_key}"
+        answer = http.post(f"{gateway_url}/v1/jobs", json=body, headers={"Prefer": "wait=30"}, timeout=60)
+        while True:
+            if not answer.ok:  # the API's error body says why (e.g. 422 incompatible_embedding_spaces)
+                raise RuntimeError(f"demo job: {answer.status_code} {answer.text}")
+            job = answer.json()
+            if job["status"] in ENDED:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo job {job['id']} did not end within {timeout_s:g} s")
+            answer = http.get(f"{gateway_url}/v1/jobs/{job['id']}", params={"wait": 30}, timeout=60)
+
+
+def _rounded(values: Sequence[float], digits: int = 4) -> list[float]:
+    return [round(value, digits) for value in values]
+
+
+def run_demo(gateway_url: str, api_key: str, models: Mapping[str, str]) -> dict:
+    """Run the demo job (:func:`demo_job`) on the stack at ``gateway_url`` and print what it answered."""
+    body = demo_job(models)
     started = time.monotonic()
-    job = client.run([demo_image()], texts, timeout_s=120, **demo_options(shared_embedding_space))
+    job = submit_and_wait(gateway_url, api_key, body)
     elapsed = time.monotonic() - started
     print(f"\ndemo job {job['id']}: {job['status']} in {elapsed * 1000:.0f} ms (submit -> result)")
+    print(f"  asked for {', '.join(body['outputs'])}, fused by {body['fusion']}")
     if job["status"] != "succeeded":
-        print(json.dumps(job["error"], indent=2))
+        print(json.dumps(job.get("error"), indent=2))
         return job
     result = job["result"]
     embeddings = result["embeddings"]
@@ -62,21 +148,26 @@ def run_demo(gateway_url: str, api_key: str, shared_embedding_space: bool = True
         "  stages: "
         + ", ".join(f"{name} {stage['duration_s'] * 1000:.1f} ms" for name, stage in job["timings"]["stages"].items())
     )
-    print(
-        f"  image embedding: dim {len(embeddings['images'][0])}, first values "
-        f"{[round(x, 4) for x in embeddings['images'][0][:4]]}"
-    )
+    spaces = embeddings.get("spaces", {})
+    for items in ("images", "texts", "audios"):
+        if embeddings.get(items):
+            vector = embeddings[items][0]
+            space = f" in {spaces[items]}" if items in spaces else ""
+            print(f"  {items[:-1]} embedding{space}: dim {len(vector)}, first values {_rounded(vector[:4])}")
     print(f"  fused ({embeddings['fusion']}): dim {len(embeddings['fused'])}")
     if "similarity" not in result:
-        print("  (image and text models of two embedding spaces: no similarity or zero-shot scores)")
+        print("  (no two of the job's modalities in one embedding space: no similarity)")
+    for pair, matrix in result.get("similarity", {}).items():
+        rows, columns = pair.split("_")
+        print(f"  cosine({rows}, {columns}): {[_rounded(row) for row in matrix]}")
+    classify = result.get("classify")
+    if classify is None:
+        print("  (labels not comparable with every item of the job: no zero-shot scores)")
         return job
-    for text, score in zip(texts, result["similarity"][0], strict=False):
-        print(f"  cosine(image, {text!r}) = {score:.4f}")
-    top = result["classify"]["images"][0]
-    print(
-        f"  zero-shot: {top['label']!r} "
-        f"{dict(zip(result['classify']['labels'], [round(s, 4) for s in top['scores']], strict=False))}"
-    )
+    for items in ("images", "texts", "audios"):
+        for top in classify.get(items, [])[:1]:
+            scores = dict(zip(classify["labels"], _rounded(top["scores"]), strict=True))
+            print(f"  zero-shot {items[:-1]}: {top['label']!r} {scores}")
     return job
 
 
@@ -95,6 +186,11 @@ def describe_torch_threads(stack: LocalStack) -> str:
     return f"torch threads: {', '.join(parts)}; MMFUSE_TORCH_THREADS={setting}, {read_cpu_budget().describe()}"
 
 
+# The size of the CLAP test checkpoint `mmfuse up` builds beside each CLIP one: tiny with tiny, the real
+# model's shapes (clap-htsat-unfused's) with the real model's (ViT-B/32).
+CLAP_SIZE_BESIDE = {"tiny": "tiny", "b32": "full"}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from mmfuse.cli.stack import LocalStack
     from mmfuse.shared.models import make_test_checkpoint
@@ -110,6 +206,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"No MMFUSE_MODEL set: using the local test checkpoint {checkpoint} "
             f"(CLIP-shaped, size {args.test_size}, random weights: scores are not meaningful).\n"
             f"Set MMFUSE_MODEL=openai/clip-vit-base-patch32 where the Hugging Face hub is reachable."
+        )
+    if "MMFUSE_AUDIO_MODEL" not in env:
+        clap_size = CLAP_SIZE_BESIDE[args.test_size]
+        checkpoint = var_dir / "models" / f"clap-test-{clap_size}"
+        if not (checkpoint / "config.json").exists():
+            make_test_checkpoint(checkpoint, clap_size, 0, kind="clap")
+        env["MMFUSE_AUDIO_MODEL"] = str(checkpoint)
+        print(
+            f"No MMFUSE_AUDIO_MODEL set: using the local test checkpoint {checkpoint} "
+            f"(CLAP-shaped, size {clap_size}, random weights: scores are not meaningful).\n"
+            f"Set MMFUSE_AUDIO_MODEL=laion/clap-htsat-unfused where the Hugging Face hub is reachable."
         )
     # A local stack serves this machine only, and its logs are read by people (var/logs/*.log).
     env.setdefault("MMFUSE_GATEWAY_BIND", "127.0.0.1:8080")
@@ -135,7 +242,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(describe_torch_threads(stack))
         api_key = stack.create_api_key("local")
         print(f"API key for this stack (send 'Authorization: Bearer <key>'): {api_key}")
-        job = run_demo(stack.gateway_url, api_key, stack.settings().shared_embedding_space)
+        job = run_demo(stack.gateway_url, api_key, stack.settings().models())
         if args.exit_after_demo:
             return 0 if job["status"] == "succeeded" else 1
         print(
@@ -215,15 +322,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_make_test(args: argparse.Namespace) -> int:
-    from mmfuse.shared.models import make_test_checkpoint
+    from mmfuse.shared.models import TEST_CHECKPOINT_SIZES, make_test_checkpoint
 
-    path = make_test_checkpoint(args.directory, args.size, args.seed)
+    sizes = sorted(TEST_CHECKPOINT_SIZES[args.kind])
+    if args.size not in sizes:
+        print(f"mmfuse models make-test: --size of --kind {args.kind} is one of {', '.join(sizes)}", file=sys.stderr)
+        return 2
+    path = make_test_checkpoint(args.directory, args.size, args.seed, args.kind)
     print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmfuse.shared.models import TEST_SIZES  # no torch import: models loads torch lazily
+    from mmfuse.shared.models import TEST_CHECKPOINT_SIZES, TEST_SIZES  # no torch import: models loads it lazily
 
     parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -269,8 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="model utilities")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    make_test = model_commands.add_parser("make-test", help="write a deterministic CLIP test checkpoint")
-    make_test.add_argument("--size", default="tiny", choices=sorted(TEST_SIZES))
+    make_test = model_commands.add_parser("make-test", help="write a deterministic CLIP or CLAP test checkpoint")
+    make_test.add_argument("--kind", default="clip", choices=sorted(TEST_CHECKPOINT_SIZES))
+    make_test.add_argument(
+        "--size",
+        default="tiny",
+        choices=sorted({size for sizes in TEST_CHECKPOINT_SIZES.values() for size in sizes}),
+        help="; ".join(f"{kind}: {', '.join(sizes)}" for kind, sizes in sorted(TEST_CHECKPOINT_SIZES.items())),
+    )
     make_test.add_argument("--seed", type=int, default=0)
     make_test.add_argument("directory")
     make_test.set_defaults(func=cmd_make_test)

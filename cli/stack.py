@@ -69,7 +69,7 @@ def redis_answers(host: str, port: int) -> bool:
 
 def default_concurrency(pool: str, settings: Settings) -> int:
     """Task threads of a pool: encoder pools need many (items waiting to join a batch), others few."""
-    return settings.worker_concurrency if pool in ("image", "text") else 8
+    return settings.worker_concurrency if pool in ENCODER_POOLS else 8
 
 
 def worker_command(pool: str, concurrency: int, log_level: str = DEFAULTS.log_level) -> list[str]:
@@ -333,7 +333,8 @@ class LocalStack:
 
     def encoder_cpu_shares(self, pools: tuple[str, ...]) -> dict[str, float]:
         """The ``MMFUSE_CPU_SHARE`` of each encoder pool of ``pools``, which run together on this host: its
-        tower's part of their towers' cost (``shared.models.tower_cost``, from the checkpoints' configs).
+        tower's part of their towers' cost (``shared.models.tower_cost``, from the checkpoints' configs: per
+        image, per caption, per 10 s audio window).
 
         Empty when there is nothing to split: fewer than two encoder pools (one alone takes every CPU),
         ``MMFUSE_TORCH_THREADS`` set to a number, or ``MMFUSE_CPU_SHARE`` set by hand.
@@ -344,7 +345,7 @@ class LocalStack:
             return {}
         from mmfuse.shared.models import tower_cost
 
-        models = {"image": settings.effective_image_model, "text": settings.effective_text_model}
+        models = settings.models()
         try:
             costs = {pool: tower_cost(pool, models[pool]) for pool in encoders}
         except (OSError, ValueError) as exc:  # a hub checkpoint that is neither cached nor reachable

@@ -20,7 +20,7 @@ from mmfuse.gateway.services import services
 from mmfuse.gateway.validation import ValidatedJob, parse_job_request
 from mmfuse.shared import lifecycle
 from mmfuse.shared.backends import BACKEND_ERRORS
-from mmfuse.shared.blobstore import image_key
+from mmfuse.shared.blobstore import audio_key, image_key
 from mmfuse.shared.celery_app import ENCODE_TASKS, stage_task_id
 from mmfuse.shared.jobview import iso, public_job_json
 from mmfuse.shared.logs import job_context
@@ -147,6 +147,8 @@ def job_spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
         id=job_id,
         created_at=time.time(),
         image_keys=[image_key(job_id, i) for i in range(len(job.images))],
+        audio_keys=[audio_key(job_id, i) for i in range(len(job.audios))],
+        spaces=job.spaces,
         texts=job.texts,
         labels=options.labels,
         outputs=[output.value for output in options.outputs],
@@ -167,8 +169,12 @@ def create_job(spec: JobSpec, job: ValidatedJob, idem: Idempotency | None) -> by
     blob_keys: list[str] = []
     record_written = False
     try:
-        for key, image in zip(spec.image_keys, job.images, strict=True):
-            blobs.put(key, image.data, image.content_type)
+        uploads = [
+            *((key, image.data, image.content_type) for key, image in zip(spec.image_keys, job.images, strict=True)),
+            *((key, clip.data, clip.info.content_type) for key, clip in zip(spec.audio_keys, job.audios, strict=True)),
+        ]
+        for key, data, content_type in uploads:
+            blobs.put(key, data, content_type)
             blob_keys.append(key)
         concurrent_entry = jobs.create(spec, (idem.redis_key, idem.entry(spec.id)) if idem is not None else None)
         record_written = concurrent_entry is None

@@ -12,18 +12,20 @@ A request becomes one job of one modality (``outputs: ["embeddings"]``), validat
   (little-endian float32, what the ``openai`` client asks for unless told otherwise). ``dimensions``: 422,
   the models answer in their own dimension. ``user``: accepted, not used.
 - ``model``: the id a modality is served with (``MMFUSE_TEXT_MODEL`` / ``MMFUSE_IMAGE_MODEL``, by default
-  ``MMFUSE_MODEL``) or its last path segment (``clip-vit-base-patch32`` for
+  ``MMFUSE_MODEL``; ``MMFUSE_AUDIO_MODEL``) or its last path segment (``clip-vit-base-patch32`` for
   ``openai/clip-vit-base-patch32``); the answer names the full id. Anything else: 422 naming those served.
-- ``modality`` (Infinity's convention): ``text`` (default) or ``image``, whose inputs are data URIs
+- ``modality`` (Infinity's convention): ``text`` (default), ``image``, whose inputs are data URIs
   (``data:image/png;base64,...``) or http(s) URLs. The gateway fetches URLs itself, vetted by the webhooks'
   SSRF guard (``shared.webhooks.check_url``, again for every redirect; ``MMFUSE_IMAGE_URL_ALLOW_NETWORKS``
   admits internal networks), at most ``MMFUSE_MAX_IMAGE_BYTES`` each, all of a request's within
   ``MMFUSE_IMAGE_URL_TIMEOUT_S`` (the webhooks' total deadline: sockets are shut when it passes; DNS lookups
-  are bounded by the resolver). ``audio``: 422 naming the served modalities, until an audio pool exists.
+  are bounded by the resolver). ``audio``: data URIs (``data:audio/wav;base64,...``) of clips in the jobs
+  route's formats and limits (``MMFUSE_MAX_AUDIOS`` of them), no URLs; the vector of a clip over 10 s is
+  its windows' mean, as on ``POST /v1/jobs``.
 - ``usage.prompt_tokens`` (= ``total_tokens``) is counted by the text worker, with the tokenizer the model
   reads with and after its truncation, and carried in the job's result (``usage.text_tokens``): the worker
   holds that tokenizer already, while counting here would put the model's files (or hub access) on every
-  gateway node. Images count 0 tokens.
+  gateway node. Images and audio clips count 0 tokens.
 
 Errors on this route have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, whichever
 handler made them (auth 401, rate limit 429 with ``Retry-After``, validation, 413, 503, 500):
@@ -63,7 +65,8 @@ embeddings = Blueprint("embeddings", __name__)
 embeddings.before_request(authenticate)
 
 EmbeddingsModality = Literal["text", "image", "audio"]
-SERVED_MODALITIES: tuple[EmbeddingsModality, ...] = ("text", "image")
+SERVED_MODALITIES: tuple[EmbeddingsModality, ...] = ("text", "image", "audio")
+ITEMS = {"text": "texts", "image": "images", "audio": "audios"}  # the job's items of each modality
 USER_AGENT = "mmfuse-image-fetch/1"
 MAX_REDIRECTS = 3
 _READ_BYTES = 64 * 1024
@@ -104,7 +107,9 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: EncodingFormat = Field("float", description="JSON floats, or base64 of little-endian float32.")
     dimensions: int | None = Field(None, description="Not supported: the models answer in their own dimension.")
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
-    modality: EmbeddingsModality = Field("text", description="What `input` holds; `audio` is not served yet.")
+    modality: EmbeddingsModality = Field(
+        "text", description="What `input` holds: texts, images (data URIs or URLs) or audio clips (data URIs)."
+    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -190,7 +195,7 @@ def create_embeddings() -> Response:
     if body.dimensions is not None:
         raise _invalid("dimensions", "not supported: the served models answer in their own dimension; leave it out")
     inputs = body.inputs
-    limit = settings.max_texts if body.modality == "text" else settings.max_images
+    limit = {"text": settings.max_texts, "image": settings.max_images, "audio": settings.max_audios}[body.modality]
     if len(inputs) > limit:  # before any image is fetched
         raise ApiError(
             422,
@@ -226,7 +231,11 @@ def resolve_model(name: str, modality: str, settings: Settings) -> str:
 def served_models(settings: Settings) -> dict[str, list[str]]:
     """Each served model id and the modalities it embeds (one CLIP checkpoint embeds both)."""
     served: dict[str, list[str]] = {}
-    for modality, model_id in (("text", settings.effective_text_model), ("image", settings.effective_image_model)):
+    for modality, model_id in (
+        ("text", settings.effective_text_model),
+        ("image", settings.effective_image_model),
+        ("audio", settings.audio_model),
+    ):
         served.setdefault(model_id, []).append(modality)
     return served
 
@@ -247,12 +256,14 @@ def _validated_job(inputs: list[str], modality: str, settings: Settings) -> Vali
     try:
         if modality == "text":
             return validate_job([], inputs, options, settings)
+        if modality == "audio":
+            return validate_job([], [], options, settings, _audio_bytes(inputs))
         return validate_job(_image_bytes(inputs, settings), [], options, settings)
     except ApiError as error:
         raise _named_input(error) from None
 
 
-_JOB_ITEMS = re.compile(r"^(?:images|texts)(?=[.:]|$)")
+_JOB_ITEMS = re.compile(r"^(?:images|texts|audios)(?=[.:]|$)")
 
 
 def _named_input(error: ApiError) -> ApiError:
@@ -266,7 +277,17 @@ def _named_input(error: ApiError) -> ApiError:
     return renamed
 
 
-# --- images: data URIs and URLs ---------------------------------------------------------------------------
+# --- images: data URIs and URLs; audio: data URIs ----------------------------------------------------------
+
+
+def _audio_bytes(inputs: list[str]) -> list[bytes]:
+    clips = []
+    for index, item in enumerate(inputs):
+        loc = f"input.{index}"
+        if not item.startswith("data:"):
+            raise _invalid(loc, "an audio clip is a data URI (data:audio/wav;base64,...)")
+        clips.append(_data_uri_bytes(item, loc))
+    return clips
 
 
 def _image_bytes(inputs: list[str], settings: Settings) -> list[bytes]:
@@ -399,7 +420,7 @@ def embeddings_answer(
 ) -> dict[str, Any]:
     """OpenAI's answer from a succeeded job: its stored vectors (base64 float32) as they are, or as floats."""
     result = record.result or {}
-    stored = result["embeddings"]["texts" if modality == "text" else "images"]
+    stored = result["embeddings"][ITEMS[modality]]
     tokens = int((result.get("usage") or {}).get("text_tokens", 0))
     data = [
         {

@@ -58,6 +58,7 @@ def request_sha256(job: ValidatedJob) -> str:
     canonical = {
         "images": [hashlib.sha256(image.data).hexdigest() for image in job.images],
         "texts": job.texts,
+        "audios": [hashlib.sha256(clip.data).hexdigest() for clip in job.audios],
         "options": job.options.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -130,6 +130,10 @@ def build_spec(app: Flask) -> dict:
     limits = (
         f"Limits: {settings.max_images} images of at most {settings.max_image_bytes} bytes and "
         f"{settings.max_image_pixels} pixels each ({', '.join(settings.image_formats)}); "
+        f"{settings.max_audios} audio clips of at most {settings.max_audio_bytes} bytes, "
+        f"{settings.max_audio_seconds:g} s (by the header), {settings.max_audio_channels} channels and sample "
+        f"rates {settings.min_audio_sample_rate}-{settings.max_audio_sample_rate} Hz each "
+        f"({', '.join(settings.audio_formats)}); "
         f"{settings.max_texts} texts and {settings.max_labels} labels of at most {settings.max_text_chars} "
         f"characters; a body of at most {settings.max_body_bytes} bytes."
     )
@@ -139,8 +143,11 @@ def build_spec(app: Flask) -> dict:
         "tags": ["jobs"],
         "summary": "Submit a job",
         "description": (
-            "Images and texts to encode, and what to compute from them (embeddings, similarity, zero-shot "
-            "classification). Answers at once with the job's id; the work happens in the background: read "
+            "Images, texts and audio clips to encode, and what to compute from them (embeddings, similarity, "
+            "zero-shot classification, fusion). Audio is compared with texts as the audio model's own text "
+            "tower encodes them; a clip longer than 10 s is encoded as consecutive 10 s windows (the last one "
+            "the clip's final 10 s) and its vector is their normalised mean.\n\n"
+            "Answers at once with the job's id; the work happens in the background: read "
             "the job with `GET /v1/jobs/{job_id}` (long-poll with `wait`) or receive a signed webhook.\n\n"
             f"{limits}\n\n"
             "With `Prefer: wait=N` (RFC 7240) the answer waits for the job: 200 with the whole job, as "
@@ -187,6 +194,11 @@ def build_spec(app: Flask) -> dict:
                                 "items": {"type": "string", "format": "binary"},
                                 "description": "Image files, in order.",
                             },
+                            "audios": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "Audio files (WAV, FLAC, OGG Vorbis/Opus, MP3), in order.",
+                            },
                             "texts": {"type": "array", "items": {"type": "string"}},
                             "options": _ref(JobOptions),
                         },
@@ -195,6 +207,7 @@ def build_spec(app: Flask) -> dict:
                     "encoding": {
                         "options": {"contentType": "application/json"},
                         "images": {"contentType": "application/octet-stream"},
+                        "audios": {"contentType": "application/octet-stream"},
                     },
                 },
             },
@@ -220,8 +233,8 @@ def build_spec(app: Flask) -> dict:
             },
             "400": _error("The body is not valid JSON, or not a readable multipart body."),
             **unauthorized,
-            "413": _error("The body, an image's bytes or an image's pixels exceed a limit."),
-            "415": _error("Not JSON or multipart, or an image in a format that is not accepted."),
+            "413": _error("The body, an image's bytes or pixels, or an audio clip's bytes exceed a limit."),
+            "415": _error("Not JSON or multipart, or an image or audio clip in a format that is not accepted."),
             "422": _error("The request (or `encoding_format`) is well-formed but invalid: see `error.details`."),
             "429": _error("This API key's rate limit is exceeded.", _RETRY_AFTER),
             **unavailable,
@@ -379,13 +392,14 @@ def _embeddings_operation(settings: Settings, auth_required: bool) -> dict:
             "OpenAI's embeddings API: the official clients work with `base_url` set to this server's `/v1`. "
             "The request runs as one job on the same path as `POST /v1/jobs` and is answered when it ends; "
             f"after {settings.embeddings_wait_s:g} s the job is canceled and the answer is 504.\n\n"
-            f"Models: {served}. `modality` (Infinity's convention): `text` (default) or `image`, whose inputs "
+            f"Models: {served}. `modality` (Infinity's convention): `text` (default), `audio`, whose inputs are "
+            "data URIs (`data:audio/wav;base64,...`) of clips as `POST /v1/jobs` takes them, or `image`, whose inputs "
             "are data URIs (`data:image/png;base64,...`) or http(s) URLs that the gateway fetches: public "
             f"addresses only, at most {settings.max_image_bytes} bytes each, all within "
             f"{settings.image_url_timeout_s:g} s. Limits: {settings.max_texts} texts of at most "
-            f"{settings.max_text_chars} characters, {settings.max_images} images. Token-id arrays, `dimensions` "
-            "and `modality: audio` are refused (422). `usage.prompt_tokens` counts the texts' tokens as the "
-            "model's tokenizer cut them (0 for images).\n\n"
+            f"{settings.max_text_chars} characters, {settings.max_images} images, {settings.max_audios} audio "
+            "clips. Token-id arrays and `dimensions` are refused (422). `usage.prompt_tokens` counts the texts' "
+            "tokens as the model's tokenizer cut them (0 for images and audio).\n\n"
             'Errors on this route have OpenAI\'s shape: `{"error": {"message", "type", "param", "code"}}`.'
         ),
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(EmbeddingsRequest)}}},
@@ -394,8 +408,8 @@ def _embeddings_operation(settings: Settings, auth_required: bool) -> dict:
             "400": error("The body is not valid JSON."),
             **({"401": error("Missing, unknown or revoked API key.")} if auth_required else {}),
             "409": error("The job was canceled (`DELETE /v1/jobs/{job_id}`) before it ended."),
-            "413": error("The body, or an image's bytes or pixels, exceed a limit."),
-            "415": error("Not JSON, or an image in a format that is not accepted."),
+            "413": error("The body, an image's bytes or pixels, or an audio clip's bytes exceed a limit."),
+            "415": error("Not JSON, or an image or audio clip in a format that is not accepted."),
             "422": error(
                 "Invalid: an unknown model (`model_not_found`), too many inputs, token-id arrays, `dimensions`, "
                 "an image URL the SSRF guard refuses (`image_url_rejected`) or that could not be loaded "
@@ -425,6 +439,8 @@ def _with_limits(schemas: dict, settings: Settings) -> dict:
             properties["texts"].update(items=dict(text), maxItems=settings.max_texts)
             properties["images"].update(maxItems=settings.max_images)
             properties["images"]["items"].update(contentEncoding="base64")
+            properties["audios"].update(maxItems=settings.max_audios)
+            properties["audios"]["items"].update(contentEncoding="base64")
     embeddings_input = schemas["EmbeddingsRequest"]["properties"]["input"]["anyOf"]
     embeddings_input[0].update(minLength=1, pattern=r"\S")
     embeddings_input[1].update(minItems=1, maxItems=max(settings.max_texts, settings.max_images))

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from flask import Request
 from pydantic import BaseModel, ValidationError
 
+from mmfuse.shared.audio import AudioInfo, AudioLimits, AudioRejected, inspect_audio
 from mmfuse.shared.models import aspect_ratio
-from mmfuse.shared.schema import ApiError, ErrorCode, FusionStrategy, JobOptions, JobRequest, Output
+from mmfuse.shared.schema import MODALITIES, ApiError, ErrorCode, JobOptions, JobRequest, Modality
 from mmfuse.shared.settings import Settings
+from mmfuse.shared.spaces import JobShape, SpaceError
 
 IMAGE_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
@@ -27,7 +29,7 @@ IMAGE_MAGIC = (
     (b"BM", "bmp", "image/bmp"),
 )
 MULTIPART_FIELDS = {"texts", "options"}
-MULTIPART_FILES = {"images"}
+MULTIPART_FILES = {"images", "audios"}
 
 
 @dataclass(frozen=True)
@@ -40,30 +42,48 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class AudioInput:
+    data: bytes
+    info: AudioInfo
+
+
+@dataclass(frozen=True)
 class ValidatedJob:
     images: list[ImageInput]
     texts: list[str]
     options: JobOptions
+    audios: list[AudioInput]
+    spaces: dict[str, str]  # the model of each of the job's modalities (``JobSpec.spaces``)
 
 
 def parse_job_request(request: Request, settings: Settings) -> ValidatedJob:
     if request.mimetype == "application/json":
-        images, texts, options = _parse_json(request)
+        images, texts, audios, options = _parse_json(request)
     elif request.mimetype == "multipart/form-data":
-        images, texts, options = _parse_multipart(request)
+        images, texts, audios, options = _parse_multipart(request)
     else:
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json or multipart/form-data")
-    return validate_job(images, texts, options, settings)
+    return validate_job(images, texts, options, settings, audios)
 
 
-def validate_job(images: list[bytes], texts: list[str], options: JobOptions, settings: Settings) -> ValidatedJob:
+def validate_job(
+    images: list[bytes], texts: list[str], options: JobOptions, settings: Settings, audios: list[bytes] | None = None
+) -> ValidatedJob:
     """A job's inputs, however they arrived (``POST /v1/jobs``, ``POST /v1/embeddings``), checked against
-    the limits; errors name them ``images.<i>`` and ``texts.<i>``."""
-    _check_counts(len(images), texts, options, settings)
+    the limits; errors name them ``images.<i>``, ``texts.<i>`` and ``audios.<i>``."""
+    audios = audios or []
+    _check_counts(len(images), texts, len(audios), options, settings)
     _check_unicode(texts, options)
     checked = [_check_image(data, f"images.{i}", settings) for i, data in enumerate(images)]
-    _check_combination(checked, texts, options, settings)
-    return ValidatedJob(images=checked, texts=texts, options=options)
+    limits = AudioLimits.from_settings(settings)
+    checked_audios = [_check_audio(data, f"audios.{i}", limits) for i, data in enumerate(audios)]
+    counts: dict[Modality, int] = {"image": len(images), "text": len(texts), "audio": len(audios)}
+    models = settings.models()
+    spaces: dict[str, str] = {m: models[m] for m in MODALITIES if counts[m] or (m == "text" and options.labels)}
+    _check_spaces(
+        JobShape(counts, len(options.labels), options.outputs, options.fusion, options.weights.model_dump(), spaces)
+    )
+    return ValidatedJob(images=checked, texts=texts, options=options, audios=checked_audios, spaces=spaces)
 
 
 def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
@@ -99,24 +119,30 @@ def json_object(request: Request) -> dict:
     return data
 
 
-def _parse_json(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
-    job = validate_model(JobRequest, json_object(request))
-    images = []
-    for index, encoded in enumerate(job.images):
+def _decode_base64(items: list[str], name: str) -> list[bytes]:
+    decoded = []
+    for index, encoded in enumerate(items):
         try:
-            images.append(base64.b64decode(encoded, validate=True))
+            decoded.append(base64.b64decode(encoded, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(
                 422,
                 ErrorCode.VALIDATION_ERROR,
-                f"images.{index}: not valid base64",
-                [{"loc": f"images.{index}", "message": "not valid base64"}],
+                f"{name}.{index}: not valid base64",
+                [{"loc": f"{name}.{index}", "message": "not valid base64"}],
             ) from None
-    options = JobOptions.model_validate(job.model_dump(exclude={"images", "texts"}))
-    return images, job.texts, options
+    return decoded
 
 
-def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptions]:
+def _parse_json(request: Request) -> tuple[list[bytes], list[str], list[bytes], JobOptions]:
+    job = validate_model(JobRequest, json_object(request))
+    images = _decode_base64(job.images, "images")
+    audios = _decode_base64(job.audios, "audios")
+    options = JobOptions.model_validate(job.model_dump(exclude={"images", "texts", "audios"}))
+    return images, job.texts, audios, options
+
+
+def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], list[bytes], JobOptions]:
     try:
         form, files = request.form, request.files
     except ValueError as exc:
@@ -141,20 +167,22 @@ def _parse_multipart(request: Request) -> tuple[list[bytes], list[str], JobOptio
             raise ApiError(400, ErrorCode.INVALID_JSON, f"options part is not valid JSON: {exc}") from None
         options = validate_model(JobOptions, options_data, prefix="options.")
     images = [storage.read() for storage in files.getlist("images")]
-    return images, form.getlist("texts"), options
+    audios = [storage.read() for storage in files.getlist("audios")]
+    return images, form.getlist("texts"), audios, options
 
 
-def _check_counts(n_images: int, texts: list[str], options: JobOptions, settings: Settings) -> None:
-    if n_images == 0 and not texts:
+def _check_counts(n_images: int, texts: list[str], n_audios: int, options: JobOptions, settings: Settings) -> None:
+    if n_images == 0 and not texts and n_audios == 0:
         raise ApiError(
             422,
             ErrorCode.VALIDATION_ERROR,
-            "a job needs at least one image or text",
-            [{"loc": "images", "message": "at least one image or text is required"}],
+            "a job needs at least one image, text or audio clip",
+            [{"loc": "images", "message": "at least one image, text or audio clip is required"}],
         )
     for name, count, limit in (
         ("images", n_images, settings.max_images),
         ("texts", len(texts), settings.max_texts),
+        ("audios", n_audios, settings.max_audios),
         ("labels", len(options.labels), settings.max_labels),
     ):
         if count > limit:
@@ -261,36 +289,22 @@ def _check_image(data: bytes, loc: str, settings: Settings) -> ImageInput:
     return ImageInput(data=data, format=sniffed[0], content_type=sniffed[1], width=width, height=height)
 
 
-def _check_combination(images: list[ImageInput], texts: list[str], options: JobOptions, settings: Settings) -> None:
-    def invalid(loc: str, message: str, code: ErrorCode = ErrorCode.VALIDATION_ERROR) -> ApiError:
-        return ApiError(422, code, f"{loc}: {message}", [{"loc": loc, "message": message}])
+def _check_audio(data: bytes, loc: str, limits: AudioLimits) -> AudioInput:
+    """A clip's bytes, format and header checked (``shared.audio.inspect_audio``: nothing is decoded)."""
+    try:
+        info = inspect_audio(data, limits)
+    except AudioRejected as exc:
+        detail: dict = {"loc": loc, "message": exc.message, "reason": exc.reason}
+        if exc.limit is not None:
+            detail["limit"] = exc.limit
+        raise ApiError(exc.status, exc.code, f"{loc}: {exc.message}", [detail]) from None
+    return AudioInput(data=data, info=info)
 
-    shared_space = settings.shared_embedding_space
-    if Output.SIMILARITY in options.outputs:
-        if not images or not texts:
-            raise invalid("outputs", "similarity needs at least one image and one text")
-        if not shared_space:
-            raise invalid(
-                "outputs",
-                "similarity needs image and text models of one embedding space",
-                ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES,
-            )
-    if Output.CLASSIFY in options.outputs:
-        if not options.labels:
-            raise invalid("labels", "classify needs at least one label")
-        if images and not shared_space:
-            raise invalid(
-                "outputs",
-                "classifying images needs image and text models of one embedding space",
-                ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES,
-            )
-    elif options.labels:
-        raise invalid("labels", "labels are only used by the classify output")
-    if Output.EMBEDDINGS in options.outputs:
-        present = [name for name, items in (("image", images), ("text", texts)) if items]
-        if all(getattr(options.weights, name) == 0 for name in present):
-            raise invalid("weights", "the weights of the job's modalities must not all be 0")
-        if options.fusion == FusionStrategy.MEAN and len(present) == 2 and not shared_space:
-            raise invalid(
-                "fusion", "mean fusion needs one embedding space; use concat", ErrorCode.INCOMPATIBLE_EMBEDDING_SPACES
-            )
+
+def _check_spaces(shape: JobShape) -> None:
+    """422 for outputs the job's models cannot give (``shared.spaces``: comparisons across embedding spaces,
+    labels without classify, ...)."""
+    try:
+        shape.check()
+    except SpaceError as exc:
+        raise ApiError(422, exc.code, f"{exc.loc}: {exc}", [{"loc": exc.loc, "message": str(exc)}]) from None

@@ -29,6 +29,10 @@ def image_key(job_id: str, index: int) -> str:
     return f"jobs/{job_id}/images/{index}"
 
 
+def audio_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/audios/{index}"
+
+
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 

@@ -25,11 +25,12 @@ from mmfuse.shared.stores.client import is_sentinel_url, sentinel_options
 log = logging.getLogger(__name__)
 
 # The worker pools; each consumes the one queue named after it (``celery -A mmfuse.workers.<pool>.worker``).
-POOLS = ("image", "text", "fusion", "webhooks", "maintenance")
+POOLS = ("image", "text", "audio", "fusion", "webhooks", "maintenance")
 QUEUES = POOLS
 
 TASK_ENCODE_IMAGE = "mmfuse.encode.image"
 TASK_ENCODE_TEXT = "mmfuse.encode.text"
+TASK_ENCODE_AUDIO = "mmfuse.encode.audio"
 TASK_FUSE = "mmfuse.fuse"
 TASK_DELIVER_WEBHOOK = "mmfuse.webhooks.deliver"
 # maintenance: the periodic ones (reap, sweeps) are sent by `mmfuse beat`
@@ -40,11 +41,12 @@ TASK_SWEEP_WEBHOOK_OUTBOX = "mmfuse.maintenance.sweep_webhook_outbox"
 TASK_RECOVER_WORKERS = "mmfuse.maintenance.recover_workers"
 TASK_SWEEP_ORPHANED_TASKS = "mmfuse.maintenance.sweep_orphaned_tasks"
 
-ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT}
+ENCODE_TASKS = {"image": TASK_ENCODE_IMAGE, "text": TASK_ENCODE_TEXT, "audio": TASK_ENCODE_AUDIO}
 STAGE_TASKS = {**ENCODE_TASKS, FUSION: TASK_FUSE}  # the task that runs each stage of a job
 ROUTES = {
     TASK_ENCODE_IMAGE: {"queue": "image"},
     TASK_ENCODE_TEXT: {"queue": "text"},
+    TASK_ENCODE_AUDIO: {"queue": "audio"},
     TASK_FUSE: {"queue": "fusion"},
     TASK_DELIVER_WEBHOOK: {"queue": "webhooks"},
     TASK_REAP_JOBS: {"queue": "maintenance"},

@@ -67,6 +67,8 @@ def _render_embeddings(embeddings: dict[str, Any], encoding_format: EncodingForm
     rendered = dict(embeddings)
     rendered["images"] = [render(v) for v in embeddings["images"]]
     rendered["texts"] = [render(v) for v in embeddings["texts"]]
+    if "audios" in embeddings:
+        rendered["audios"] = [render(v) for v in embeddings["audios"]]
     rendered["fused"] = render(embeddings["fused"])
     rendered["encoding_format"] = encoding_format
     return rendered
@@ -116,6 +118,7 @@ def job_view(record: JobRecord, encoding_format: EncodingFormat = "float") -> Jo
         request=JobRequestSummary(
             images=len(spec.image_keys),
             texts=len(spec.texts),
+            audios=len(spec.audio_keys),
             labels=list(spec.labels),
             outputs=[Output(output) for output in spec.outputs],
             fusion=FusionStrategy(spec.fusion),

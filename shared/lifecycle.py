@@ -104,7 +104,7 @@ def _revoke(celery: Celery, spec: JobSpec) -> None:
 
 def _release_blobs(celery: Celery, spec: JobSpec) -> None:
     """Queue the deletion of the job's input blobs; never raises (the periodic sweep is the backstop)."""
-    if not spec.image_keys:
+    if not spec.image_keys and not spec.audio_keys:
         return
     try:
         celery.send_task(TASK_RELEASE_BLOBS, args=[spec.id])

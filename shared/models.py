@@ -1,8 +1,10 @@
 """Model loading and the encoder protocol shared by every encoder worker.
 
-An encoder turns a list of prepared inputs into one L2-normalised float32 row per input. Preparation
-(decode + preprocess one item) is separate from encoding (one forward pass over a batch) so workers can
-prepare items in their own threads while the batcher's single inference thread runs the model.
+An encoder prepares each item into its *parts* (one for an image or a text, one per 10 s window for an audio
+clip), encodes a list of parts into one L2-normalised float32 row per part, and an item's vector is its
+parts' rows combined (:func:`combine_parts`). Preparation (decode + preprocess one item) is separate from
+encoding (one forward pass over a batch) so workers can prepare items in their own threads while the
+batcher's single inference thread runs the model; :func:`embed` does all three in-process.
 
 Checkpoints load with ``from_pretrained(id_or_path)``: a hub id in production, a local directory
 offline (``mmfuse models make-test`` writes one).
@@ -17,9 +19,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mmfuse.shared.audio import AudioLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +45,31 @@ class Encoder(Protocol):
     # encodes (CLIP: exp of its ``logit_scale`` weight); None when it has none (image and sentence encoders).
     logit_scale: float | None
 
-    def prepare(self, raw: Any) -> Any:
-        """Turn one raw input (image bytes, text) into what ``encode`` batches. Thread-safe."""
+    def prepare(self, raw: Any) -> list[Any]:
+        """Turn one raw input (image bytes, text, audio bytes) into its parts, what ``encode`` batches: one
+        for an image or a text, one per window for an audio clip. Thread-safe."""
 
-    def encode(self, prepared: list[Any]) -> np.ndarray:
-        """One forward pass: (len(prepared), dim) float32, rows L2-normalised."""
+    def encode(self, parts: list[Any]) -> np.ndarray:
+        """One forward pass: (len(parts), dim) float32, rows L2-normalised."""
+
+
+def combine_parts(rows: np.ndarray) -> np.ndarray:
+    """An item's vector from its parts' rows (k, dim): the L2-normalised mean; a single row as it is."""
+    if len(rows) == 1:
+        return rows[0]
+    mean = rows.mean(axis=0, dtype=np.float32)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+def embed(encoder: Encoder, raws: Sequence[Any]) -> np.ndarray:
+    """(len(raws), dim) float32: prepare every item, one ``encode`` over all their parts, combine per item."""
+    items = [encoder.prepare(raw) for raw in raws]
+    parts = [part for item in items for part in item]
+    if not parts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    rows = encoder.encode(parts)
+    bounds = np.cumsum([0] + [len(item) for item in items])
+    return np.stack([combine_parts(rows[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 def _torch():
@@ -110,15 +135,85 @@ class ClipImageEncoder:
         self.dim = self.model.config.projection_dim
         self._dtype = _torch_dtype(dtype)
 
-    def prepare(self, raw: bytes):
+    def prepare(self, raw: bytes) -> list:
         image = decode_image(raw, self.max_pixels, self.max_aspect_ratio)
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return [self.processor(images=image, return_tensors="pt")["pixel_values"][0]]
 
-    def encode(self, prepared: list) -> np.ndarray:
+    def encode(self, parts: list) -> np.ndarray:
         torch = _torch()
-        pixel_values = torch.stack(prepared).to(device=self.device, dtype=self._dtype)
+        pixel_values = torch.stack(parts).to(device=self.device, dtype=self._dtype)
         with torch.inference_mode():
             embeds = self.model(pixel_values=pixel_values).image_embeds
+        return _l2_normalise(embeds)
+
+
+def audio_windows(samples: np.ndarray, window: int) -> list[np.ndarray]:
+    """A clip's windows of ``window`` samples (CLAP: 10 s): the clip itself when it is no longer; else
+    consecutive windows from its start, the last one its final ``window`` samples (overlapping the one
+    before), so that no window is cropped at random or padded. Views, not copies."""
+    if len(samples) <= window:
+        return [samples]
+    starts = [*range(0, len(samples) - window, window), len(samples) - window]
+    return [samples[start : start + window] for start in starts]
+
+
+class ClapAudioEncoder:
+    """CLAP's audio tower (HTSAT) and projection; only these weights are loaded.
+
+    A clip is decoded to mono float32 at 48 kHz (``shared.audio``) and cut into windows of the feature
+    extractor's length (:func:`audio_windows`); each window is one part, its log-mel spectrogram one input of
+    the forward pass, and the clip's vector the normalised mean of its windows' (:func:`combine_parts`).
+    Nothing random runs: the feature extractor's "rand_trunc" mode crops at random only input longer than
+    its window, which no window is, and repeats shorter input to the window's length ("repeatpad"). Fused
+    checkpoints (``enable_fusion``) are refused: their "fusion" mode picks crops, and which clips of a batch
+    get them, at random.
+    """
+
+    modality = "audio"
+    logit_scale: float | None = None  # labels are encoded by the text tower, whose encoder carries the scale
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32", limits: AudioLimits | None = None):
+        from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
+
+        from mmfuse.shared.audio import CLAP_SAMPLE_RATE, AudioLimits
+        from mmfuse.shared.settings import get_settings
+
+        self.model_id = model_id
+        self.device = device
+        self.limits = limits if limits is not None else AudioLimits.from_settings(get_settings())
+        self.feature_extractor = ClapFeatureExtractor.from_pretrained(model_id)
+        self.sample_rate: int = self.feature_extractor.sampling_rate
+        if self.sample_rate != CLAP_SAMPLE_RATE:
+            raise ValueError(f"{model_id}: features at {self.sample_rate} Hz, clips decode at {CLAP_SAMPLE_RATE} Hz")
+        model = ClapAudioModelWithProjection.from_pretrained(model_id)
+        if model.config.enable_fusion:
+            raise ValueError(f"{model_id}: fused CLAP checkpoints are not supported (their features crop at random)")
+        self.model = _prepare_model(model, device, dtype)
+        self.dim = self.model.config.projection_dim
+        self.window = self.feature_extractor.nb_max_samples  # samples per window: max_length_s at 48 kHz
+        self._dtype = _torch_dtype(dtype)
+
+    def prepare(self, raw: bytes) -> list:
+        from mmfuse.shared.audio import decode_audio
+
+        return self.prepare_waveform(decode_audio(raw, self.limits))
+
+    def prepare_waveform(self, samples: np.ndarray) -> list:
+        """The parts of a decoded clip (mono float32 samples at 48 kHz): each window's log-mel spectrogram."""
+        if samples.ndim != 1 or len(samples) == 0:
+            raise InputError("invalid_audio", f"audio must be mono samples, got an array of shape {samples.shape}")
+        return [
+            self.feature_extractor(
+                window, sampling_rate=self.sample_rate, truncation="rand_trunc", return_tensors="pt"
+            )["input_features"][0]
+            for window in audio_windows(samples, self.window)
+        ]
+
+    def encode(self, parts: list) -> np.ndarray:
+        torch = _torch()
+        features = torch.stack(parts).to(device=self.device, dtype=self._dtype)
+        with torch.inference_mode():
+            embeds = self.model(input_features=features).audio_embeds
         return _l2_normalise(embeds)
 
 
@@ -143,8 +238,8 @@ class _TextEncoder:
         self._counting_tokenizer = AutoTokenizer.from_pretrained(model_id)
         self._counting_lock = threading.Lock()
 
-    def prepare(self, raw: str) -> str:
-        return raw
+    def prepare(self, raw: str) -> list[str]:
+        return [raw]
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """The tokens ``encode`` reads for ``texts``: special tokens included, after truncation, no padding."""
@@ -154,10 +249,10 @@ class _TextEncoder:
             encoded = self._counting_tokenizer(list(texts), truncation=True, max_length=self.max_length)
         return sum(len(ids) for ids in encoded["input_ids"])
 
-    def encode(self, prepared: list[str]) -> np.ndarray:
+    def encode(self, parts: list[str]) -> np.ndarray:
         torch = _torch()
         tokens = self.tokenizer(
-            prepared, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            parts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         with torch.inference_mode():
             pooled = self._pool(tokens)
@@ -200,16 +295,37 @@ class SentenceEncoder(_TextEncoder):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+class ClapTextEncoder(_TextEncoder):
+    """CLAP's text tower (RoBERTa) and projection: the same space as ``ClapAudioEncoder`` of one checkpoint.
+
+    Its scale is the audio side's (``logit_scale_a``): classifying a clip over labels is ClapModel's
+    ``logits_per_audio``, which multiplies by that one.
+    """
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(model_id, device, dtype)
+        self.logit_scale = learned_logit_scale(model_id, CLAP_LOGIT_SCALE_WEIGHT)
+
+    def _load_model(self, model_id: str):
+        from transformers import ClapTextModelWithProjection
+
+        return ClapTextModelWithProjection.from_pretrained(model_id)
+
+    def _pool(self, tokens):
+        return self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+
+
 LOGIT_SCALE_WEIGHT = "logit_scale"  # CLIPModel's learned log temperature
+CLAP_LOGIT_SCALE_WEIGHT = "logit_scale_a"  # ClapModel's, of logits_per_audio (logit_scale_t: logits_per_text)
 
 
-def learned_logit_scale(model_id: str) -> float | None:
-    """exp(``logit_scale``) of a CLIP checkpoint: the scale of the image-text cosine similarities its towers
-    were trained with (100 for OpenAI's released CLIPs), or None when its weights have none.
+def learned_logit_scale(model_id: str, weight: str = LOGIT_SCALE_WEIGHT) -> float | None:
+    """exp(``weight``) of a CLIP or CLAP checkpoint: the scale of the cosine similarities its towers were
+    trained with (100 for OpenAI's released CLIPs), or None when its weights have none.
 
-    The weight is CLIPModel's, outside both towers, so loading a tower leaves it out: it is read alone from
-    the checkpoint's weights file (safetensors, single or sharded; else pytorch_model.bin, memory-mapped),
-    which loading the tower just fetched. Computed in float32, as CLIPModel does.
+    The weight is the full model's, outside both towers, so loading a tower leaves it out: it is read alone
+    from the checkpoint's weights file (safetensors, single or sharded; else pytorch_model.bin,
+    memory-mapped), which loading the tower just fetched. Computed in float32, as CLIPModel and ClapModel do.
     """
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
 
@@ -219,7 +335,7 @@ def learned_logit_scale(model_id: str) -> float | None:
     torch = _torch()
     value = None
     if index := find(SAFE_WEIGHTS_INDEX_NAME):
-        shard = json.loads(Path(index).read_text())["weight_map"].get(LOGIT_SCALE_WEIGHT)
+        shard = json.loads(Path(index).read_text())["weight_map"].get(weight)
         path = find(shard) if shard else None
     else:
         path = find(SAFE_WEIGHTS_NAME)
@@ -227,10 +343,10 @@ def learned_logit_scale(model_id: str) -> float | None:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as weights:
-            if LOGIT_SCALE_WEIGHT in weights.keys():  # noqa: SIM118 (safe_open has keys(), no __contains__)
-                value = weights.get_tensor(LOGIT_SCALE_WEIGHT)
+            if weight in weights.keys():  # noqa: SIM118 (safe_open has keys(), no __contains__)
+                value = weights.get_tensor(weight)
     elif path := find(WEIGHTS_NAME):
-        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(LOGIT_SCALE_WEIGHT)
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(weight)
     return None if value is None else float(value.float().exp())
 
 
@@ -268,15 +384,24 @@ def load_encoder(
     dtype: str = "float32",
     max_pixels: int = 0,
     max_aspect_ratio: float = 0,
+    audio_limits: AudioLimits | None = None,
 ) -> Encoder:
-    """Build the encoder for ``modality`` from a checkpoint id or directory."""
+    """Build the encoder for ``modality`` from a checkpoint id or directory. ``audio_limits``: what an audio
+    encoder decodes (None: the process's settings')."""
     _quiet_transformers()
     if modality == "image":
         return ClipImageEncoder(model_id, device, dtype, max_pixels, max_aspect_ratio)
     if modality == "text":
-        if _model_type(model_id) == "clip":
+        model_type = _model_type(model_id)
+        if model_type == "clip":
             return ClipTextEncoder(model_id, device, dtype)
+        if model_type == "clap":
+            return ClapTextEncoder(model_id, device, dtype)
         return SentenceEncoder(model_id, device, dtype)
+    if modality == "audio":
+        if (model_type := _model_type(model_id)) != "clap":
+            raise ValueError(f"{model_id} is not a CLAP checkpoint (model type {model_type!r})")
+        return ClapAudioEncoder(model_id, device, dtype, audio_limits)
     raise ValueError(f"unknown modality {modality!r}")
 
 
@@ -286,21 +411,35 @@ REFERENCE_CAPTION = "a photo of a red dog on a beach"
 
 
 def tower_cost(modality: str, model_id: str) -> float:
-    """Multiply-accumulates of one item's forward pass through a tower's transformer layers: an image, or
-    the reference caption as the model's tokenizer cuts it. Read from the checkpoint's config and tokenizer,
-    no weights: deterministic, and cheap enough for the local stack to split a host's CPUs between its
-    encoder pools by (``shared.cpus``). Per layer and token: the q, k, v and output projections (4 h^2),
-    the MLP (2 h i) and attention over the sequence (2 s h); embeddings, pooling and projections are left out.
+    """Multiply-accumulates of one item's forward pass through a tower's transformer layers: an image, the
+    reference caption as the model's tokenizer cuts it, or one 10 s window of audio (a clip costs one per
+    window). Read from the checkpoint's config and tokenizer, no weights: deterministic, and cheap enough for
+    the local stack to split a host's CPUs between its encoder pools by (``shared.cpus``). Per layer and
+    token: the q, k, v and output projections (4 h^2), the MLP (2 h i) and attention over the sequence
+    (2 s h); embeddings, pooling and projections are left out.
+
+    CLAP's audio tower (HTSAT, a Swin transformer) attends within windows of w x w tokens and halves each
+    side of its token grid (merging 2 x 2 patches) and doubles its width from one stage to the next: stage k
+    of depth d_k has h_k = h_0 2^k, i_k = mlp_ratio h_k, n_k = (g / 2^k)^2 tokens of the g x g patch grid
+    (g = spec_size / patch_stride) and windows of s_k = min(w, g / 2^k)^2 tokens; it costs
+    d_k n_k (4 h_k^2 + 2 h_k i_k + 2 s_k h_k). Patch embedding and merging are left out.
 
     B/32 CLIP: the vision tower 4.3 G; the text tower 0.91 G with the test checkpoint's byte-level tokenizer
     (24 tokens), 0.38 G with CLIP's own (10 tokens). all-MiniLM-L6-v2: 0.12 G (11 tokens).
+    laion/clap-htsat-unfused: the audio tower 5.7 G per window.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     _quiet_transformers()
     config = AutoConfig.from_pretrained(model_id)
+    if modality == "audio":
+        if not hasattr(config, "audio_config"):
+            raise ValueError(f"{model_id} has no audio tower")
+        return _htsat_cost(config.audio_config)
     if modality == "image":
         config = getattr(config, "vision_config", config)
+        if not hasattr(config, "image_size"):
+            raise ValueError(f"{model_id} has no vision tower")
         tokens = (config.image_size // config.patch_size) ** 2 + 1  # patches and the class token
     elif modality == "text":
         config = getattr(config, "text_config", config)
@@ -310,6 +449,20 @@ def tower_cost(modality: str, model_id: str) -> float:
     hidden, inner = config.hidden_size, config.intermediate_size
     per_token_layer = 4 * hidden * hidden + 2 * hidden * inner + 2 * tokens * hidden
     return float(config.num_hidden_layers * tokens * per_token_layer)
+
+
+def _htsat_cost(audio) -> float:
+    """:func:`tower_cost` of CLAP's audio tower (``ClapAudioConfig``): one window's spectrogram."""
+    stride = audio.patch_stride if isinstance(audio.patch_stride, (list, tuple)) else (audio.patch_stride,) * 2
+    rows, cols = audio.spec_size // stride[0], audio.spec_size // stride[1]
+    total = 0
+    for stage, depth in enumerate(audio.depths):
+        hidden = audio.patch_embeds_hidden_size * 2**stage
+        inner = int(audio.mlp_ratio * hidden)
+        side_rows, side_cols = rows // 2**stage, cols // 2**stage
+        window = min(audio.window_size, side_rows, side_cols) ** 2
+        total += depth * side_rows * side_cols * (4 * hidden * hidden + 2 * hidden * inner + 2 * window * hidden)
+    return float(total)
 
 
 _cache: dict[tuple, Encoder] = {}
@@ -343,15 +496,16 @@ def get_encoder(
     threads: int = 1,
     max_pixels: int = 0,
     max_aspect_ratio: float = 0,
+    audio_limits: AudioLimits | None = None,
 ) -> Encoder:
     """The process's encoder for these arguments, loaded once (workers call this at start); ``threads``: the
     process's torch threads (:func:`set_torch_threads`)."""
-    key = (modality, model_id, device, dtype, max_pixels, max_aspect_ratio)
+    key = (modality, model_id, device, dtype, max_pixels, max_aspect_ratio, audio_limits)
     with _cache_lock:
         set_torch_threads(threads)
         if key not in _cache:
             log.info("loading %s encoder %s on %s (%s)", modality, model_id, device, dtype)
-            _cache[key] = load_encoder(modality, model_id, device, dtype, max_pixels, max_aspect_ratio)
+            _cache[key] = load_encoder(modality, model_id, device, dtype, max_pixels, max_aspect_ratio, audio_limits)
         return _cache[key]
 
 
@@ -371,11 +525,35 @@ class TestCheckpointSize:
     projection_dim: int
 
 
-TEST_SIZES = {  # also the choices of `mmfuse models make-test --size`
+TEST_SIZES = {  # CLIP's: also the choices of `mmfuse up --test-size`
     "tiny": TestCheckpointSize(32, 2, 2, 32, 2, 2, 32, 8, 32),
     # ViT-B/32 CLIP's shapes: the same compute as openai/clip-vit-base-patch32, random weights.
     "b32": TestCheckpointSize(512, 12, 8, 768, 12, 12, 224, 32, 512),
 }
+
+
+@dataclass(frozen=True)
+class ClapTestCheckpointSize:
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_vocab: int  # rows of the word embeddings; 0: the fixed vocabulary's size
+    audio_hidden: int  # the first stage's width (patch_embeds_hidden_size); it doubles at every stage
+    audio_depths: tuple[int, ...]
+    audio_heads: tuple[int, ...]
+    patch: int  # patch size and stride, over the 256 x 256 spectrogram image
+    projection_dim: int
+
+
+CLAP_TEST_SIZES = {
+    # A 10 s window's forward pass takes about 10 ms on one CPU thread.
+    "tiny": ClapTestCheckpointSize(32, 2, 2, 0, 16, (2, 2), (2, 4), 8, 32),
+    # laion/clap-htsat-unfused's shapes (153.5 M parameters): the same compute, random weights.
+    "full": ClapTestCheckpointSize(768, 12, 12, 50265, 96, (2, 2, 6, 2), (4, 8, 16, 32), 4, 512),
+}
+
+# The choices of `mmfuse models make-test --kind K --size S`.
+TEST_CHECKPOINT_SIZES: dict[str, dict[str, Any]] = {"clip": TEST_SIZES, "clap": CLAP_TEST_SIZES}
 
 
 def _fixed_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -393,16 +571,38 @@ def _fixed_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a CLIP checkpoint with seeded random weights and a fixed tokenizer to ``directory``."""
-    torch = _torch()
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+def _fixed_roberta_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A fixed byte-level RoBERTa (GPT-2 style) vocabulary, like :func:`_fixed_clip_vocab`: RoBERTa's special
+    tokens at its ids (<s> 0, <pad> 1, </s> 2, <unk> 3), every byte, a few merges ("Ġ" marks a leading
+    space), <mask> last."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    if size not in TEST_SIZES:
-        raise ValueError(f"size must be one of {sorted(TEST_SIZES)}")
-    shape = TEST_SIZES[size]
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("Ġa", "n"), ("Ġan", "d"), ("Ġ", "o"), ("Ġo", "f")]
+    vocab_tokens = ["<s>", "<pad>", "</s>", "<unk>", *bytes_to_unicode().values()]
+    vocab_tokens += [first + second for first, second in merges]
+    vocab_tokens += ["<mask>"]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, kind: str = "clip") -> Path:
+    """Write a checkpoint of ``kind`` ("clip" or "clap") with seeded random weights and a fixed tokenizer to
+    ``directory``: the same bytes for the same arguments."""
+    if kind not in TEST_CHECKPOINT_SIZES:
+        raise ValueError(f"kind must be one of {sorted(TEST_CHECKPOINT_SIZES)}")
+    if size not in TEST_CHECKPOINT_SIZES[kind]:
+        raise ValueError(f"size of a {kind} test checkpoint must be one of {sorted(TEST_CHECKPOINT_SIZES[kind])}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if kind == "clap":
+        _write_clap_checkpoint(directory, size, seed)
+    else:
+        _write_clip_checkpoint(directory, TEST_SIZES[size], seed)
+    return directory
+
+
+def _write_clip_checkpoint(directory: Path, shape: TestCheckpointSize, seed: int) -> None:
+    torch = _torch()
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     vocab, merges = _fixed_clip_vocab()
     # transformers annotates merges as ``str | list[str]``, but hands them to tokenizers' BPE, which takes
@@ -439,4 +639,64 @@ def make_test_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 
         size={"shortest_edge": shape.image_size},
         crop_size={"height": shape.image_size, "width": shape.image_size},
     ).save_pretrained(directory)
-    return directory
+
+
+def _write_clap_checkpoint(directory: Path, size: str, seed: int) -> None:
+    torch = _torch()
+    from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    vocab, merges = _fixed_roberta_vocab()
+    # merges as pairs: see _write_clip_checkpoint.
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=512)  # type: ignore[arg-type]
+    # laion/clap-htsat-unfused's feature extractor settings (its preprocessor_config.json).
+    feature_extractor = ClapFeatureExtractor(
+        feature_size=64,
+        sampling_rate=48_000,
+        hop_length=480,
+        max_length_s=10,
+        fft_window_size=1024,
+        frequency_min=50,
+        frequency_max=14_000,
+        truncation="rand_trunc",
+        padding="repeatpad",
+    )
+    ClapProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(directory)
+
+    config = clap_test_config(size)
+    torch.manual_seed(seed)
+    ClapModel(config).save_pretrained(directory)
+
+
+def clap_test_config(size: str):
+    """The ``ClapConfig`` of the CLAP test checkpoint of ``size`` (:data:`CLAP_TEST_SIZES`)."""
+    from transformers import ClapConfig
+
+    shape = CLAP_TEST_SIZES[size]
+    vocab, _ = _fixed_roberta_vocab()
+    return ClapConfig(
+        text_config=dict(
+            vocab_size=shape.text_vocab or len(vocab),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_hidden * 4,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            max_position_embeddings=514,  # RoBERTa's: 512 tokens after the padding id's offset
+            type_vocab_size=1,
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+            pad_token_id=vocab["<pad>"],
+        ),
+        audio_config=dict(
+            patch_embeds_hidden_size=shape.audio_hidden,
+            hidden_size=shape.audio_hidden * 2 ** (len(shape.audio_depths) - 1),  # the last stage's width
+            depths=list(shape.audio_depths),
+            num_attention_heads=list(shape.audio_heads),
+            patch_size=shape.patch,
+            patch_stride=[shape.patch, shape.patch],
+            spec_size=256,  # 1001 frames x 64 mel bins fold into 256 x 256
+            window_size=8,
+            num_mel_bins=64,
+            enable_fusion=False,
+        ),
+        projection_dim=shape.projection_dim,
+    )

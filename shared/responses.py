@@ -63,6 +63,7 @@ class SubmitAnswer(_Answer):
 class JobRequestSummary(_Answer):
     images: int = Field(ge=0, description="How many images were submitted.")
     texts: int = Field(ge=0, description="How many texts were submitted.")
+    audios: int = Field(0, ge=0, description="How many audio clips were submitted.")
     labels: list[str]
     outputs: list[Output]
     fusion: FusionStrategy
@@ -93,9 +94,26 @@ ENCODING_FORMATS: tuple[EncodingFormat, ...] = get_args(EncodingFormat)
 class Embeddings(_Answer):
     images: list[Vector] = Field(description="One vector per image, in submission order.")
     texts: list[Vector] = Field(description="One vector per text, in submission order.")
+    audios: list[Vector] = Field(
+        default_factory=list, description="One vector per audio clip, in submission order (its windows' mean)."
+    )
     fused: Vector | None = Field(description="The fused vector of the job's modalities.")
     fusion: FusionStrategy
     encoding_format: EncodingFormat
+    spaces: dict[str, str] = Field(
+        default_factory=dict,
+        description="The embedding space (the model) of each list of vectors present: `images`, `texts`, `audios`.",
+    )
+
+
+class Similarity(_Answer):
+    """Cosine similarity matrices, one per pair of the job's modalities whose embedding spaces allow it."""
+
+    image_text: list[list[float]] | None = Field(None, description="images × texts (one model for both).")
+    audio_text: list[list[float]] | None = Field(
+        None, description="audios × texts, the texts encoded by the audio model's text tower."
+    )
+    audio_image: list[list[float]] | None = Field(None, description="audios × images (one model for both).")
 
 
 class Classification(_Answer):
@@ -107,6 +125,9 @@ class Classify(_Answer):
     labels: list[str]
     images: list[Classification]
     texts: list[Classification]
+    audios: list[Classification] = Field(
+        default_factory=list, description="Against the labels as the audio model's text tower encodes them."
+    )
 
 
 class Usage(_Answer):
@@ -117,9 +138,11 @@ class JobResult(_Answer):
     """What a succeeded job produced: one key per requested output."""
 
     embeddings: Embeddings | None = None
-    similarity: list[list[float]] | None = Field(None, description="Cosine similarity, images × texts.")
+    similarity: Similarity | None = None
     classify: Classify | None = None
-    usage: Usage | None = Field(None, description="Set on a job of texts (and labels) without images.")
+    usage: Usage | None = Field(
+        None, description="Set on a job that one encoder pool ended with a text tower's work: e.g. texts alone."
+    )
 
 
 class JobFailure(_Answer):

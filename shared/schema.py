@@ -11,15 +11,18 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+if TYPE_CHECKING:
+    from mmfuse.shared.spaces import JobShape
+
 # A job's stages, in pipeline order: one encoder stage per modality, then fusion when there is more than
 # one (``JobSpec.stages``).
-Modality = Literal["image", "text"]
-Stage = Literal["image", "text", "fusion"]
+Modality = Literal["image", "text", "audio"]
+Stage = Literal["image", "text", "audio", "fusion"]
 MODALITIES: tuple[Modality, ...] = get_args(Modality)
 STAGES: tuple[Stage, ...] = get_args(Stage)
 FUSION: Stage = "fusion"
@@ -89,6 +92,10 @@ class ErrorCode(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_TOO_ELONGATED = "image_too_elongated"
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
+    AUDIO_TOO_LARGE = "audio_too_large"  # 413: more bytes than MMFUSE_MAX_AUDIO_BYTES
+    AUDIO_TOO_LONG = "audio_too_long"  # longer than MMFUSE_MAX_AUDIO_SECONDS, by its header
+    UNSUPPORTED_AUDIO_FORMAT = "unsupported_audio_format"
+    INVALID_AUDIO = "invalid_audio"  # a header no real clip has: channels, sample rate, frames beyond its size
     INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
     WEBHOOK_URL_REJECTED = "webhook_url_rejected"
     MODEL_NOT_FOUND = "model_not_found"  # POST /v1/embeddings: a model this server does not serve
@@ -108,6 +115,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     # job failures
     IMAGE_DECODE_FAILED = "image_decode_failed"
+    AUDIO_DECODE_FAILED = "audio_decode_failed"  # also the gateway's answer to an unreadable audio header
     BLOB_MISSING = "blob_missing"
     ENCODER_ERROR = "encoder_error"
     FUSION_ERROR = "fusion_error"
@@ -153,6 +161,7 @@ class ModalityWeights(BaseModel):
     # Relative weights: bounded and finite, so a weighted sum cannot overflow to inf/NaN.
     image: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
     text: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
+    audio: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
 
 
 class JobOptions(BaseModel):
@@ -195,6 +204,9 @@ class JobRequest(JobOptions):
 
     images: list[str] = Field(default_factory=list, description="Base64-encoded image files.")
     texts: list[str] = Field(default_factory=list)
+    audios: list[str] = Field(
+        default_factory=list, description="Base64-encoded audio files (WAV, FLAC, OGG Vorbis/Opus, MP3)."
+    )
 
 
 # --- what services pass between them --------------------------------------------------------------
@@ -202,7 +214,9 @@ class JobRequest(JobOptions):
 
 @dataclass
 class JobSpec:
-    """A validated job as stored in its record; image bytes live in the blob store under ``image_keys``."""
+    """A validated job as stored in its record; image and audio bytes live in the blob store under
+    ``image_keys`` and ``audio_keys``. ``spaces``: the model of each of its modalities' pools when it was
+    submitted (``shared.spaces``: what it may compare, and which pool encodes what)."""
 
     id: str
     created_at: float
@@ -211,20 +225,33 @@ class JobSpec:
     labels: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=lambda: [Output.EMBEDDINGS.value])
     fusion: str = FusionStrategy.MEAN.value
-    weights: dict[str, float] = field(default_factory=lambda: {"image": 1.0, "text": 1.0})
+    weights: dict[str, float] = field(default_factory=lambda: {"image": 1.0, "text": 1.0, "audio": 1.0})
     webhook: dict | None = None
     status_url: str = ""  # where clients read the job; webhook payloads link to it
     owner: str = ""  # the id of the API key that submitted it; other keys get 404
+    audio_keys: list[str] = field(default_factory=list)
+    spaces: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> JobShape:
+        from mmfuse.shared.spaces import JobShape  # spaces builds on this module's names
+
+        counts: dict[Modality, int] = {
+            "image": len(self.image_keys),
+            "text": len(self.texts),
+            "audio": len(self.audio_keys),
+        }
+        return JobShape(counts, len(self.labels), self.outputs, self.fusion, self.weights, self.spaces)
+
+    @property
+    def encodings(self) -> dict[Modality, list[str]]:
+        """Per encoder pool, the kinds of vectors it computes for this job (``shared.spaces``)."""
+        return self.shape.encodings()
 
     @property
     def modalities(self) -> list[Modality]:
-        """The encoder pools this job needs; labels are encoded by the text tower."""
-        needed: list[Modality] = []
-        if self.image_keys:
-            needed.append("image")
-        if self.texts or self.labels:
-            needed.append("text")
-        return needed
+        """The encoder pools this job needs, in pipeline order."""
+        return list(self.encodings)
 
     @property
     def stages(self) -> list[Stage]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_AUDIO_MODEL = "laion/clap-htsat-unfused"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 
@@ -214,6 +215,9 @@ class Settings:
     model: str = DEFAULT_MODEL
     image_model: str = ""  # empty: same as model
     text_model: str = ""  # empty: same as model
+    # The audio pool's CLAP checkpoint: its audio tower, and its text tower for the texts and labels that
+    # audio is compared with (shared/spaces.py).
+    audio_model: str = DEFAULT_AUDIO_MODEL
     device: str = setting("cpu", torch_device)  # cpu | cuda | cuda:N
     # float32 | float16 | bfloat16 (half types only on CUDA)
     dtype: str = setting("float32", one_of("float32", "float16", "bfloat16"), half_precision_needs_cuda)
@@ -232,6 +236,9 @@ class Settings:
     image_max_wait_ms: float = setting(5.0, non_negative)
     text_max_batch_size: int = setting(32, positive)
     text_max_wait_ms: float = setting(2.0, non_negative)
+    # a batch item is one 10 s window of a clip (~0.3 s of one CPU thread at clap-htsat-unfused's size)
+    audio_max_batch_size: int = setting(8, positive)
+    audio_max_wait_ms: float = setting(10.0, non_negative)
     # threads per encoder worker: items waiting to join a batch
     worker_concurrency: int = setting(32, positive)
     # Wait max_wait_ms for a batch to fill even when no task is preparing items: bigger batches under a
@@ -249,6 +256,16 @@ class Settings:
     # long side / short side; preprocessing upscales the short side
     max_image_aspect_ratio: float = setting(20.0, at_least(1))
     image_formats: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "bmp")
+    max_audios: int = setting(8, positive)
+    max_audio_bytes: int = setting(32 * 1024 * 1024, positive)
+    # by the clip's header, before anything is decoded; a clip is encoded as ceil(seconds / 10) windows
+    max_audio_seconds: float = setting(60.0, positive)
+    max_audio_channels: int = setting(8, positive)
+    min_audio_sample_rate: int = setting(
+        4000, positive, below_field("max_audio_sample_rate", "the lowest sample rate must be below the highest")
+    )
+    max_audio_sample_rate: int = setting(384_000, positive)
+    audio_formats: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
     max_wait_s: float = setting(30.0, non_negative)  # cap for GET /v1/jobs/<id>?wait= and POST Prefer: wait
 
     # --- gateway processes (gunicorn; `mmfuse gateway` and the local stack alike) ---
@@ -323,6 +340,14 @@ class Settings:
     @property
     def effective_text_model(self) -> str:
         return self.text_model or self.model
+
+    def batching(self, modality: str) -> tuple[int, float]:
+        """A tower's dynamic batching: (max batch size, max wait in ms), per modality it encodes."""
+        return getattr(self, f"{modality}_max_batch_size"), getattr(self, f"{modality}_max_wait_ms")
+
+    def models(self) -> dict[str, str]:
+        """The model of each encoder pool: the embedding space its vectors are in (``shared.spaces``)."""
+        return {"image": self.effective_image_model, "text": self.effective_text_model, "audio": self.audio_model}
 
     @property
     def shared_embedding_space(self) -> bool:

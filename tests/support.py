@@ -4,9 +4,13 @@ reference encoders, and a look at the broker's task messages."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +49,16 @@ def make_png(color: tuple[int, int, int], size: tuple[int, int] = (48, 40), fmt:
     return buffer.getvalue()
 
 
+@functools.cache
+def clap_checkpoint() -> Path:
+    """The tiny CLAP test checkpoint of this test process, written once (the audio pool of every stack)."""
+    from mmfuse.shared.models import make_test_checkpoint
+
+    directory = Path(tempfile.mkdtemp(prefix="mmfuse-clap-tiny-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return make_test_checkpoint(directory, "tiny", 0, kind="clap")
+
+
 def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
     from mmfuse.cli.stack import free_port
 
@@ -53,8 +67,10 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
         "MMFUSE_S3_BUCKET": "mmfuse-test",
         "MMFUSE_MODEL": str(checkpoint),
+        "MMFUSE_AUDIO_MODEL": str(clap_checkpoint()),
         "MMFUSE_IMAGE_MAX_WAIT_MS": "20",
         "MMFUSE_TEXT_MAX_WAIT_MS": "10",
+        "MMFUSE_AUDIO_MAX_WAIT_MS": "10",
         "MMFUSE_WORKER_CONCURRENCY": "64",
         "MMFUSE_WEBHOOK_SECRETS": " ".join(TEST_WEBHOOK_SECRETS),
         "MMFUSE_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8 ::1/128",
@@ -378,7 +394,11 @@ class Reference:
 
     def images(self, raw_images: Sequence[bytes]) -> np.ndarray:
         """(len(raw_images), dim) L2-normalised embeddings of encoded images."""
-        return self.image.encode([self.image.prepare(raw) for raw in raw_images])
+        from mmfuse.shared.models import embed
+
+        return embed(self.image, raw_images)
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.text.encode([self.text.prepare(text) for text in texts])
+        from mmfuse.shared.models import embed
+
+        return embed(self.text, texts)

@@ -1,4 +1,10 @@
-"""The encoder worker body shared by the image and text pools; they differ only in their encoder.
+"""The encoder worker body shared by the image, text and audio pools; they differ only in their encoder.
+
+A job's part in a pool is the kinds of vectors ``JobSpec.encodings`` gives it (``shared.spaces``): its
+items (images, texts, audio clips), and the texts and labels it puts in its model's space with the model's
+text tower (the text pool: the labels; the audio pool: the texts and labels it compares clips with). Each
+tower has its batcher. An item may be several parts (an audio clip's 10 s windows): every part is one
+batch row, and the item's vector is ``shared.models.combine_parts`` of its parts' rows.
 
 Run with Celery's ``threads`` pool: each task thread fetches and prepares its job's items (decode,
 preprocess), hands them to the process's one ``DynamicBatcher`` and waits on futures, while the batcher's
@@ -22,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,17 +41,27 @@ from mmfuse.shared.blobstore import BlobMissing, BlobStore
 from mmfuse.shared.celery_app import ENCODE_TASKS, MAX_ATTEMPTS, TASK_FUSE, create_celery, durable_task, stage_task_id
 from mmfuse.shared.cpus import read_cpu_budget, torch_threads
 from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
-from mmfuse.shared.models import Encoder, InputError, get_encoder
+from mmfuse.shared.models import Encoder, InputError, combine_parts, get_encoder
 from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Modality
 from mmfuse.shared.settings import Settings, get_settings
+from mmfuse.shared.spaces import POOLS_WITH_TEXT_TOWER, items_of
 from mmfuse.shared.stores import Stores
 from mmfuse.shared.stores.vectors import FanIn
-from mmfuse.workers.fusion.fusion import FusionError, build_job_result, classify_scale
+from mmfuse.workers.fusion.fusion import FusionError, build_result, classify_scale
 
 log = logging.getLogger(__name__)
 
-# What an encoder pool reads for a job: (vector kind, raw inputs) pairs, e.g. ("label", ["cat", "dog"]).
-GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence[Any]]]]
+
+def read_inputs(spec: JobSpec, kind: str, blobs: BlobStore) -> Sequence[Any]:
+    """The raw inputs of a kind of the job's vectors: blob bytes for images and audio clips, the strings of
+    texts and labels (whichever tower encodes them)."""
+    items = items_of(kind)
+    if items == "image":
+        return [blobs.get(key) for key in spec.image_keys]
+    if items == "audio":
+        return [blobs.get(key) for key in spec.audio_keys]
+    return spec.texts if items == "text" else spec.labels
+
 
 # The inference thread needs the GIL between torch ops; with Python's default 5 ms switch interval it
 # waits behind task threads (decode, preprocessing, Redis) and the Celery consumer for up to 5 ms per op,
@@ -55,24 +72,35 @@ GatherInputs = Callable[[JobSpec, BlobStore], Sequence[tuple[str, Sequence[Any]]
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
+@dataclass
+class Tower:
+    """One model tower of a pool and the batcher its inference thread runs."""
+
+    encoder: Encoder
+    batcher: DynamicBatcher[Any, np.ndarray]
+
+
+def _rows_of(encoder: Encoder) -> Callable[[list[Any]], list[np.ndarray]]:
+    """A tower's batch function for its batcher: one row (a view, no copy) per part."""
+    return lambda parts: list(encoder.encode(parts))
+
+
 class EncoderWorker:
     def __init__(
         self,
         modality: Modality,
-        gather_inputs: GatherInputs,
         settings: Settings,
         celery: Celery,
         stores: Stores,
         blobs: BlobStore,
     ) -> None:
         self.modality: Modality = modality
-        self.gather_inputs = gather_inputs
         self.settings = settings
         self.celery = celery
         self.stores = stores
         self.blobs = blobs
-        self.encoder: Encoder | None = None
-        self.batcher: DynamicBatcher[Any, np.ndarray] | None = None
+        # The pool's item tower ("item"), and the text tower of a pool that has one ("text"); see tower_for.
+        self.towers: dict[str, Tower] = {}
         # Tasks running, and those of them whose items are already in the batcher (see _expecting_more).
         self._count_lock = threading.Lock()
         self._active_tasks = 0
@@ -80,18 +108,25 @@ class EncoderWorker:
 
     @property
     def model_id(self) -> str:
-        s = self.settings
-        return s.effective_image_model if self.modality == "image" else s.effective_text_model
+        return self.settings.models()[self.modality]
 
     @property
-    def classify_scale(self) -> float:
-        """The softmax scale for classifying against the labels this pool encodes (only the text pool does):
-        ``MMFUSE_LOGIT_SCALE``, else the checkpoint's learned one; decided here, where the checkpoint is."""
-        assert self.encoder is not None, "start() loads the model first"
-        return classify_scale(self.settings.logit_scale, self.encoder.logit_scale)
+    def encoder(self) -> Encoder | None:
+        """The pool's own tower's encoder (None before start)."""
+        tower = self.towers.get("item")
+        return tower.encoder if tower is not None else None
+
+    def tower_for(self, kind: str) -> Tower:
+        """The tower that encodes a kind: the pool's own, or (``text@audio``, ``label@audio``) its text tower."""
+        return self.towers["text" if "@" in kind else "item"]
+
+    def classify_scale(self, label_kind: str) -> float:
+        """The softmax scale for classifying against the labels of ``label_kind`` this pool encoded:
+        ``MMFUSE_LOGIT_SCALE``, else its tower's learned one; decided here, where the checkpoint is."""
+        return classify_scale(self.settings.logit_scale, self.tower_for(label_kind).encoder.logit_scale)
 
     def start(self) -> None:
-        """Load the model once for this process, warm it up, and start the batcher's inference thread."""
+        """Load the model once for this process, warm it up, and start the batchers' inference threads."""
         s = self.settings
         budget = read_cpu_budget()
         threads = torch_threads(s.torch_threads, s.cpu_share, budget)
@@ -104,46 +139,49 @@ class EncoderWorker:
             budget.describe(),
         )
         metrics.ENCODER_TORCH_THREADS.labels(self.modality).set(threads)
+        towers: list[tuple[str, Modality]] = [("item", self.modality)]
+        if self.modality in POOLS_WITH_TEXT_TOWER:
+            towers.append(("text", "text"))
         with metrics.Timer() as load:
-            self.encoder = get_encoder(
-                self.modality,
-                self.model_id,
-                s.device,
-                s.dtype,
-                threads,
-                s.max_image_pixels,
-                s.max_image_aspect_ratio,
-            )
+            encoders = {
+                name: get_encoder(
+                    tower_modality,
+                    self.model_id,
+                    s.device,
+                    s.dtype,
+                    threads,
+                    s.max_image_pixels,
+                    s.max_image_aspect_ratio,
+                )
+                for name, tower_modality in towers
+            }
         metrics.ENCODER_MODEL_LOAD.labels(self.modality).set(load.seconds)
-        if self.modality == "image":
-            max_batch, max_wait = s.image_max_batch_size, s.image_max_wait_ms
-        else:
-            max_batch, max_wait = s.text_max_batch_size, s.text_max_wait_ms
-        self.batcher = DynamicBatcher(
-            self._encode_batch,
-            max_batch,
-            max_wait,
-            name=f"{self.modality}-inference",
-            on_batch=self._on_batch,
-            expecting_more=None if s.batch_wait_always else self._expecting_more,
-        )
-        log.info(
-            "%s worker ready: model %s, dim %d, batch <= %d, wait <= %.1f ms",
-            self.modality,
-            self.model_id,
-            self.encoder.dim,
-            max_batch,
-            max_wait,
-        )
+        for name, tower_modality in towers:
+            max_batch, max_wait = s.batching(tower_modality)
+            self.towers[name] = Tower(
+                encoders[name],
+                DynamicBatcher(
+                    _rows_of(encoders[name]),
+                    max_batch,
+                    max_wait,
+                    name=f"{self.modality}-{name}-inference",
+                    on_batch=self._on_batch,
+                    expecting_more=None if s.batch_wait_always else self._expecting_more,
+                ),
+            )
+            log.info(
+                "%s worker ready: %s tower of %s, dim %d, batch <= %d, wait <= %.1f ms",
+                self.modality,
+                name,
+                self.model_id,
+                encoders[name].dim,
+                max_batch,
+                max_wait,
+            )
 
     def stop(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close(timeout=30)
-
-    def _encode_batch(self, items: list[Any]) -> list[np.ndarray]:
-        """The inference thread's call: one row (a view, no copy) per item."""
-        assert self.encoder is not None  # start() loaded it before the batcher exists
-        return list(self.encoder.encode(items))
+        for tower in self.towers.values():
+            tower.batcher.close(timeout=30)
 
     def _on_batch(self, stats: BatchStats) -> None:
         log.debug(
@@ -159,27 +197,29 @@ class EncoderWorker:
         metrics.ENCODER_BATCH_WAIT.labels(self.modality).observe(stats.max_queue_wait_s)
         metrics.ENCODER_INFERENCE_DURATION.labels(self.modality).observe(stats.inference_s)
 
-    def _prepare(self, raw: Any) -> Any:
-        assert self.encoder is not None
+    def _prepare(self, encoder: Encoder, raw: Any) -> list[Any]:
         with metrics.Timer() as prep:
-            prepared = self.encoder.prepare(raw)
+            parts = encoder.prepare(raw)
         metrics.ENCODER_PREPROCESS_DURATION.labels(self.modality).observe(prep.seconds)
-        return prepared
+        return parts
 
-    def encode(self, raw_items: Sequence) -> tuple[np.ndarray, int]:
-        """Prepare items in this thread, run them through the shared batcher.
-
-        Returns the vectors and the largest batch any of them ran in (recorded on the job).
-        """
-        assert self.encoder is not None and self.batcher is not None, "start() loads the model first"
-        prepared = [self._prepare(raw) for raw in raw_items]
+    def encode(self, kind: str, raw_items: Sequence) -> tuple[np.ndarray, int]:
+        """Prepare a kind's items in this thread, run their parts through the tower's batcher, and combine
+        each item's parts. Returns the vectors and the largest batch any part ran in (recorded on the job)."""
+        tower = self.tower_for(kind)
+        items = [self._prepare(tower.encoder, raw) for raw in raw_items]
         with self._submitting():
-            futures = self.batcher.submit_many(prepared)
+            futures = tower.batcher.submit_many([part for parts in items for part in parts])
             wait(futures)
         if not futures:
-            return np.zeros((0, self.encoder.dim), "f4"), 0
+            return np.zeros((0, tower.encoder.dim), "f4"), 0
         results = [f.result() for f in futures]
-        return np.stack([r.value for r in results]), max(r.batch_size for r in results)
+        rows = np.stack([r.value for r in results])
+        vectors, start = [], 0
+        for parts in items:
+            vectors.append(combine_parts(rows[start : start + len(parts)]))
+            start += len(parts)
+        return np.stack(vectors), max(r.batch_size for r in results)
 
     @contextmanager
     def _active(self) -> Iterator[None]:
@@ -228,11 +268,12 @@ class EncoderWorker:
                 f"{attempt - 1} times without finishing (worker crashes or a poison input)",
             )
             return
+        kinds = spec.encodings.get(self.modality, [])
         try:
             with metrics.Timer() as fetch:
-                inputs = self.gather_inputs(spec, self.blobs)
+                inputs = [(kind, read_inputs(spec, kind, self.blobs)) for kind in kinds]
             metrics.ENCODER_FETCH_DURATION.labels(self.modality).observe(fetch.seconds)
-            encoded = [(kind, *self.encode(raw_items)) for kind, raw_items in inputs]
+            encoded = [(kind, *self.encode(kind, raw_items)) for kind, raw_items in inputs]
         except InputError as exc:
             self.fail(spec, exc.code, str(exc))
             return
@@ -246,37 +287,45 @@ class EncoderWorker:
             self.fail(spec, ErrorCode.ENCODER_ERROR, f"{type(exc).__name__}: {exc}")
             return
         by_kind = {kind: kind_vectors for kind, kind_vectors, _ in encoded}
-        batch_size = max(size for _, _, size in encoded)
+        batch_size = max((size for _, _, size in encoded), default=0) or None
+        # classify's scale for the label vectors this pool encoded, stored beside them
+        scales = {kind: self.classify_scale(kind) for kind in kinds if items_of(kind) == "label"}
         if spec.stages == [self.modality]:  # this stage is the job's only one: nothing to fuse
-            self._finish_job(spec, by_kind, batch_size, inputs)
+            self._finish_job(spec, by_kind, scales, batch_size, inputs)
             return
         fan_in = self.stores.vectors.finish_encoding(
-            job_id,
-            self.modality,
-            by_kind,
-            batch_size,
-            spec.modalities,
-            self.classify_scale if len(by_kind.get("label", ())) else None,  # with the labels this pool encoded
+            job_id, self.modality, by_kind, batch_size, spec.modalities, scales
         )
         if fan_in == FanIn.COMPLETE:
             self.celery.send_task(TASK_FUSE, args=[job_id], task_id=stage_task_id(job_id, FUSION))
 
     def _finish_job(
-        self, spec: JobSpec, vectors: dict[str, np.ndarray], batch_size: int, inputs: Sequence[tuple[str, Sequence]]
+        self,
+        spec: JobSpec,
+        vectors: dict[str, np.ndarray],
+        scales: dict[str, float],
+        batch_size: int | None,
+        inputs: Sequence[tuple[str, Sequence]],
     ) -> None:
         """End a job whose only modality is this pool's: nothing to fuse, so no fusion hop. The result is
-        what fusion would build from the same vectors (``build_job_result``), and the job ends the same way,
+        what fusion would build from the same vectors (``build_result``), and the job ends the same way,
         this stage's end recorded in the same step. A text tower adds the tokens it read (``usage``: what
         ``POST /v1/embeddings`` reports, counted where the tokenizer already is)."""
         try:
             with metrics.Timer() as fusion:
-                result = build_job_result(spec, vectors, self.classify_scale)
+                result = build_result(spec, vectors, scales)
         except FusionError as exc:
             self.fail(spec, ErrorCode.FUSION_ERROR, str(exc))
             return
-        count_tokens = getattr(self.encoder, "count_tokens", None)
-        if count_tokens is not None:
-            result["usage"] = {"text_tokens": sum(count_tokens(raw_items) for _, raw_items in inputs)}
+        tokens = 0
+        counted = False
+        for kind, raw_items in inputs:
+            count_tokens = getattr(self.tower_for(kind).encoder, "count_tokens", None)
+            if count_tokens is not None:
+                tokens += count_tokens(raw_items)
+                counted = True
+        if counted:
+            result["usage"] = {"text_tokens": tokens}
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
         succeed_job(self.stores, self.celery, spec, result, stage=self.modality, batch_size=batch_size)
 
@@ -293,7 +342,6 @@ class EncoderWorker:
 
 def create_encoder_app(
     modality: Modality,
-    gather_inputs: GatherInputs,
     settings: Settings | None = None,
     stores: Stores | None = None,
     blobs: BlobStore | None = None,
@@ -303,7 +351,6 @@ def create_encoder_app(
     celery = create_celery(settings)
     worker = EncoderWorker(
         modality,
-        gather_inputs,
         settings,
         celery,
         stores or Stores.connect(settings.redis_url, settings.job_ttl_s),

@@ -4,9 +4,9 @@ Only a job with more than one modality stores vectors: a job with one ends in it
 builds the result from the vectors it just computed.
 
 Keys (expire ``job_ttl_s`` after they are written; deleted when the job ends):
-- ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> little-endian float32 bytes (kind: image, text,
-  label); with the labels, ``logit_scale`` -> classify's softmax scale, a decimal string (the text pool's
-  choice, ``workers.fusion.fusion.classify_scale``)
+- ``mmfuse:job:<id>:vectors``  hash: ``<kind>:<index>`` -> little-endian float32 bytes (kinds:
+  ``shared.spaces``); with label vectors, ``logit_scale:<label kind>`` -> classify's softmax scale for them,
+  a decimal string (the choice of the pool that encoded them, ``workers.fusion.fusion.classify_scale``)
 - ``mmfuse:job:<id>:done``     set of the encoder stages that finished: fusion runs once it holds them all
 
 Each step that moves a stage and touches these keys is one Lua script (one round trip, atomic) over the
@@ -36,7 +36,9 @@ def _done_key(job_id: str) -> str:
     return f"{job_key(job_id)}:done"
 
 
-LOGIT_SCALE_FIELD = "logit_scale"
+def _logit_scale_field(label_kind: str) -> str:
+    return f"logit_scale:{label_kind}"
+
 
 # Lua's unpack() puts its values on the C stack (a few thousand at most): write the vectors in slices.
 _HSET_SLICE = 1000  # arguments: an even count, so a slice never splits a field from its value
@@ -94,14 +96,16 @@ class FusionStart:
 
     def vectors(self, spec: JobSpec) -> dict[str, np.ndarray]:
         """The job's vectors by kind, as many of each as its spec has items; KeyError when any is missing."""
-        counts = {"image": len(spec.image_keys), "text": len(spec.texts), "label": len(spec.labels)}
-        return {kind: self._rows(kind, count) for kind, count in counts.items() if count}
+        shape = spec.shape
+        return {kind: self._rows(kind, shape.count(kind)) for kinds in spec.encodings.values() for kind in kinds}
 
     @property
-    def logit_scale(self) -> float | None:
-        """The softmax scale stored with the label vectors; None when there is none."""
-        stored = self.stored.get(LOGIT_SCALE_FIELD)
-        return None if stored is None else float(stored)
+    def logit_scales(self) -> dict[str, float]:
+        """The softmax scales stored with the label vectors, by label kind."""
+        prefix = _logit_scale_field("")
+        return {
+            name.removeprefix(prefix): float(value) for name, value in self.stored.items() if name.startswith(prefix)
+        }
 
     def _rows(self, kind: str, count: int) -> np.ndarray:
         rows = [self.stored.get(f"{kind}:{i}") for i in range(count)]
@@ -124,18 +128,19 @@ class VectorStore(RedisStore):
         vectors: Mapping[str, np.ndarray],
         batch_size: int | None,
         modalities: Iterable[Modality],
-        logit_scale: float | None = None,
+        logit_scales: Mapping[str, float] | None = None,
     ) -> FanIn:
-        """An encoder stage's end, in one step: its vectors by kind (and ``logit_scale`` with label vectors),
-        the stage's end on the record, and the fan-in over the job's ``modalities``. Safe to repeat (a
-        redelivered task writes the same); after the job ended it writes nothing."""
+        """An encoder stage's end, in one step: its vectors by kind (and ``logit_scales`` by the kind of the
+        label vectors they go with), the stage's end on the record, and the fan-in over the job's
+        ``modalities``. Safe to repeat (a redelivered task writes the same); after the job ended it writes
+        nothing."""
         expected = list(modalities)
         fields: list[bytes | str] = []
         for kind, rows in vectors.items():
             for i, row in enumerate(rows):
                 fields += [f"{kind}:{i}", np.asarray(row, dtype="<f4").tobytes()]
-        if logit_scale is not None:
-            fields += [LOGIT_SCALE_FIELD, repr(logit_scale)]
+        for label_kind, scale in (logit_scales or {}).items():
+            fields += [_logit_scale_field(label_kind), repr(scale)]
         args = [
             *job_args(job_id),
             modality,

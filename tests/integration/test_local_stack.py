@@ -4,14 +4,13 @@ demo job asks only for what the configured models can answer."""
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import sys
 
 import requests
 
-from mmfuse.cli.main import DEMO_TEXTS, demo_image, demo_options
+from mmfuse.cli.main import demo_job
 from mmfuse.cli.stack import RestartPolicy
 from mmfuse.shared.models import make_test_checkpoint
 from tests.support import api_session, running_stack, stack_env, wait_for
@@ -51,8 +50,7 @@ def test_the_gateway_is_restarted_a_crash_loop_stops_the_stack_and_the_demo_fits
         # `mmfuse up`'s demo job for these models: accepted and run.
         settings = stack.settings()
         assert not settings.shared_embedding_space
-        body = {"images": [base64.b64encode(demo_image()).decode()], "texts": DEMO_TEXTS}
-        body.update(demo_options(settings.shared_embedding_space))
+        body = demo_job(settings.models(), ("image", "text"))
         api = api_session(stack.api_key)
         answer = api.post(f"{stack.gateway_url}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=90)
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text

@@ -99,7 +99,7 @@ def scrape_all(stack) -> dict[str, Samples]:
 
 
 # The pools whose metrics the counts below are about; maintenance runs on beat's schedule all along.
-COUNTED_QUEUES = ("image", "text", "fusion", "webhooks")
+COUNTED_QUEUES = ("image", "text", "audio", "fusion", "webhooks")
 
 
 def quiesce(redis_client) -> None:

@@ -207,7 +207,8 @@ def test_an_unknown_model_is_refused_naming_the_served_ones(oai, model):
         ({"input": [[1, 2, 3]]}, "input", "token-id arrays"),
         ({"input": [1, 2, 3]}, "input", "token-id arrays"),
         ({"input": "hello", "dimensions": 16}, "dimensions", "not supported"),
-        ({"input": "hello", "extra_body": {"modality": "audio"}}, "modality", "served: text, image"),
+        ({"input": "hello", "extra_body": {"modality": "audio"}}, "model", "not audio"),  # a CLIP id for audio
+        ({"input": "hello", "extra_body": {"modality": "video"}}, "modality", "'text', 'image' or 'audio'"),
         ({"input": ["  "]}, "input.0", "must not be empty"),
         ({"input": "hello", "extra_body": {"modality": "image"}}, "input.0", "data URI"),
     ],
@@ -247,3 +248,30 @@ def test_the_rest_of_the_api_keeps_its_error_shape(api, stack):
     answer = api.post(f"{stack.gateway_url}/v1/jobs", json={"texts": []}, timeout=10)
     assert answer.status_code == 422 and set(answer.json()["error"]) >= {"code", "message"}
     assert "type" not in answer.json()["error"]
+
+
+def test_audio_clips_as_data_uris_are_embedded_by_the_audio_model(oai, settings):
+    import io
+
+    import soundfile
+
+    from mmfuse.shared.models import embed, get_encoder
+
+    clips = []
+    for seed, rate in ((0, 16_000), (1, 48_000)):
+        samples = np.random.default_rng(seed).uniform(-0.3, 0.3, rate).astype(np.float32)
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, rate, format="WAV", subtype="FLOAT")
+        clips.append(buffer.getvalue())
+    uris = ["data:audio/wav;base64," + base64.b64encode(clip).decode() for clip in clips]
+    answer = oai.embeddings.create(
+        model=model_alias(settings.audio_model), input=uris, encoding_format="float", extra_body={"modality": "audio"}
+    )
+    assert answer.model == settings.audio_model and answer.usage.prompt_tokens == 0
+    got = np.array([item.embedding for item in answer.data])
+    np.testing.assert_allclose(got, embed(get_encoder("audio", settings.audio_model), clips), atol=TOL)
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # no URLs for audio
+        oai.embeddings.create(
+            model=settings.audio_model, input="http://127.0.0.1/a.wav", extra_body={"modality": "audio"}
+        )
+    assert caught.value.param == "input.0" and "data URI" in caught.value.message

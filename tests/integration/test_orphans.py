@@ -18,7 +18,7 @@ import pytest
 
 from mmfuse.shared.celery_app import stage_task_id
 from mmfuse.shared.stores import Stores, connect
-from mmfuse.workers.fusion.fusion import fuse
+from mmfuse.workers.fusion.fusion import centroid, fuse
 from mmfuse.workers.maintenance.orphans import CONFIRM_S
 from tests.support import TOL, api_session, broker_tasks, make_png, running_stack, stack_env, wait_for
 
@@ -132,7 +132,9 @@ def test_a_lost_fusion_task_is_sent_again_once_the_encoders_finished(ostack, bro
     ref_images, ref_texts = reference.images([image]), reference.texts([text])
     np.testing.assert_allclose(job["result"]["embeddings"]["images"], ref_images, atol=TOL)
     np.testing.assert_allclose(
-        job["result"]["embeddings"]["fused"], fuse(ref_images, ref_texts, "mean", {"image": 1.0, "text": 1.0}), atol=TOL
+        job["result"]["embeddings"]["fused"],
+        fuse([(1.0, centroid(ref_images)), (1.0, centroid(ref_texts))], "mean"),
+        atol=TOL,
     )
     record = stores.jobs.get(job_id)
     assert record is not None and [record.stage_attempts(s) for s in ("image", "text", "fusion")] == [1, 1, 1]

@@ -20,8 +20,6 @@ from mmfuse.shared.stores.vectors import FanIn
 from mmfuse.workers.fusion.fusion import build_result, classify_scale
 from tests.support import TOL, make_png, wait_for, wait_until_no_tasks
 
-NO_VECTORS = np.zeros((0, 0), np.float32)  # what build_result gets for a kind the job has none of
-
 
 def fusion_starts(stack) -> float:
     """Fusion tasks that started a job's fusion stage, as the fusion pool counts them (its queue waits)."""
@@ -73,10 +71,8 @@ def test_a_text_only_job_ends_in_its_encoder_with_the_fusion_result(stack, clien
     spec = JobSpec(id=job["id"], created_at=0, texts=texts, labels=labels, outputs=["embeddings", "classify"])
     expected = build_result(
         spec,
-        NO_VECTORS,
-        reference.texts(texts),
-        reference.texts(labels),
-        classify_scale(settings.logit_scale, reference.text.logit_scale),
+        {"text": reference.texts(texts), "label": reference.texts(labels)},
+        {"label": classify_scale(settings.logit_scale, reference.text.logit_scale)},
     )
     # The text tower's own count of what it read, texts and labels (fusion has no tokenizer to count with).
     usage = job["result"].pop("usage")
@@ -105,13 +101,7 @@ def test_an_image_only_job_ends_in_its_encoder(stack, client, redis_client, refe
     spec = JobSpec(
         id=job["id"], created_at=0, image_keys=["a", "b"], fusion="concat", weights={"image": 2.0, "text": 1.0}
     )
-    expected = build_result(
-        spec,
-        reference.images(images),
-        NO_VECTORS,
-        NO_VECTORS,
-        classify_scale(settings.logit_scale, reference.text.logit_scale),
-    )
+    expected = build_result(spec, {"image": reference.images(images)}, {})
     assert_result_equals(job["result"], expected)
     assert set(job["timings"]["stages"]) == {"image"}
     assert fusion_starts(stack) == before
@@ -141,7 +131,9 @@ def test_a_multimodal_job_still_fans_in_to_fusion(stack, client, redis_client, r
     assert_result_equals(
         job["result"],
         build_result(
-            spec, ref_images, ref_texts, ref_labels, classify_scale(settings.logit_scale, reference.text.logit_scale)
+            spec,
+            {"image": ref_images, "text": ref_texts, "label": ref_labels},
+            {"label": classify_scale(settings.logit_scale, reference.text.logit_scale)},
         ),
     )
     assert set(job["timings"]["stages"]) == {"image", "text", "fusion"}

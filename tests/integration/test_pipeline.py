@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from mmfuse.workers.fusion.fusion import classify_scale, fuse, zero_shot
+from mmfuse.workers.fusion.fusion import centroid, classify_scale, fuse, zero_shot
 from tests.support import TOL, make_png
 
 
@@ -32,9 +32,9 @@ def test_embeddings_equal_in_process_model(client, reference, settings):
     np.testing.assert_allclose(got_images, ref_images, atol=TOL)
     np.testing.assert_allclose(got_texts, ref_texts, atol=TOL)
     np.testing.assert_allclose(
-        result["embeddings"]["fused"], fuse(ref_images, ref_texts, "mean", {"image": 1.0, "text": 1.0}), atol=TOL
+        result["embeddings"]["fused"], fuse([(1.0, centroid(ref_images)), (1.0, centroid(ref_texts))], "mean"), atol=TOL
     )
-    np.testing.assert_allclose(result["similarity"], ref_images @ ref_texts.T, atol=TOL)
+    np.testing.assert_allclose(result["similarity"]["image_text"], ref_images @ ref_texts.T, atol=TOL)
     expected_scores = zero_shot(
         ref_images, ref_labels, classify_scale(settings.logit_scale, reference.text.logit_scale)
     )
@@ -61,7 +61,7 @@ def test_each_output_kind_alone(client, reference, settings, outputs):
     if outputs == ["embeddings"]:
         np.testing.assert_allclose(job["result"]["embeddings"]["images"], ref_images, atol=TOL)
     elif outputs == ["similarity"]:
-        np.testing.assert_allclose(job["result"]["similarity"], ref_images @ ref_texts.T, atol=TOL)
+        np.testing.assert_allclose(job["result"]["similarity"]["image_text"], ref_images @ ref_texts.T, atol=TOL)
     else:
         ref_labels = reference.texts(labels)
         scale = classify_scale(settings.logit_scale, reference.text.logit_scale)

@@ -157,7 +157,7 @@ def test_client_run_is_one_post_for_a_quick_job(stack):
     client.session.hooks["response"].append(lambda response, **_: requests_sent.append(response.request.method))
     job = client.run([make_png((200, 200, 0))], ["a yellow box"], timeout_s=20, outputs=["embeddings", "similarity"])
     assert job["status"] == "succeeded", job["error"]
-    assert job["result"]["similarity"]
+    assert job["result"]["similarity"]["image_text"]
     assert requests_sent == ["POST"]
 
 

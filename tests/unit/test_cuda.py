@@ -39,11 +39,11 @@ def minilm() -> str:
 
 
 def encode(modality: str, model: str, device: str, dtype: str) -> np.ndarray:
-    from mmfuse.shared.models import load_encoder
+    from mmfuse.shared.models import embed, load_encoder
 
     encoder = load_encoder(modality, model, device, dtype)
     raw = images() if modality == "image" else TEXTS
-    vectors = encoder.encode([encoder.prepare(item) for item in raw])
+    vectors = embed(encoder, raw)
     del encoder
     torch.cuda.empty_cache()
     return vectors

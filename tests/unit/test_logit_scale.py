@@ -56,5 +56,5 @@ def test_classify_without_a_scale_is_a_fusion_error_not_a_silent_default():
     spec = JobSpec(id="j", created_at=0, texts=["a"], labels=["x", "y"], outputs=["classify"])
     rows = np.eye(2, dtype=np.float32)
     with pytest.raises(FusionError, match="scale"):
-        build_result(spec, np.zeros((0, 0), np.float32), rows[:1], rows, None)
-    assert build_result(spec, np.zeros((0, 0), np.float32), rows[:1], rows, 2.0)["classify"]["texts"][0]["label"] == "x"
+        build_result(spec, {"text": rows[:1], "label": rows}, {})
+    assert build_result(spec, {"text": rows[:1], "label": rows}, {"label": 2.0})["classify"]["texts"][0]["label"] == "x"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfuse.shared.models import InputError, decode_image, get_encoder, make_test_checkpoint
+from mmfuse.shared.models import InputError, combine_parts, decode_image, embed, get_encoder, make_test_checkpoint
 
 
 def digest(directory) -> dict[str, str]:
@@ -39,9 +39,9 @@ def test_clip_towers_match_full_model(checkpoint_dir):
         text_ref = torch.nn.functional.normalize(full.get_text_features(**tokens).pooler_output, dim=-1)
         image_ref = torch.nn.functional.normalize(full.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     np.testing.assert_allclose(text_encoder.encode(texts), text_ref.numpy(), atol=1e-6)
-    np.testing.assert_allclose(
-        image_encoder.encode([image_encoder.prepare(png.getvalue())]), image_ref.numpy(), atol=1e-6
-    )
+    np.testing.assert_allclose(embed(text_encoder, texts), text_ref.numpy(), atol=1e-6)
+    assert len(image_encoder.prepare(png.getvalue())) == 1  # an image is one part
+    np.testing.assert_allclose(embed(image_encoder, [png.getvalue()]), image_ref.numpy(), atol=1e-6)
 
 
 def test_batched_text_equals_one_by_one(checkpoint_dir):
@@ -51,6 +51,19 @@ def test_batched_text_equals_one_by_one(checkpoint_dir):
     singles = np.concatenate([encoder.encode([t]) for t in texts])
     np.testing.assert_allclose(batched, singles, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-6)
+
+
+def test_combine_parts_is_the_normalised_mean():
+    rows = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(combine_parts(rows[:1]), rows[0])  # one part: its row as it is
+    combined = combine_parts(rows)
+    assert combined.dtype == np.float32
+    np.testing.assert_allclose(combined, np.array([3.0, 4.0, 1.0]) / np.sqrt(26.0), atol=1e-7)
+
+
+def test_embed_of_nothing_is_an_empty_matrix(checkpoint_dir):
+    encoder = get_encoder("text", str(checkpoint_dir))
+    assert embed(encoder, []).shape == (0, encoder.dim)
 
 
 def test_real_minilm_embeds_meaning():

@@ -95,7 +95,7 @@ def succeeded_fields() -> dict[str, str]:
     vector = vector_to_b64([0.6, 0.8])
     result = {
         "embeddings": {"images": [vector], "texts": [vector, vector], "fused": vector, "fusion": "mean"},
-        "similarity": [[0.5, 0.25]],
+        "similarity": {"image_text": [[0.5, 0.25]]},
         "classify": {
             "labels": ["cat", "dog"],
             "images": [{"label": "cat", "scores": [0.9, 0.1]}],

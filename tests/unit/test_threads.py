@@ -242,7 +242,7 @@ def test_the_worker_runs_with_the_resolved_threads_and_exposes_them(checkpoint_d
     from mmfuse.workers.encoder import EncoderWorker
 
     settings = Settings(model=str(checkpoint_dir), torch_threads="auto", cpu_share=0.01)
-    worker = EncoderWorker("text", lambda spec, blobs: [], settings, None, None, None)  # type: ignore[arg-type]
+    worker = EncoderWorker("text", settings, None, None, None)  # type: ignore[arg-type]
     before = torch.get_num_threads()
     try:
         worker.start()

@@ -19,7 +19,7 @@ from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
 from mmfuse.shared.schema import FUSION, ErrorCode
 from mmfuse.shared.settings import Settings, get_settings
 from mmfuse.shared.stores import Stores
-from mmfuse.workers.fusion.fusion import FusionError, build_job_result
+from mmfuse.workers.fusion.fusion import FusionError, build_result
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class FusionWorker:
             return
         try:
             with metrics.Timer() as fusion:
-                # The scale the text pool stored with the label vectors: it has the checkpoint, fusion has none.
-                result = build_job_result(spec, start.vectors(spec), start.logit_scale)
+                # The scales the pools stored with the label vectors: they have the checkpoints, fusion has none.
+                result = build_result(spec, start.vectors(spec), start.logit_scales)
         except (FusionError, KeyError) as exc:
             fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.FUSION_ERROR, str(exc))
             return
