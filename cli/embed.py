@@ -1,10 +1,11 @@
 """``mmfuse embed PATH... --out FILE``: embed a folder or a manifest of items through the API, in bulk.
 
-An item is one job: an image, a text, or both (a manifest row may also name audio, which is reported as an
-unsupported modality while the server has no audio input). Folders are walked in name order: images by
-extension or magic bytes, ``.txt`` files as one text each, audio files by extension; a ``.jsonl`` or
-``.csv`` manifest gives one item per row (columns ``image``: a path, URL, data URI or base64; ``text``;
-``audio``; optional ``id``).
+An item is one job: an image, a text, an audio clip, or several of them. Folders are walked in name order:
+images by extension or magic bytes, ``.txt`` files as one text each, audio files by extension; a ``.jsonl`` or
+``.csv`` manifest gives one item per row (columns ``image`` and ``audio``: a path relative to the manifest,
+an http(s) URL, a data: URI or base64; ``text``; optional ``id``). The default ``--fusion mean`` needs the
+item's vectors in one embedding space: an item mixing audio with an image or a text (by default CLAP and
+CLIP, two spaces) fails with ``incompatible_embedding_spaces``, and its row says to pass ``--fusion concat``.
 
 Jobs go through :meth:`mmfuse_client.Client.run_iter` with bounded concurrency. Each ended item is appended
 to a journal next to the output (``FILE.journal.jsonl``, flushed per row) and the output is written from
@@ -20,6 +21,7 @@ import argparse
 import base64
 import binascii
 import csv
+import errno
 import io
 import itertools
 import json
@@ -27,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,10 +38,11 @@ import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 TEXT_EXTENSIONS = frozenset({".txt"})
-AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac"})
+# the formats the gateway accepts (MMFUSE_AUDIO_FORMATS: WAV, FLAC, OGG Vorbis/Opus, MP3)
+AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus"})
 MANIFEST_EXTENSIONS = frozenset({".jsonl", ".csv"})
 OUTPUT_FORMATS = ("parquet", "jsonl", "npy")
-VECTOR_COLUMNS = ("image_embedding", "text_embedding", "fused_embedding")
+VECTOR_COLUMNS = ("image_embedding", "text_embedding", "audio_embedding", "fused_embedding")
 COLUMNS = ("id", "source", "status", "error", "error_message", "job_id", "content_key", *VECTOR_COLUMNS)
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 URL_FETCH_TIMEOUT_S = 30.0
@@ -73,7 +76,7 @@ class Item:
     image: str | None = None  # a path, http(s) URL, data: URI or base64
     text: str | None = None
     text_file: Path | None = None
-    audio: str | None = None
+    audio: str | None = None  # as image
     problem: ItemError | None = None  # known bad when listed (e.g. an unparsable manifest row)
 
 
@@ -81,6 +84,7 @@ class Item:
 class Loaded:
     images: list[bytes]
     texts: list[str]
+    audios: list[bytes]
 
 
 def looks_like_image(head: bytes) -> bool:
@@ -185,12 +189,10 @@ def _json_row(line: str) -> Any:
         return ItemError("invalid_manifest_row", f"not valid JSON: {exc}")
 
 
-def load(item: Item, audio_supported: Callable[[], str]) -> Loaded:
+def load(item: Item) -> Loaded:
     """The item's inputs as the API takes them; :class:`ItemError` when they cannot be had."""
     if item.problem is not None:
         raise item.problem
-    if item.audio is not None:
-        raise ItemError("unsupported_modality", audio_supported())
     texts = []
     if item.text_file is not None:
         texts.append(_read_text(item.text_file))
@@ -198,8 +200,9 @@ def load(item: Item, audio_supported: Callable[[], str]) -> Loaded:
         texts.append(item.text)
     if any(not text.strip() for text in texts):
         raise ItemError("empty_text", "the text is empty")
-    images = [_read_image(item.image, item.base_dir)] if item.image is not None else []
-    return Loaded(images, texts)
+    images = [read_file(item.image, item.base_dir, "image")] if item.image is not None else []
+    audios = [read_file(item.audio, item.base_dir, "audio")] if item.audio is not None else []
+    return Loaded(images, texts, audios)
 
 
 def _read_text(path: Path) -> str:
@@ -209,7 +212,9 @@ def _read_text(path: Path) -> str:
         raise ItemError("file_unreadable", f"{path}: {exc}") from None
 
 
-def _read_image(reference: str, base_dir: Path) -> bytes:
+def read_file(reference: str, base_dir: Path, modality: str) -> bytes:
+    """The encoded file (an image, an audio clip) that ``reference`` names: an http(s) URL, a data: URI, a path
+    (relative to ``base_dir``) or base64 of the file itself. Errors name the ``modality``."""
     if reference.startswith(("http://", "https://")):
         import requests
 
@@ -217,26 +222,28 @@ def _read_image(reference: str, base_dir: Path) -> bytes:
             response = requests.get(reference, timeout=URL_FETCH_TIMEOUT_S)
             response.raise_for_status()
         except requests.RequestException as exc:
-            raise ItemError("image_fetch_failed", f"{reference}: {exc}") from None
+            raise ItemError(f"{modality}_fetch_failed", f"{reference}: {exc}") from None
         return response.content
     if reference.startswith("data:"):
-        return _b64(reference.partition(",")[2])
+        return _b64(reference.partition(",")[2], modality)
     path = Path(reference) if Path(reference).is_absolute() else base_dir / reference
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        if len(reference) > 64:  # too long for a likely path: base64 of the image itself
-            return _b64(reference)
-        raise ItemError("file_not_found", f"{path}: no such file") from None
     except OSError as exc:
+        # Not a file, and too long for a likely path: base64 of the file itself (whose "/"-separated runs
+        # may be longer than a file name can be).
+        if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG) and len(reference) > 64:
+            return _b64(reference, modality)
+        if exc.errno == errno.ENOENT:
+            raise ItemError("file_not_found", f"{path}: no such file") from None
         raise ItemError("file_unreadable", f"{path}: {exc}") from None
 
 
-def _b64(text: str) -> bytes:
+def _b64(text: str, modality: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ItemError("invalid_base64", "image is neither a file nor valid base64") from None
+        raise ItemError("invalid_base64", f"{modality} is neither a file nor valid base64") from None
 
 
 # --- rows and output files --------------------------------------------------------------------------
@@ -404,7 +411,9 @@ class Tally:
     failures: list[Row] = field(default_factory=list)
 
 
-def row_for(item: Item, key: str | None, outcome: Any = None, error: ItemError | None = None) -> Row:
+def row_for(
+    item: Item, key: str | None, outcome: Any = None, error: ItemError | None = None, fusion: str = "mean"
+) -> Row:
     """The output row of an item: from its run's :class:`~mmfuse_client.Outcome`, or a local ``error``."""
     row: Row = {name: None for name in COLUMNS}
     row.update(id=item.id, source=item.source, content_key=key)
@@ -414,16 +423,28 @@ def row_for(item: Item, key: str | None, outcome: Any = None, error: ItemError |
     job = outcome.job
     row["job_id"] = job.id if job is not None else None
     if outcome.error is not None:
-        row.update(status="failed", error=outcome.error.code, error_message=outcome.error.message)
+        code = outcome.error.code
+        row.update(status="failed", error=code, error_message=explain(code, outcome.error.message, fusion))
         return row
     embeddings = job.result.embeddings
     row.update(
         status="succeeded",
         image_embedding=_vector_or_none(embeddings.images[0]) if embeddings.images else None,
         text_embedding=_vector_or_none(embeddings.texts[0]) if embeddings.texts else None,
+        audio_embedding=_vector_or_none(embeddings.audios[0]) if embeddings.audios else None,
         fused_embedding=_vector_or_none(embeddings.fused),
     )
     return row
+
+
+def explain(code: str, message: str, fusion: str) -> str:
+    """The server's error message, with what to do about it from this command where that is not obvious."""
+    if code == "incompatible_embedding_spaces" and fusion == "mean":
+        return f"{message} (rerun with --fusion concat)"
+    if code == "validation_error" and message.startswith("audios:"):
+        # A server from before audio refuses the unknown field: "audios: Extra inputs are not permitted".
+        return f"{message} (this server has no audio input)"
+    return message
 
 
 class LineFile(io.TextIOBase):
@@ -462,27 +483,6 @@ def make_progress(total: int, enabled: bool) -> Any:
     )
 
 
-def audio_support_message(client: Any) -> Callable[[], str]:
-    """Why an audio item cannot be embedded, asked of the server once (its OpenAPI document's job inputs)."""
-    cached: list[str] = []
-
-    def message() -> str:
-        if not cached:
-            try:
-                schema = client.openapi()["components"]["schemas"]["JobRequest"]["properties"]
-                has_audio = any("audio" in name for name in schema)
-            except Exception:
-                has_audio = False
-            cached.append(
-                "this client cannot send audio yet"
-                if has_audio
-                else "the server has no audio input (its job inputs are images and texts)"
-            )
-        return cached[0]
-
-    return message
-
-
 def embed(args: argparse.Namespace) -> int:
     from mmfuse_client import Client, JobInput, content_idempotency_key
 
@@ -494,12 +494,11 @@ def embed(args: argparse.Namespace) -> int:
     done = {row["id"]: row for row in earlier}
     options: dict[str, Any] = {"fusion": args.fusion}
     client = Client(args.url, args.api_key, timeout_s=args.request_timeout)
-    audio_message = audio_support_message(client)
     tally = Tally()
     started = time.monotonic()
 
     def key_of(loaded: Loaded) -> str:
-        return content_idempotency_key(loaded.images, loaded.texts, options)
+        return content_idempotency_key(loaded.images, loaded.texts, loaded.audios, options=options)
 
     def already_done(item: Item) -> bool:
         """Embedded by an earlier run from the same content (read again to compare: files may change)."""
@@ -507,7 +506,7 @@ def embed(args: argparse.Namespace) -> int:
         if previous is None or previous["status"] != "succeeded":
             return False
         try:
-            return key_of(load(item, audio_message)) == previous["content_key"]
+            return key_of(load(item)) == previous["content_key"]
         except ItemError:
             return False
 
@@ -533,20 +532,20 @@ def embed(args: argparse.Namespace) -> int:
         # Read lazily, as run_iter takes them: a few items ahead of the jobs in flight, not the whole input.
         for item in remaining:
             try:
-                loaded = load(item, audio_message)
+                loaded = load(item)
             except ItemError as exc:
                 record(row_for(item, None, error=exc))
                 continue
             key = key_of(loaded)
             submitted[next(indices)] = (item, key)  # run_iter numbers what it reads from 0, as this does
-            yield JobInput(loaded.images, loaded.texts, options, idempotency_key=key)
+            yield JobInput(loaded.images, loaded.texts, loaded.audios, options=options, idempotency_key=key)
 
     interrupted = False
     stream = client.run_iter(inputs(), concurrency=args.concurrency, timeout_s=args.timeout)
     try:
         for outcome in stream:
             item, key = submitted.pop(outcome.index)
-            record(row_for(item, key, outcome))
+            record(row_for(item, key, outcome, fusion=args.fusion))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -605,7 +604,7 @@ def add_parser(commands: Any) -> None:
     """Register ``mmfuse embed`` on the ``mmfuse`` command's subparsers."""
     parser = commands.add_parser(
         "embed",
-        help="embed folders of images/texts or a JSONL/CSV manifest into Parquet, JSONL or .npy",
+        help="embed folders of images/texts/audio or a JSONL/CSV manifest into Parquet, JSONL or .npy",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="folders, files, or .jsonl/.csv manifests")
@@ -614,7 +613,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--url", default=None, help="the API (default: $MMFUSE_API_URL, else http://127.0.0.1:8080)")
     parser.add_argument("--api-key", default=None, help="default: $MMFUSE_API_KEY")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs in flight (default 8)")
-    parser.add_argument("--fusion", choices=("mean", "concat"), default="mean")
+    parser.add_argument(
+        "--fusion",
+        choices=("mean", "concat"),
+        default="mean",
+        help="mean (default) needs one embedding space; concat for items mixing audio with images or texts",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per item, retries included")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds per HTTP request")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

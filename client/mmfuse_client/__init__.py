@@ -22,6 +22,7 @@ from mmfuse_client.results import (
     MmfuseConnectionError,
     MmfuseError,
     Outcome,
+    Similarity,
     Timings,
 )
 from mmfuse_client.retry import RetryPolicy
@@ -45,6 +46,7 @@ __all__ = [
     "MmfuseError",
     "Outcome",
     "RetryPolicy",
+    "Similarity",
     "Timings",
     "WebhookVerificationError",
     "content_idempotency_key",

@@ -82,11 +82,12 @@ class AsyncClient(ClientBase):
         self,
         images: Sequence[bytes] = (),
         texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
         *,
         idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> Job:
-        response = await self._send(submit_request(images, texts, options, idempotency_key))
+        response = await self._send(submit_request(images, texts, audios, options, idempotency_key))
         return Job.from_api(answer(response), replayed=response.headers.get(REPLAYED_HEADER) == "true")
 
     async def get(self, job: Job | str, *, wait_s: float = 0) -> Job:
@@ -99,13 +100,14 @@ class AsyncClient(ClientBase):
         self,
         images: Sequence[bytes] = (),
         texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
         timeout_s: float = 120.0,
         *,
         idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> Job:
         deadline = time.monotonic() + timeout_s
-        request = submit_request(images, texts, options, idempotency_key, run_wait_s(timeout_s), "base64")
+        request = submit_request(images, texts, audios, options, idempotency_key, run_wait_s(timeout_s), "base64")
         response = await self._send(request)
         body = answer(response)
         if ended_in_submit(response):
@@ -150,6 +152,7 @@ class AsyncClient(ClientBase):
                     job = await self.run(
                         job_input.images,
                         job_input.texts,
+                        job_input.audios,
                         timeout_s,
                         idempotency_key=job_input.idempotency_key,
                         **options,

@@ -32,6 +32,7 @@ from mmfuse_client.results import (
     MmfuseConnectionError,
     MmfuseError,
     Outcome,
+    file_list,
 )
 from mmfuse_client.retry import RetryPolicy, RetryState, parse_retry_after
 
@@ -51,7 +52,7 @@ class JobOptions(TypedDict, total=False):
     labels: Sequence[str]  # zero-shot classes for the classify output
     outputs: Sequence[str]  # default ("embeddings",)
     fusion: str  # mean (default) | concat
-    weights: dict  # {"image": w, "text": w}
+    weights: dict  # {"image": w, "text": w, "audio": w}
     webhook: dict  # {"url": ..., "events": [...]}
     multipart: bool  # send a multipart body instead of JSON
     headers: dict  # extra HTTP headers
@@ -62,15 +63,21 @@ def new_idempotency_key() -> str:
 
 
 def content_idempotency_key(
-    images: Sequence[bytes] = (), texts: Sequence[str] = (), options: Mapping[str, Any] | None = None
+    images: Sequence[bytes] = (),
+    texts: Sequence[str] = (),
+    audios: Sequence[bytes] = (),
+    options: Mapping[str, Any] | None = None,
 ) -> str:
     """An Idempotency-Key derived from what a job is: submitting the same content again (a rerun after a
     crash) answers with the first job instead of making another. Keys are scoped to the API key."""
-    canonical = {
-        "images": [hashlib.sha256(image).hexdigest() for image in images],
+    canonical: dict[str, Any] = {
+        "images": [hashlib.sha256(image).hexdigest() for image in file_list(images, "images")],
         "texts": list(texts),
         "options": _request_options(options or {}),
     }
+    audios = file_list(audios, "audios")
+    if audios:  # absent otherwise: content without audio keeps the key earlier versions derived for it
+        canonical["audios"] = [hashlib.sha256(audio).hexdigest() for audio in audios]
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
     return "sha256-" + hashlib.sha256(encoded).hexdigest()
 
@@ -188,6 +195,7 @@ def answer(response: requests.Response) -> dict:
 def submit_request(
     images: Sequence[bytes],
     texts: Sequence[str],
+    audios: Sequence[bytes],
     job: Mapping[str, Any],
     idempotency_key: str | None,
     prefer_wait_s: int | None = None,
@@ -205,11 +213,19 @@ def submit_request(
         params = {"encoding_format": encoding_format}
     options = _request_options(job)
     wait_s = float(prefer_wait_s or 0)
+    inputs = {"images": file_list(images, "images"), "audios": file_list(audios, "audios")}
     if job.get("multipart", False):
-        files = [("images", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        # The gateway tells formats by their bytes, not by these names or content types.
+        files = [
+            (field, (f"{field[:-1]}{i}", data, "application/octet-stream"))
+            for field, items in inputs.items()
+            for i, data in enumerate(items)
+        ]
         data = [("texts", text) for text in texts] + [("options", json.dumps(options))]
         return ApiRequest("POST", "/v1/jobs", params, files=files or None, data=data, headers=headers, wait_s=wait_s)
-    body = dict(options, images=[base64.b64encode(d).decode() for d in images], texts=list(texts))
+    body = dict(options, images=[base64.b64encode(d).decode() for d in inputs["images"]], texts=list(texts))
+    if inputs["audios"]:  # left out otherwise, as a server from before audio expects
+        body["audios"] = [base64.b64encode(d).decode() for d in inputs["audios"]]
     return ApiRequest("POST", "/v1/jobs", params, json=body, headers=headers, wait_s=wait_s)
 
 
@@ -322,12 +338,13 @@ class Client(ClientBase):
         self,
         images: Sequence[bytes] = (),
         texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
         *,
         idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> Job:
         """Submit a job: its id, ``status`` (``queued``; a replayed key's job as it stands now) and URL."""
-        response = self.transport.send(submit_request(images, texts, options, idempotency_key))
+        response = self.transport.send(submit_request(images, texts, audios, options, idempotency_key))
         return Job.from_api(answer(response), replayed=response.headers.get(REPLAYED_HEADER) == "true")
 
     def get(self, job: Job | str, *, wait_s: float = 0) -> Job:
@@ -342,6 +359,7 @@ class Client(ClientBase):
         self,
         images: Sequence[bytes] = (),
         texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
         timeout_s: float = 120.0,
         *,
         idempotency_key: str | None = None,
@@ -349,7 +367,7 @@ class Client(ClientBase):
     ) -> Job:
         """Submit and wait: the ended job. One request when it ends within the server's wait cap (``Prefer:
         wait``), else long-polls for the rest. A failed job is returned, not raised: see ``raise_for_status``."""
-        return Job.from_api(self._run_json(images, texts, timeout_s, options, idempotency_key, "base64"))
+        return Job.from_api(self._run_json(images, texts, audios, timeout_s, options, idempotency_key, "base64"))
 
     def cancel(self, job: Job | str) -> Job:
         """Cancel a job that has not ended: the canceled job. :class:`MmfuseError` 409 ``job_already_ended``
@@ -435,7 +453,12 @@ class Client(ClientBase):
         try:
             options: Any = job_input.options
             job = self.run(
-                job_input.images, job_input.texts, timeout_s, idempotency_key=job_input.idempotency_key, **options
+                job_input.images,
+                job_input.texts,
+                job_input.audios,
+                timeout_s,
+                idempotency_key=job_input.idempotency_key,
+                **options,
             )
         except Exception as exc:
             return outcome_of(index, job_input, None, exc)
@@ -459,13 +482,16 @@ class Client(ClientBase):
         self,
         images: Sequence[bytes],
         texts: Sequence[str],
+        audios: Sequence[bytes],
         timeout_s: float,
         options: Mapping[str, Any],
         idempotency_key: str | None,
         encoding_format: str,
     ) -> dict:
         deadline = time.monotonic() + timeout_s
-        request = submit_request(images, texts, options, idempotency_key, run_wait_s(timeout_s), encoding_format)
+        request = submit_request(
+            images, texts, audios, options, idempotency_key, run_wait_s(timeout_s), encoding_format
+        )
         response = self.transport.send(request)
         body = answer(response)
         if ended_in_submit(response):
@@ -499,8 +525,14 @@ class MmfuseClient:
         self.base_url = self.client.base_url
         self.session = self.client.session
 
-    def submit(self, images: Sequence[bytes] = (), texts: Sequence[str] = (), **options: Unpack[JobOptions]) -> str:
-        return self.client.submit(images, texts, **options).id
+    def submit(
+        self,
+        images: Sequence[bytes] = (),
+        texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
+        **options: Unpack[JobOptions],
+    ) -> str:
+        return self.client.submit(images, texts, audios, **options).id
 
     def get(self, job_id: str, wait_s: float = 0, encoding_format: str = "float") -> dict:
         return self.client._get_json(job_id, wait_s, encoding_format)
@@ -516,9 +548,10 @@ class MmfuseClient:
         self,
         images: Sequence[bytes] = (),
         texts: Sequence[str] = (),
+        audios: Sequence[bytes] = (),
         timeout_s: float = 120.0,
         *,
         encoding_format: str = "float",
         **options: Unpack[JobOptions],
     ) -> dict:
-        return self.client._run_json(images, texts, timeout_s, options, None, encoding_format)
+        return self.client._run_json(images, texts, audios, timeout_s, options, None, encoding_format)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import array
 import base64
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,8 @@ TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 
 # A vector: ``numpy.ndarray`` (float32) with numpy installed, else ``list[float]``.
 Vector = Any
+# A matrix: a 2-d ``numpy.ndarray`` (float32) with numpy installed, else ``list[list[float]]``.
+Matrix = Any
 
 
 def has_numpy() -> bool:
@@ -42,8 +44,21 @@ def decode_vector(encoded: str | Sequence[float]) -> Vector:
     return values.tolist()
 
 
-def _matrix(rows: Sequence[Sequence[float]]) -> Any:
+def _matrix(rows: Sequence[Sequence[float]]) -> Matrix:
     return _np.asarray(rows, dtype=_np.float32) if _np is not None else [[float(x) for x in row] for row in rows]
+
+
+def file_list(items: Iterable[bytes], name: str) -> list[bytes]:
+    """``items`` (encoded files: ``images``, ``audios``) as a list, or a TypeError that names the argument.
+    It catches a single file passed as the list, and a call written before ``audios`` became the third
+    positional argument (a timeout or an options dict where the audio clips now go)."""
+    if isinstance(items, str | bytes | bytearray | memoryview | Mapping) or not isinstance(items, Iterable):
+        raise TypeError(f"{name} must be a sequence of encoded files (bytes), not {type(items).__name__}")
+    listed = list(items)
+    for index, item in enumerate(listed):
+        if not isinstance(item, bytes | bytearray | memoryview):
+            raise TypeError(f"{name}[{index}] must be an encoded file (bytes), not {type(item).__name__}")
+    return listed
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -126,6 +141,26 @@ class Embeddings:
     texts: list[Vector]  # one per text, in submission order
     fused: Vector | None  # the job's fused vector
     fusion: str  # mean | concat
+    audios: list[Vector] = field(default_factory=list)  # one per audio clip, in submission order
+    # The embedding space (the model id) of each list present: {"images"|"texts"|"audios": model}.
+    spaces: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Cosine similarity matrices, one per pair of the job's modalities whose embedding spaces allow the
+    comparison, None for the others. Each is an (n_rows, n_columns) float32 array, or lists without numpy."""
+
+    image_text: Matrix | None = None  # images × texts
+    audio_text: Matrix | None = None  # audios × texts (the texts as the audio model's text tower encodes them)
+    audio_image: Matrix | None = None  # audios × images
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any] | Sequence[Sequence[float]]) -> Similarity:
+        if not isinstance(data, Mapping):  # a server from before audio: its one matrix, images × texts
+            return cls(image_text=_matrix(data))
+        pairs = ("image_text", "audio_text", "audio_image")
+        return cls(**{pair: _matrix(data[pair]) if data.get(pair) is not None else None for pair in pairs})
 
 
 @dataclass(frozen=True)
@@ -139,6 +174,11 @@ class Classify:
     labels: list[str]
     images: list[Classification]
     texts: list[Classification]
+    audios: list[Classification] = field(default_factory=list)
+
+
+def _classifications(items: Sequence[Mapping[str, Any]]) -> list[Classification]:
+    return [Classification(c["label"], list(c["scores"])) for c in items]
 
 
 @dataclass(frozen=True)
@@ -146,7 +186,7 @@ class JobResult:
     """What a succeeded job produced: one field per requested output, None for the others."""
 
     embeddings: Embeddings | None = None
-    similarity: Any = None  # images × texts cosine matrix: a (n_images, n_texts) array, or lists
+    similarity: Similarity | None = None
     classify: Classify | None = None
 
     @classmethod
@@ -160,14 +200,17 @@ class JobResult:
                 texts=[decode_vector(v) for v in embeddings["texts"]],
                 fused=decode_vector(embeddings["fused"]) if embeddings.get("fused") is not None else None,
                 fusion=embeddings["fusion"],
+                audios=[decode_vector(v) for v in embeddings.get("audios", ())],
+                spaces=dict(embeddings.get("spaces") or {}),
             )
             if embeddings
             else None,
-            similarity=_matrix(similarity) if similarity is not None else None,
+            similarity=Similarity.from_api(similarity) if similarity is not None else None,
             classify=Classify(
                 labels=list(classify["labels"]),
-                images=[Classification(c["label"], list(c["scores"])) for c in classify["images"]],
-                texts=[Classification(c["label"], list(c["scores"])) for c in classify["texts"]],
+                images=_classifications(classify["images"]),
+                texts=_classifications(classify["texts"]),
+                audios=_classifications(classify.get("audios", ())),
             )
             if classify
             else None,
@@ -205,7 +248,7 @@ class Job:
     result: JobResult | None = None
     error: JobError | None = None
     timings: Timings | None = None
-    request: dict[str, Any] | None = None  # what was asked: counts of images and texts, labels, outputs, fusion
+    request: dict[str, Any] | None = None  # what was asked: counts of images, texts, audios; labels, outputs, fusion
     webhook: dict[str, Any] | None = None  # the callback and its delivery state
     replayed: bool = False  # the answer to a repeated Idempotency-Key: the earlier submit's job
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -253,12 +296,18 @@ class JobInput:
 
     images: Sequence[bytes] = ()
     texts: Sequence[str] = ()
+    audios: Sequence[bytes] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
 
+    def __post_init__(self) -> None:
+        # Checked (and kept as tuples) here, so that a bad item fails where it is made, not in a worker thread.
+        for name in ("images", "audios"):
+            object.__setattr__(self, name, tuple(file_list(getattr(self, name), name)))
+
     @classmethod
     def of(cls, item: JobInput | Mapping[str, Any]) -> JobInput:
-        """``item`` itself, or one from a mapping of ``submit``'s keywords (``images``, ``texts``,
+        """``item`` itself, or one from a mapping of ``submit``'s keywords (``images``, ``texts``, ``audios``,
         ``idempotency_key``, and the options)."""
         if isinstance(item, JobInput):
             return item
@@ -266,6 +315,7 @@ class JobInput:
         return cls(
             images=options.pop("images", ()),
             texts=options.pop("texts", ()),
+            audios=options.pop("audios", ()),
             idempotency_key=options.pop("idempotency_key", None),
             options=options,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import sys
@@ -35,7 +36,13 @@ class RetryLog(logging.Handler):
 
 def vectors(job: Any) -> dict[str, Any]:
     embeddings = job.result.embeddings
-    return {"images": embeddings.images, "texts": embeddings.texts, "fused": embeddings.fused}
+    return {
+        "images": embeddings.images,
+        "texts": embeddings.texts,
+        "audios": embeddings.audios,
+        "fused": embeddings.fused,
+        "spaces": embeddings.spaces,
+    }
 
 
 def one_job(client: Client, png: bytes) -> dict[str, Any]:
@@ -47,8 +54,26 @@ def one_job(client: Client, png: bytes) -> dict[str, Any]:
         "submitted": [submitted.status, submitted.status_url, submitted.replayed],
         "seen_id": seen.id,
         "ended": [ended.id == submitted.id, ended.status, vectors(ended)],
-        "ran": [ran.status, vectors(ran), ran.result.similarity, type(ran.result.embeddings.fused).__name__],
+        "ran": [
+            ran.status,
+            vectors(ran),
+            dataclasses.asdict(ran.result.similarity),
+            type(ran.result.embeddings.fused).__name__,
+        ],
+        "request": ended.request,
         "timings": [ended.timings.total_s is not None, sorted(ended.timings.stages)],
+    }
+
+
+def audio_jobs(client: Client, png: bytes, clips: list[bytes]) -> dict[str, Any]:
+    """Audio clips as JSON (beside an image and a text) and as multipart files (two, alone)."""
+    outputs = ["embeddings", "similarity"]
+    beside = client.run([png], ["a dog barking"], clips[:1], timeout_s=60, outputs=outputs, fusion="concat")
+    alone = client.run(audios=clips, timeout_s=60, multipart=True).raise_for_status()
+    beside.raise_for_status()
+    return {
+        "beside": [beside.request, vectors(beside), dataclasses.asdict(beside.result.similarity)],
+        "alone": [alone.request, vectors(alone), sorted(alone.timings.stages)],
     }
 
 
@@ -166,10 +191,12 @@ def main() -> None:
     logging.getLogger("mmfuse_client").addHandler(retries)
     logging.getLogger("mmfuse_client").setLevel(logging.INFO)
     png, truncated = (base64.b64decode(config[name]) for name in ("png", "truncated"))
+    clips = [base64.b64decode(clip) for clip in config["clips"]]
     url, key = config["url"], config["api_key"]
     with Client(url, key) as client:
         report: dict[str, Any] = {
             "one_job": one_job(client, png),
+            "audio": audio_jobs(client, png, clips),
             "many": many(client, png, truncated),
             "cancels": cancels(client, config["queued_job_id"]),
             "webhook": webhook(client, config["webhook_secret"]),

@@ -1,13 +1,15 @@
 """The client package installed alone: a fresh venv with only ``pip install ./client`` (no torch, no numpy,
 no mmfuse) runs ``client_package_script.py`` against the session stack, exercising every call a user makes:
-submit, get, wait, run, run_many (with refused and failing items), cancel, the asyncio client, the webhook
-verifier, a retried submit whose first answer was lost, and 429s retried after ``Retry-After``. The vectors
-it got are compared with the in-process reference encoders here."""
+submit, get, wait, run (audio clips too, as JSON and as multipart files), run_many (with refused and failing
+items), cancel, the asyncio client, the webhook verifier, a retried submit whose first answer was lost, and
+429s retried after ``Retry-After``. The vectors it got are compared with the in-process reference encoders
+here."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import shutil
 import socket
@@ -15,11 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mmfuse.shared.models import embed, get_encoder
 from mmfuse.shared.schema import JobSpec, new_job_id
 from tests.support import TEST_WEBHOOK_SECRETS, TOL, make_png
 
@@ -143,6 +147,18 @@ def queued_job(stack, stores) -> str:
     return job_id
 
 
+def make_wav(seconds: float, frequency: float, sample_rate: int) -> bytes:
+    """A mono 16-bit WAV tone."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    out = io.BytesIO()
+    with wave.open(out, "wb") as clip:
+        clip.setnchannels(1)
+        clip.setsampwidth(2)
+        clip.setframerate(sample_rate)
+        clip.writeframes((np.sin(2 * np.pi * frequency * t) * 12000).astype("<i2").tobytes())
+    return out.getvalue()
+
+
 def header(head: bytes, name: bytes) -> bytes | None:
     for line in head.split(b"\r\n")[1:]:
         key, _, value = line.partition(b":")
@@ -151,9 +167,10 @@ def header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-def test_the_installed_client_against_the_stack(client_python, stack, stores, reference):
+def test_the_installed_client_against_the_stack(client_python, stack, stores, settings, reference):
     png = make_png((220, 30, 30))
     truncated = make_png((30, 30, 220), size=(64, 64))[:-40]
+    clips = [make_wav(1.0, 440.0, 48000), make_wav(0.5, 220.0, 16000)]
     host, port = stack.gateway_url.removeprefix("http://").split(":")
     proxy = LoseFirstAnswerProxy((host, int(port)))
     config = {
@@ -165,6 +182,7 @@ def test_the_installed_client_against_the_stack(client_python, stack, stores, re
         "webhook_secret": TEST_WEBHOOK_SECRETS[0],
         "png": base64.b64encode(png).decode(),
         "truncated": base64.b64encode(truncated).decode(),
+        "clips": [base64.b64encode(clip).decode() for clip in clips],
     }
     try:
         run = subprocess.run(
@@ -201,8 +219,30 @@ def test_the_installed_client_against_the_stack(client_python, stack, stores, re
     ran_status, ran_vectors, similarity, fused_type = one["ran"]
     assert ran_status == "succeeded" and close(ran_vectors["fused"], mean_fused(image, red_box))
     assert fused_type == "list"
-    assert np.allclose(similarity, [[image @ red_box]], atol=1e-4)
+    assert np.allclose(similarity["image_text"], [[image @ red_box]], atol=1e-4)
+    assert similarity["audio_text"] is None and similarity["audio_image"] is None
+    models = settings.models()
+    assert ran_vectors["audios"] == [] and ran_vectors["spaces"] == {"images": models["image"], "texts": models["text"]}
+    assert (one["request"]["images"], one["request"]["texts"], one["request"]["audios"]) == (1, 1, 0)
     assert one["timings"][0] and one["timings"][1] == ["fusion", "image", "text"]
+
+    # audio clips: as base64 JSON beside an image and a text, and as multipart files alone
+    clap_audio, clap_text = get_encoder("audio", models["audio"]), get_encoder("text", models["audio"])
+    clip_vectors = embed(clap_audio, clips)
+    barking = reference.texts(["a dog barking"])[0]
+    barking_clap = embed(clap_text, ["a dog barking"])[0]
+    request, got, similarity = report["audio"]["beside"]
+    assert (request["images"], request["texts"], request["audios"]) == (1, 1, 1)
+    assert close(got["audios"][0], clip_vectors[0]) and close(got["texts"][0], barking)
+    assert got["spaces"] == {"images": models["image"], "texts": models["text"], "audios": models["audio"]}
+    assert len(got["fused"]) == len(image) + len(barking) + len(clip_vectors[0])  # concat
+    assert np.allclose(similarity["image_text"], [[image @ barking]], atol=1e-4)
+    assert np.allclose(similarity["audio_text"], [[clip_vectors[0] @ barking_clap]], atol=1e-4)
+    assert similarity["audio_image"] is None  # a CLIP image and a CLAP clip are not comparable
+    request, got, stages = report["audio"]["alone"]
+    assert (request["images"], request["texts"], request["audios"]) == (0, 0, 2)
+    assert close(got["audios"], clip_vectors) and close(got["fused"], mean_fused(*clip_vectors))
+    assert got["spaces"] == {"audios": models["audio"]} and "audio" in stages
 
     # run_many: one outcome per item in input order, refused and failed items reported with their codes
     *rows, ended = report["many"]

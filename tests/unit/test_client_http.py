@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import io
 import json
 import threading
+import wave
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 import pytest
+from werkzeug.wrappers import Request
 
+import mmfuse_client.results
 from mmfuse_client import (
     AsyncClient,
     Client,
+    Job,
     JobInput,
     JobTimeout,
     MmfuseClient,
     MmfuseConnectionError,
     MmfuseError,
     RetryPolicy,
+    Similarity,
     content_idempotency_key,
 )
 
@@ -32,6 +39,17 @@ DROP = "drop"  # close the connection without answering
 
 def b64(values: list[float]) -> str:
     return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def make_wav(n_frames: int = 4800, sample_rate: int = 48000) -> bytes:
+    """A mono 16-bit WAV clip (a ramp, so that two clips of different lengths differ)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as clip:
+        clip.setnchannels(1)
+        clip.setsampwidth(2)
+        clip.setframerate(sample_rate)
+        clip.writeframes(np.arange(n_frames, dtype="<i2").tobytes())
+    return out.getvalue()
 
 
 def ended_job(job_id: str = "j1", status: str = "succeeded") -> dict:
@@ -145,9 +163,9 @@ def test_each_submit_has_its_own_key_unless_one_is_given(scripted):
 
 
 def test_content_keys_name_the_content():
-    key = content_idempotency_key([b"png"], ["text"], {"fusion": "mean"})
-    assert key == content_idempotency_key([b"png"], ["text"], {"outputs": ["embeddings"]})  # defaults spelled out
-    assert key != content_idempotency_key([b"png"], ["text"], {"fusion": "concat"})
+    key = content_idempotency_key([b"png"], ["text"], options={"fusion": "mean"})
+    assert key == content_idempotency_key([b"png"], ["text"], options={"outputs": ["embeddings"]})  # defaults
+    assert key != content_idempotency_key([b"png"], ["text"], options={"fusion": "concat"})
     assert key != content_idempotency_key([b"jpg"], ["text"])
     assert key.startswith("sha256-") and len(key) < 255
 
@@ -271,3 +289,154 @@ def test_the_async_client(scripted):
     ran, many, canceled = asyncio.run(use())
     assert ran.id == "a" and [o.job.id for o in many if o.job] == ["b", "c"]
     assert canceled.status == "canceled"  # a 409 because it was canceled already is not an error
+
+
+# --- audio ------------------------------------------------------------------------------------------
+
+
+def audio_job(encoding: str = "base64") -> dict:
+    """A succeeded job of one image, one text and two audio clips, as the API answers it."""
+
+    def vector(values: list[float]) -> Any:
+        return b64(values) if encoding == "base64" else values
+
+    return {
+        **ended_job(),
+        "request": {"images": 1, "texts": 1, "audios": 2, "labels": ["dog"], "outputs": [], "fusion": "concat"},
+        "result": {
+            "embeddings": {
+                "images": [vector([1.0, 0.0])],
+                "texts": [vector([0.6, 0.8])],
+                "audios": [vector([0.0, 1.0]), vector([0.8, -0.6])],
+                "fused": vector([0.5, 0.5, 0.5, 0.5]),
+                "fusion": "concat",
+                "encoding_format": encoding,
+                "spaces": {"images": "clip", "texts": "clip", "audios": "clap"},
+            },
+            "similarity": {"image_text": [[0.6]], "audio_text": [[0.25], [-0.5]]},
+            "classify": {
+                "labels": ["dog"],
+                "images": [{"label": "dog", "scores": [1.0]}],
+                "texts": [{"label": "dog", "scores": [1.0]}],
+                "audios": [{"label": "dog", "scores": [1.0]}, {"label": "dog", "scores": [1.0]}],
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize("with_numpy", [True, False])
+def test_an_audio_result_parses_into_typed_fields(monkeypatch, with_numpy):
+    if not with_numpy:
+        monkeypatch.setattr(mmfuse_client.results, "_np", None)
+    job = Job.from_api(audio_job("base64" if with_numpy else "float"))
+    assert job.request is not None and job.request["audios"] == 2
+    assert job.result is not None and job.result.embeddings is not None and job.result.similarity is not None
+    embeddings, similarity = job.result.embeddings, job.result.similarity
+
+    def f32(values: Any) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32)
+
+    # The server's float32 values exactly, whichever way they came.
+    assert np.array_equal(f32(embeddings.audios), f32([[0.0, 1.0], [0.8, -0.6]]))
+    assert embeddings.spaces == {"images": "clip", "texts": "clip", "audios": "clap"}
+    assert np.array_equal(f32(similarity.image_text), f32([[0.6]]))
+    assert np.array_equal(f32(similarity.audio_text), f32([[0.25], [-0.5]])) and similarity.audio_image is None
+    assert job.result.classify is not None and [c.label for c in job.result.classify.audios] == ["dog", "dog"]
+    if with_numpy:
+        assert isinstance(similarity.audio_text, np.ndarray) and similarity.audio_text.dtype == np.float32
+        assert similarity.audio_text.shape == (2, 1) and embeddings.audios[1].dtype == np.float32
+    else:
+        assert similarity.audio_text == [[0.25], [-0.5]] and isinstance(embeddings.audios[0], list)
+
+
+def test_a_result_from_a_server_before_audio_still_parses():
+    old = ended_job()
+    old["result"]["similarity"] = [[0.5, -0.25]]  # one matrix, images × texts
+    old["result"]["classify"] = {"labels": ["a"], "images": [], "texts": [{"label": "a", "scores": [1.0]}]}
+    result = Job.from_api(old).result
+    assert result is not None and result.embeddings is not None and result.classify is not None
+    assert (result.embeddings.audios, result.embeddings.spaces, result.classify.audios) == ([], {}, [])
+    assert isinstance(result.similarity, Similarity) and result.similarity.audio_text is None
+    assert np.asarray(result.similarity.image_text).tolist() == [[0.5, -0.25]]
+
+
+def test_audios_go_in_the_json_body_and_only_when_there_are_some(scripted):
+    short, long = make_wav(), make_wav(9600)
+    server = scripted(ACCEPTED)
+    client = Client(server.url, retry=FAST)
+    client.submit([], ["a dog barking"], [short, long], weights={"image": 1, "text": 1, "audio": 2})
+    client.submit(texts=["no audio"])
+    with_audio, without = (json.loads(request["body"]) for request in server.requests)
+    assert [base64.b64decode(encoded) for encoded in with_audio["audios"]] == [short, long]
+    assert with_audio["texts"] == ["a dog barking"] and with_audio["weights"]["audio"] == 2
+    assert "audios" not in without  # what a server from before audio accepts
+
+
+def test_audios_go_as_multipart_files(scripted):
+    png, clip = b"\x89PNG\r\n\x1a\nnot really", make_wav()
+    server = scripted(ACCEPTED)
+    Client(server.url, retry=FAST).submit([png], ["a dog"], [clip, clip[:-2]], multipart=True, outputs=["similarity"])
+    request = server.requests[0]
+    # Read back with werkzeug's form parser, the one the gateway's Flask uses.
+    form = Request.from_values(
+        input_stream=io.BytesIO(request["body"]),
+        content_length=len(request["body"]),
+        content_type=request["headers"]["Content-Type"],
+        method="POST",
+    )
+    assert [f.read() for f in form.files.getlist("audios")] == [clip, clip[:-2]]
+    assert [f.read() for f in form.files.getlist("images")] == [png]
+    assert form.form.getlist("texts") == ["a dog"]
+    assert json.loads(form.form["options"])["outputs"] == ["similarity"]
+
+
+def test_content_keys_name_the_audio_and_keep_the_keys_of_content_without():
+    clip = make_wav()
+    key = content_idempotency_key([b"png"], ["text"], [clip], {"fusion": "concat"})
+    assert key == content_idempotency_key([b"png"], ["text"], [clip], options={"fusion": "concat"})
+    assert key != content_idempotency_key([b"png"], ["text"], [make_wav(9600)], {"fusion": "concat"})
+    assert key != content_idempotency_key([b"png"], ["text"], (), {"fusion": "concat"})
+    # Without audio: the key earlier versions derived, so that a rerun after upgrading finds its jobs.
+    earlier = {
+        "images": [hashlib.sha256(b"png").hexdigest()],
+        "texts": ["text"],
+        "options": {"outputs": ["embeddings"], "fusion": "concat"},
+    }
+    encoded = json.dumps(earlier, sort_keys=True, separators=(",", ":")).encode()
+    assert content_idempotency_key([b"png"], ["text"], options={"fusion": "concat"}) == (
+        "sha256-" + hashlib.sha256(encoded).hexdigest()
+    )
+
+
+def test_a_call_written_for_the_order_before_audios_is_refused_by_name(scripted):
+    server = scripted((200, {"Preference-Applied": "wait=5"}, ended_job()))
+    client = Client(server.url, retry=FAST)
+    with pytest.raises(TypeError, match="audios must be a sequence of encoded files"):
+        client.run([], ["x"], 60)  # type: ignore[arg-type]  # timeout_s where audios now is
+    with pytest.raises(TypeError, match="audios must be"):
+        JobInput([], ["x"], {"fusion": "concat"})  # type: ignore[arg-type]  # options where audios now is
+    with pytest.raises(TypeError, match="audios must be"):
+        content_idempotency_key([], ["x"], {"fusion": "concat"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"images must be .* not bytes"):
+        client.submit(b"one png, not a list of them")
+    assert server.requests == []  # nothing was sent
+
+
+def test_the_async_client_and_run_many_send_audios(scripted):
+    clip = make_wav()
+    server = scripted((200, {"Preference-Applied": "wait=5"}, audio_job()))
+
+    async def use() -> tuple:
+        async with AsyncClient(server.url, retry=FAST) as client:
+            ran = await client.run(texts=["a dog barking"], audios=[clip], timeout_s=5)
+            many = await client.run_many([JobInput(audios=[clip]), {"audios": [clip], "texts": ["t"]}])
+            return ran, many
+
+    ran, many = asyncio.run(use())
+    assert ran.result.similarity.audio_text.shape == (2, 1) and all(o.ok for o in many)
+    sync_many = Client(server.url, retry=FAST).run_many([{"audios": [clip]}])
+    assert sync_many[0].ok
+    bodies = [json.loads(request["body"]) for request in server.requests]
+    assert [[base64.b64decode(a) for a in body["audios"]] for body in bodies] == [[clip]] * 4
+    # The async run_many's two jobs go out concurrently, in either order.
+    assert sorted(body["texts"] for body in bodies) == [[], [], ["a dog barking"], ["t"]]
