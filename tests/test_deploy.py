@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # import the working tree's settings, not an installed copy
     sys.path.insert(0, str(REPO))
 
+from mmfuse.cli.stack import ENCODER_POOLS  # noqa: E402
 from mmfuse.shared.settings import Settings, SettingsError, env_name  # noqa: E402
 from mmfuse.shared.stores.client import parse_sentinel_url  # noqa: E402
 
@@ -38,12 +39,13 @@ COMPOSE_APP_COMMANDS = {
     "gateway": ["gateway"],
     "image-worker": ["worker", "image"],
     "text-worker": ["worker", "text"],
+    "audio-worker": ["worker", "audio"],
     "fusion-worker": ["worker", "fusion"],
     "webhook-worker": ["worker", "webhooks"],
     "maintenance-worker": ["worker", "maintenance"],
     "beat": ["beat"],
 }
-ENCODERS = {"image-worker", "text-worker"}
+ENCODERS = {f"{pool}-worker" for pool in ENCODER_POOLS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,8 +307,30 @@ def test_compose_environments_are_valid_settings(compose):
             settings = Settings.from_env(env)
         except SettingsError as exc:
             pytest.fail(f"{name}: {exc}")
-        models.add((settings.effective_image_model, settings.effective_text_model))
-    assert len(models) == 1, "all services must agree on the model"
+        models.add(tuple(sorted(settings.models().items())))
+    assert len(models) == 1, "all services must agree on the models (the gateway plans each job by them)"
+    (agreed,) = models
+    assert dict(agreed)["audio"] == "laion/clap-htsat-unfused"
+
+
+def test_encoder_workers_run_their_pool_and_split_the_cpus(compose):
+    """One service per encoder pool (image, text, audio), each consuming its own queue with its own batch
+    settings; their MMFUSE_CPU_SHARE values split one host's CPUs (they add up to all of them)."""
+    services = compose["services"]
+    assert set(ENCODERS) == {"image-worker", "text-worker", "audio-worker"}
+    shares = {}
+    for pool in ENCODER_POOLS:
+        service = services[f"{pool}-worker"]
+        assert service["command"] == ["worker", pool]
+        env = service_env(service)
+        assert {f"MMFUSE_{pool.upper()}_MAX_BATCH_SIZE", f"MMFUSE_{pool.upper()}_MAX_WAIT_MS"} <= env.keys(), pool
+        settings = Settings.from_env(env)
+        assert settings.torch_threads == "auto", pool
+        shares[pool] = settings.cpu_share
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.005), shares
+    # The audio tower (5.7 G per 10 s window) outweighs the vision tower (4.3 G per image), which outweighs
+    # the text tower (0.38 G per caption): shared.models.tower_cost of the default models.
+    assert shares["audio"] > shares["image"] > shares["text"]
 
 
 # --------------------------------------------------------------------------------------------------

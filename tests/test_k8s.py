@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # import the working tree's settings, not an installed copy
     sys.path.insert(0, str(REPO))
 
-from mmfuse.cli.stack import free_port, worker_command  # noqa: E402
+from mmfuse.cli.stack import ENCODER_POOLS, free_port, worker_command  # noqa: E402
 from mmfuse.shared.celery_app import POOLS, ROUTES, create_celery  # noqa: E402
 from mmfuse.shared.metrics import READY_PATH  # noqa: E402
 from mmfuse.shared.settings import Settings, SettingsError, env_name  # noqa: E402
@@ -82,12 +82,12 @@ DEPLOYMENT_ARGS = {
     "mmfuse-gateway": ["gateway"],
     "mmfuse-image-worker": ["worker", "image"],
     "mmfuse-text-worker": ["worker", "text"],
+    "mmfuse-audio-worker": ["worker", "audio"],
     "mmfuse-fusion-worker": ["worker", "fusion"],
     "mmfuse-webhook-worker": ["worker", "webhooks"],
     "mmfuse-maintenance-worker": ["worker", "maintenance"],
     "mmfuse-beat": ["beat"],
 }
-ENCODER_POOLS = ("image", "text")
 # Secrets no manifest here creates: the Redis chart's (a generated password is alphanumeric), and
 # mmfuse-secrets, made out of band with the keys of secret.example.yaml.
 REDIS_SECRET = {"name": "redis", "key": "redis-password"}
@@ -580,10 +580,71 @@ def test_cpu_overlay_runs_encoders_on_their_own_cores():
         settings = Settings.from_env(container_env(container(dep), configmaps))
         assert settings.device == "cpu" and settings.torch_threads == "auto", pool
         assert not _gpu_tolerated(dep["spec"]["template"]["spec"]), pool
-    assert (
-        by_kind(docs, "ScaledObject")["mmfuse-image-worker"]["spec"]["maxReplicaCount"]
-        > by_kind(list(rendered("gpu")), "ScaledObject")["mmfuse-image-worker"]["spec"]["maxReplicaCount"]
-    ), "CPU pods are slower: more of them"
+    for pool in ENCODER_POOLS:
+        name = pool_deployment(deployments, pool)
+        assert (
+            by_kind(docs, "ScaledObject")[name]["spec"]["maxReplicaCount"]
+            > by_kind(list(rendered("gpu")), "ScaledObject")[name]["spec"]["maxReplicaCount"]
+        ), f"{pool}: CPU pods are slower: more of them"
+
+
+def _pool_neutral(doc: dict, pool: str) -> dict:
+    """``doc`` with its pool's name (and its pool's batch settings) taken out: what every encoder pool's
+    Deployment or ScaledObject should have in common."""
+
+    def neutralise(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: neutralise(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [neutralise(item) for item in value]
+        if isinstance(value, str):
+            return "<pool>" if value == pool else value.replace(f"{pool}-worker", "<pool>-worker")
+        return value
+
+    neutral = neutralise(doc)
+    if neutral["kind"] == "Deployment":
+        worker = container(neutral)
+        worker["env"] = [var for var in worker["env"] if not var["name"].startswith(f"MMFUSE_{pool.upper()}_")]
+    else:
+        metadata = neutral["spec"]["triggers"][0]["metadata"]
+        del metadata["listLength"]
+        del neutral["spec"]["maxReplicaCount"]  # each pool's GPUs (or CPU pods)
+    return neutral
+
+
+def test_encoder_pools_are_deployed_alike(docs):
+    """The audio pool is deployed, placed and scaled as the image and text pools are: their Deployments and
+    ScaledObjects differ only in the pool's name, its batch settings and its maximum of replicas; each pool
+    scales on one waiting batch per pod (listLength = MMFUSE_<POOL>_MAX_BATCH_SIZE)."""
+    assert set(ENCODER_POOLS) == {"image", "text", "audio"}
+    configmaps = by_kind(docs, "ConfigMap")
+    deployments = by_kind(docs, "Deployment")
+    scaled_objects = by_kind(docs, "ScaledObject")
+    neutral: dict[str, list[dict]] = {}
+    for pool in ENCODER_POOLS:
+        name = pool_deployment(deployments, pool)
+        deployment, scaled = deployments[name], scaled_objects[name]
+        neutral[pool] = [_pool_neutral(deployment, pool), _pool_neutral(scaled, pool)]
+        settings = Settings.from_env(container_env(container(deployment), configmaps))
+        batch = getattr(settings, f"{pool}_max_batch_size")
+        assert int(scaled["spec"]["triggers"][0]["metadata"]["listLength"]) == batch, pool
+        assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == pool
+    for pool in ENCODER_POOLS:
+        assert neutral[pool] == neutral["image"], f"the {pool} pool is deployed unlike the image pool"
+
+
+def test_every_pod_plans_jobs_with_the_same_models(docs):
+    """The gateway plans each job by the models of every encoder pool (``Settings.models()``: which pool
+    encodes what, what may be compared), and each pool loads its own: all pods agree on them, the audio
+    pool's being MMFUSE_AUDIO_MODEL's CLAP checkpoint."""
+    configmaps = by_kind(docs, "ConfigMap")
+    models = {
+        name: Settings.from_env(container_env(container(dep), configmaps)).models()
+        for name, dep in by_kind(docs, "Deployment").items()
+    }
+    assert len({tuple(sorted(m.items())) for m in models.values()}) == 1, models
+    assert models["mmfuse-audio-worker"]["audio"] == "laion/clap-htsat-unfused"
+    assert configmaps["mmfuse-config"]["data"]["MMFUSE_AUDIO_MODEL"] == "laion/clap-htsat-unfused"
 
 
 # --------------------------------------------------------------------------------------------------

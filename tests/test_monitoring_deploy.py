@@ -26,6 +26,7 @@ SCRAPED_SERVICES = {
     "gateway": "mmfuse-gateway",
     "image-worker": "mmfuse-image",
     "text-worker": "mmfuse-text",
+    "audio-worker": "mmfuse-audio",
     "fusion-worker": "mmfuse-fusion",
     "webhook-worker": "mmfuse-webhooks",
     "maintenance-worker": "mmfuse-maintenance",
@@ -183,6 +184,32 @@ def test_dashboard_is_well_formed(dashboard):
             assert "mmfuse_" in target["expr"] or "up{" in target["expr"], target["expr"]
             # Only the interval variable Grafana fills in: no template variables to resolve.
             assert set(re.findall(r"\$\w+", target["expr"])) <= {"$__rate_interval"}, target["expr"]
+
+
+def test_every_pool_has_its_series_on_the_dashboard(dashboard, scrape_jobs):
+    """The panels split by pool and select none, so every encoder pool (image, text, audio) and every queue has
+    its own line without a change to the dashboard: encoder series by their ``modality`` label, stage waits by
+    ``stage``, queue depths by ``queue`` (the gateway reports every pool's queue), targets by scrape ``job``."""
+    from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS
+
+    assert {"image", "text", "audio"} <= set(ENCODE_TASKS)
+    assert {f"mmfuse-{pool}" for pool in POOLS} <= set(scrape_jobs), "a pool without its scrape job"
+    split_by = {"mmfuse_encoder_": "modality", "mmfuse_stage_": "stage", "mmfuse_queue_depth": "queue"}
+    seen = set()
+    for panel in panels(dashboard):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for prefix, label in split_by.items():
+                if prefix not in expr:
+                    continue
+                seen.add(prefix)
+                # Selecting some pools (modality="image", queue=~"image|text") would leave the others out.
+                assert not re.search(rf"\b{label}\s*(=|!=|=~|!~)", expr), (panel["title"], expr)
+                if "device_memory_total" in expr:  # the device's, not a pool's
+                    continue
+                assert re.search(rf"\bby \([^)]*\b{label}\b", expr), (panel["title"], expr)
+                assert "{{" + label + "}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+    assert seen == set(split_by)
 
 
 def test_docs_describe_every_panel_and_alert(dashboard, rules):
