@@ -392,9 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     make_test.add_argument("directory")
     make_test.set_defaults(func=cmd_make_test)
 
-    from mmfuse.cli import embed  # mmfuse embed: bulk embedding through the client
+    # mmfuse embed: bulk embedding through the client; mmfuse heads: train and manage fusion heads
+    from mmfuse.cli import embed, heads
 
     embed.add_parser(commands)
+    heads.add_parser(commands)
     return parser
 
 

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 
 from mmfuse.gateway import idempotency, prefer
 from mmfuse.gateway.auth import authenticate, owns, rate_limited
+from mmfuse.gateway.heads import resolve_head
 from mmfuse.gateway.idempotency import Idempotency
 from mmfuse.gateway.services import services
 from mmfuse.gateway.validation import ValidatedJob, parse_job_request
@@ -149,6 +150,7 @@ def job_spec_for(job_id: str, job: ValidatedJob, status_url: str) -> JobSpec:
         image_keys=[image_key(job_id, i) for i in range(len(job.images))],
         audio_keys=[audio_key(job_id, i) for i in range(len(job.audios))],
         spaces=job.spaces,
+        head=resolve_head(options.head, list(job.spaces)) if options.head else "",
         texts=job.texts,
         labels=options.labels,
         outputs=[output.value for output in options.outputs],

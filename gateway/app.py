@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from mmfuse.gateway.api import api
 from mmfuse.gateway.embeddings import embeddings
+from mmfuse.gateway.heads import heads
 from mmfuse.gateway.health import health
 from mmfuse.gateway.metrics import init_metrics
 from mmfuse.gateway.openapi import docs
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health)
     app.register_blueprint(api)
     app.register_blueprint(embeddings)
+    app.register_blueprint(heads)
     app.register_blueprint(docs)
     init_metrics(app)
     register_error_handlers(app, settings)

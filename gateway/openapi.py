@@ -36,6 +36,7 @@ _MODELS = (
     responses.ErrorBody,
     responses.Liveness,
     responses.Readiness,
+    responses.HeadList,
     EmbeddingsRequest,
     EmbeddingsAnswer,
     OpenAIErrorBody,
@@ -297,7 +298,32 @@ def build_spec(app: Flask) -> dict:
         },
     }
     embed = _embeddings_operation(settings, bool(unauthorized))
-    for operation in (submit, read, cancel, embed):
+    list_heads = {
+        "operationId": "listHeads",
+        "tags": ["heads"],
+        "summary": "List trained fusion heads",
+        "description": (
+            "Every published version of the heads trained with `mmfuse heads train`, by name then version: what "
+            "a job's `predict` output can name as `head`, with the modalities and encoder models each was "
+            "trained on, its tasks and labels, and its held-out metrics beside the baselines'."
+        ),
+        "parameters": [
+            {
+                "name": "name",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "Only this head's versions.",
+            }
+        ],
+        "responses": {
+            "200": _json(responses.HeadList, "The heads."),
+            **unauthorized,
+            "422": _error("`name` is not a valid head name."),
+            **unavailable,
+        },
+    }
+    for operation in (submit, read, cancel, embed, list_heads):
         if security:
             operation["security"] = security
 
@@ -305,6 +331,7 @@ def build_spec(app: Flask) -> dict:
         "/v1/jobs": {"post": submit},
         "/v1/jobs/{job_id}": {"get": read, "delete": cancel},
         "/v1/embeddings": {"post": embed},
+        "/v1/heads": {"get": list_heads},
         "/healthz": {
             "get": {
                 "operationId": "liveness",
@@ -372,7 +399,7 @@ def build_spec(app: Flask) -> dict:
         },
         "paths": paths,
         "components": components,
-        "tags": [{"name": "jobs"}, {"name": "embeddings"}, {"name": "operations"}],
+        "tags": [{"name": "jobs"}, {"name": "embeddings"}, {"name": "heads"}, {"name": "operations"}],
     }
 
 

@@ -12,6 +12,7 @@ from flask import Flask, current_app
 from mmfuse.shared.apikeys import KeyStore
 from mmfuse.shared.blobstore import BlobStore
 from mmfuse.shared.celery_app import QUEUES, create_celery
+from mmfuse.shared.heads import HeadRegistry
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.stores import Stores, connect
 from mmfuse.shared.stores.events import JobEvents
@@ -31,6 +32,7 @@ class Services:
     keys: KeyStore
     queues: BrokerQueues  # the broker's queue depths, for /metrics
     events: JobEvents  # waits for jobs' ends: one pub/sub connection per process, started by the first wait
+    heads: HeadRegistry  # trained fusion heads, in the blob store
 
     @classmethod
     def connect(cls, settings: Settings) -> Services:
@@ -41,14 +43,16 @@ class Services:
         broker = client if broker_url == settings.redis_url else connect(broker_url, settings)
         stores = Stores.over(client, settings.job_ttl_s, settings.tombstone_ttl_s)
         celery = create_celery(settings)
+        blobs = BlobStore(settings)
         return cls(
             settings=settings,
             stores=stores,
-            blobs=BlobStore(settings),
+            blobs=blobs,
             celery=celery,
             keys=KeyStore(client),
             queues=BrokerQueues(broker, QUEUES, KombuKeys.of(celery.conf.broker_transport_options)),
             events=JobEvents(client, stores.jobs),
+            heads=HeadRegistry(blobs),
         )
 
     def close(self) -> None:

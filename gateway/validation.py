@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from mmfuse.shared.audio import AudioInfo, AudioLimits, AudioRejected, inspect_audio
 from mmfuse.shared.models import aspect_ratio
-from mmfuse.shared.schema import MODALITIES, ApiError, ErrorCode, JobOptions, JobRequest, Modality
+from mmfuse.shared.schema import MODALITIES, ApiError, ErrorCode, JobOptions, JobRequest, Modality, Output
 from mmfuse.shared.settings import Settings
 from mmfuse.shared.spaces import JobShape, SpaceError
 
@@ -80,6 +80,7 @@ def validate_job(
     counts: dict[Modality, int] = {"image": len(images), "text": len(texts), "audio": len(audios)}
     models = settings.models()
     spaces: dict[str, str] = {m: models[m] for m in MODALITIES if counts[m] or (m == "text" and options.labels)}
+    _check_head(options)
     _check_spaces(
         JobShape(counts, len(options.labels), options.outputs, options.fusion, options.weights.model_dump(), spaces)
     )
@@ -299,6 +300,25 @@ def _check_audio(data: bytes, loc: str, limits: AudioLimits) -> AudioInput:
             detail["limit"] = exc.limit
         raise ApiError(exc.status, exc.code, f"{loc}: {exc.message}", [detail]) from None
     return AudioInput(data=data, info=info)
+
+
+def _check_head(options: JobOptions) -> None:
+    """``predict`` and ``head`` come together (the head itself is looked up at submit: ``gateway.heads``)."""
+    predicts = Output.PREDICT in options.outputs
+    if predicts and not options.head:
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "head: predict needs a trained head: NAME or NAME@VERSION (GET /v1/heads lists them)",
+            [{"loc": "head", "message": "required by the predict output"}],
+        )
+    if options.head and not predicts:
+        raise ApiError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "head: a head is only used by the predict output",
+            [{"loc": "head", "message": "only used by the predict output"}],
+        )
 
 
 def _check_spaces(shape: JobShape) -> None:

@@ -122,6 +122,7 @@ def job_view(record: JobRecord, encoding_format: EncodingFormat = "float") -> Jo
             labels=list(spec.labels),
             outputs=[Output(output) for output in spec.outputs],
             fusion=FusionStrategy(spec.fusion),
+            **({"head": spec.head} if spec.head else {}),
         ),
         timings=timings(record),
         result=_result(record, encoding_format),

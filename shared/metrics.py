@@ -193,6 +193,24 @@ FUSION_DURATION = Histogram(
     ["strategy"],
     buckets=DURATION_BUCKETS_S,
 )
+HEAD_PREDICTIONS = Counter(
+    "mmfuse_head_predictions", "Jobs a trained head answered (outputs predict), by head name.", ["head"]
+)
+HEAD_PREDICT_DURATION = Histogram(
+    "mmfuse_head_predict_duration_seconds",
+    "Time from a job's prediction request to its answer, batching across jobs included, by head name.",
+    ["head"],
+    buckets=DURATION_BUCKETS_S,
+)
+HEAD_ERRORS = Counter(
+    "mmfuse_head_errors", "Predictions that failed, by head name and reason (load, input, model).", ["head", "reason"]
+)
+HEAD_BATCH_SIZE = Histogram(
+    "mmfuse_head_batch_size_items",
+    "Jobs (one row each) per forward pass of a head, across jobs.",
+    ["head"],
+    buckets=BATCH_SIZE_BUCKETS,
+)
 JOB_FAILURES = Counter(
     "mmfuse_job_failures", "Jobs that ended failed, by the stage that failed them and error code.", ["stage", "reason"]
 )

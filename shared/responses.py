@@ -67,6 +67,7 @@ class JobRequestSummary(_Answer):
     labels: list[str]
     outputs: list[Output]
     fusion: FusionStrategy
+    head: str | None = Field(None, description="`predict`'s head, `NAME@VERSION` as resolved at submit.")
 
 
 class StageTiming(_Answer):
@@ -130,6 +131,24 @@ class Classify(_Answer):
     )
 
 
+class TaskPrediction(_Answer):
+    """One task's answer: ``label`` and ``scores`` (single-label: every class's probability), ``labels`` and
+    ``scores`` (multi-label: the tags of probability >= 0.5, and every tag's), or ``value`` (regression)."""
+
+    label: str | None = None
+    labels: list[str] | None = None
+    scores: dict[str, float] | None = None
+    value: float | None = None
+
+
+class Prediction(_Answer):
+    head: str = Field(description="The head that answered, `NAME@VERSION`.")
+    tasks: dict[str, TaskPrediction] = Field(description="Per task the head was trained for, its answer.")
+    missing_modalities: list[str] = Field(
+        description="Modalities the head was trained with that the job has no items of: masked, not guessed."
+    )
+
+
 class Usage(_Answer):
     text_tokens: int = Field(ge=0, description="Tokens the text tower read: texts and labels, after truncation.")
 
@@ -140,6 +159,7 @@ class JobResult(_Answer):
     embeddings: Embeddings | None = None
     similarity: Similarity | None = None
     classify: Classify | None = None
+    predict: Prediction | None = None
     usage: Usage | None = Field(
         None, description="Set on a job that one encoder pool ended with a text tower's work: e.g. texts alone."
     )
@@ -178,6 +198,36 @@ class JobView(_Answer):
     result: JobResult | None = Field(description="Set once the job succeeded.")
     error: JobFailure | None = Field(description="Set once the job failed.")
     webhook: WebhookView | None = Field(description="The callback and its delivery; null without a webhook.")
+
+
+# --- trained heads --------------------------------------------------------------------------------
+
+
+class HeadTask(_Answer):
+    name: str
+    kind: Literal["single_label", "multi_label", "regression"]
+    labels: list[str] = Field(description="Classes or tags, in the order of the scores; empty for regression.")
+
+
+class HeadSummary(_Answer):
+    """A published head version, as ``GET /v1/heads`` lists it."""
+
+    ref: str = Field(description="`NAME@VERSION`: what a job's `head` may name (or `NAME` for the latest).")
+    name: str
+    version: int = Field(ge=1)
+    created_at: str = Field(description="ISO 8601, UTC.")
+    modalities: list[str] = Field(description="The modalities it reads; a job missing one is served masked.")
+    encoders: dict[str, str] = Field(description="Per modality, the encoder model it was trained on.")
+    tasks: list[HeadTask]
+    metrics: dict[str, dict[str, float | None]] = Field(description="Per task, on its held-out test split.")
+    baselines: dict[str, dict[str, dict[str, float | None]]] = Field(
+        description="Per baseline (each modality alone, the linear probe), its metrics per task."
+    )
+    rows: int = Field(ge=0, description="Rows of training data (train, validation and test together).")
+
+
+class HeadList(_Answer):
+    heads: list[HeadSummary]
 
 
 # --- health -----------------------------------------------------------------------------------------

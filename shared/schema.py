@@ -55,6 +55,7 @@ class Output(StrEnum):
     EMBEDDINGS = "embeddings"
     SIMILARITY = "similarity"
     CLASSIFY = "classify"
+    PREDICT = "predict"  # a trained fusion head's prediction (``head``)
 
 
 class FusionStrategy(StrEnum):
@@ -97,6 +98,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_AUDIO_FORMAT = "unsupported_audio_format"
     INVALID_AUDIO = "invalid_audio"  # a header no real clip has: channels, sample rate, frames beyond its size
     INCOMPATIBLE_EMBEDDING_SPACES = "incompatible_embedding_spaces"
+    HEAD_NOT_FOUND = "head_not_found"  # predict: no such head (or version) in the registry
+    HEAD_INCOMPATIBLE = "head_incompatible"  # predict: a head trained on other encoder models than served
     WEBHOOK_URL_REJECTED = "webhook_url_rejected"
     MODEL_NOT_FOUND = "model_not_found"  # POST /v1/embeddings: a model this server does not serve
     IMAGE_URL_REJECTED = "image_url_rejected"  # an image URL the SSRF guard refuses
@@ -173,6 +176,12 @@ class JobOptions(BaseModel):
     labels: list[str] = Field(default_factory=list, description="Zero-shot classes for `classify`.")
     fusion: FusionStrategy = FusionStrategy.MEAN
     weights: ModalityWeights = Field(default_factory=ModalityWeights)
+    head: str | None = Field(
+        None,
+        max_length=200,
+        description="`NAME` or `NAME@VERSION` of a trained fusion head (`GET /v1/heads`), for `predict`; "
+        "NAME alone is its latest version when the job is submitted.",
+    )
     webhook: WebhookRequest | None = None
 
     @field_validator("outputs")
@@ -231,6 +240,7 @@ class JobSpec:
     owner: str = ""  # the id of the API key that submitted it; other keys get 404
     audio_keys: list[str] = field(default_factory=list)
     spaces: dict[str, str] = field(default_factory=dict)
+    head: str = ""  # predict's head, NAME@VERSION as resolved at submit
 
     @property
     def shape(self) -> JobShape:
@@ -258,7 +268,9 @@ class JobSpec:
         """The stages this job runs, in order: a job with one modality has nothing to fuse and ends in its
         encoder stage; one with more fans in to fusion (the only jobs that store vectors)."""
         modalities: list[Stage] = list(self.modalities)
-        return [*modalities, FUSION] if len(modalities) > 1 else modalities
+        # A trained head runs in the fusion pool, which keeps the heads loaded.
+        fuses = len(modalities) > 1 or Output.PREDICT.value in self.outputs
+        return [*modalities, FUSION] if fuses else modalities
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -239,6 +239,11 @@ class Settings:
     # a batch item is one 10 s window of a clip (~0.3 s of one CPU thread at clap-htsat-unfused's size)
     audio_max_batch_size: int = setting(8, positive)
     audio_max_wait_ms: float = setting(10.0, non_negative)
+    # trained heads in the fusion pool: the weights kept loaded per process (least recently used dropped
+    # first), and their batching of jobs
+    head_cache_bytes: int = setting(256 * 1024 * 1024, positive)
+    head_max_batch_size: int = setting(64, positive)
+    head_max_wait_ms: float = setting(2.0, non_negative)
     # threads per encoder worker: items waiting to join a batch
     worker_concurrency: int = setting(32, positive)
     # Wait max_wait_ms for a batch to fill even when no task is preparing items: bigger batches under a

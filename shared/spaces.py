@@ -28,7 +28,7 @@ POOLS_WITH_TEXT_TOWER: tuple[Modality, ...] = ("audio",)
 SIMILARITY_PAIRS: tuple[tuple[Modality, Modality], ...] = (("image", "text"), ("audio", "text"), ("audio", "image"))
 
 # A job's item lists by modality, as the API names them (``images``, ``texts``, ``audios``).
-ITEMS: dict[Modality, str] = {"image": "images", "text": "texts", "audio": "audios"}
+ITEMS: dict[str, str] = {"image": "images", "text": "texts", "audio": "audios"}
 
 
 def pair_name(rows: Modality, columns: Modality) -> str:
@@ -106,7 +106,7 @@ class JobShape:
         """Every kind of vector the job's outputs need."""
         outputs = set(self.outputs)
         needed: set[str] = set()
-        if Output.EMBEDDINGS.value in outputs:
+        if outputs & {Output.EMBEDDINGS.value, Output.PREDICT.value}:  # a head reads each modality's vectors
             needed.update(self.present)
         if Output.SIMILARITY.value in outputs:
             for rows, columns in self.similarity_pairs():

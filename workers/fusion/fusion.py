@@ -127,3 +127,8 @@ def build_result(spec: JobSpec, vectors: Mapping[str, np.ndarray], logit_scales:
                 {"label": spec.labels[int(row.argmax())], "scores": row.round(7).tolist()} for row in scores
             ]
     return result
+
+
+def prediction_row(spec: JobSpec, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """A job as one row for a trained head: per modality, its items' centroid; None for one it has none of."""
+    return {m: centroid(np.asarray(vectors[m])) if len(vectors.get(m, ())) else None for m in MODALITIES}

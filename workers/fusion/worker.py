@@ -1,8 +1,9 @@
 """The fusion pool: ``celery -A mmfuse.workers.fusion.worker worker -Q fusion -P threads``.
 
 Runs once every encoder pool of a job with more than one modality is done (a job with one ends in its
-encoder task): combines the vectors, writes the result and the final status, and hands the webhook (if
-any) to the ``webhooks`` queue. Errors of the backing services are retried as
+encoder task, unless it asks for a trained head's ``predict``: the heads are served here,
+``workers.fusion.serving``): combines the vectors, writes the result and the final status, and hands the
+webhook (if any) to the ``webhooks`` queue. Errors of the backing services are retried as
 ``shared.celery_app.DurableTask`` declares; a task that gives up fails its job (``service_unavailable``,
 or ``fusion_error`` for anything unexpected).
 """
@@ -14,21 +15,26 @@ import logging
 from celery import Celery
 
 from mmfuse.shared import metrics
+from mmfuse.shared.blobstore import BlobStore
 from mmfuse.shared.celery_app import MAX_ATTEMPTS, TASK_FUSE, create_celery, durable_task
+from mmfuse.shared.heads import HeadCorrupt, HeadNotFound, HeadRegistry
 from mmfuse.shared.lifecycle import fail_job, stage_failure, succeed_job
-from mmfuse.shared.schema import FUSION, ErrorCode
+from mmfuse.shared.schema import FUSION, ErrorCode, JobSpec, Output
 from mmfuse.shared.settings import Settings, get_settings
 from mmfuse.shared.stores import Stores
-from mmfuse.workers.fusion.fusion import FusionError, build_result
+from mmfuse.workers.fusion.fusion import FusionError, build_result, prediction_row
+from mmfuse.workers.fusion.heads import HeadConfigError, HeadInputError
+from mmfuse.workers.fusion.serving import HeadServer
 
 log = logging.getLogger(__name__)
 
 
 class FusionWorker:
-    def __init__(self, settings: Settings, celery: Celery, stores: Stores) -> None:
+    def __init__(self, settings: Settings, celery: Celery, stores: Stores, heads: HeadServer) -> None:
         self.settings = settings
         self.celery = celery
         self.stores = stores
+        self.heads = heads
 
     def run(self, job_id: str) -> None:
         start = self.stores.vectors.start_fusion(job_id)  # the stage's start, its record and vectors
@@ -47,13 +53,27 @@ class FusionWorker:
             return
         try:
             with metrics.Timer() as fusion:
+                vectors = start.vectors(spec)
                 # The scales the pools stored with the label vectors: they have the checkpoints, fusion has none.
-                result = build_result(spec, start.vectors(spec), start.logit_scales)
+                result = build_result(spec, vectors, start.logit_scales)
         except (FusionError, KeyError) as exc:
             fail_job(self.stores, self.celery, spec, FUSION, ErrorCode.FUSION_ERROR, str(exc))
             return
+        if Output.PREDICT.value in spec.outputs:
+            try:
+                result["predict"] = self.heads.predict(spec.head, prediction_row(spec, vectors))
+            except HeadNotFound as exc:  # deleted after the job was submitted
+                self._head_failed(spec, "load", ErrorCode.HEAD_NOT_FOUND, str(exc))
+                return
+            except (HeadCorrupt, HeadConfigError, HeadInputError) as exc:
+                self._head_failed(spec, "model", ErrorCode.FUSION_ERROR, f"head {spec.head}: {exc}")
+                return
         metrics.FUSION_DURATION.labels(spec.fusion).observe(fusion.seconds)
         succeed_job(self.stores, self.celery, spec, result, stage=FUSION)
+
+    def _head_failed(self, spec: JobSpec, reason: str, code: ErrorCode, message: str) -> None:
+        metrics.HEAD_ERRORS.labels(spec.head.partition("@")[0], reason).inc()
+        fail_job(self.stores, self.celery, spec, FUSION, code, message)
 
     def give_up(self, exc: BaseException, job_id: str) -> None:
         """The task's final failure: retries spent, or an error no retry can help (a bug, bad data)."""
@@ -65,7 +85,13 @@ class FusionWorker:
 def create_fusion_app(settings: Settings | None = None, stores: Stores | None = None) -> Celery:
     settings = settings or get_settings()
     celery = create_celery(settings)
-    worker = FusionWorker(settings, celery, stores or Stores.connect(settings.redis_url, settings.job_ttl_s))
+    heads = HeadServer(
+        HeadRegistry(BlobStore(settings)),
+        settings.head_cache_bytes,
+        settings.head_max_batch_size,
+        settings.head_max_wait_ms,
+    )
+    worker = FusionWorker(settings, celery, stores or Stores.connect(settings.redis_url, settings.job_ttl_s), heads)
 
     @durable_task(celery, TASK_FUSE, give_up=worker.give_up)
     def fuse_job(job_id: str) -> None:
