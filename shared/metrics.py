@@ -203,7 +203,9 @@ HEAD_PREDICT_DURATION = Histogram(
     buckets=DURATION_BUCKETS_S,
 )
 HEAD_ERRORS = Counter(
-    "mmfuse_head_errors", "Predictions that failed, by head name and reason (load, input, model).", ["head", "reason"]
+    "mmfuse_head_errors",
+    "Predictions that failed, by head name and reason: load (the head is gone), model (it cannot answer).",
+    ["head", "reason"],
 )
 HEAD_BATCH_SIZE = Histogram(
     "mmfuse_head_batch_size_items",

@@ -44,6 +44,10 @@ REQUIRED_PANELS = (
     "worker up/down",
     "webhook success rate",
     "gpu memory",
+    "head predictions",
+    "head predict latency",
+    "head batch size",
+    "head errors",
 )
 
 
@@ -138,6 +142,7 @@ def test_the_required_alerts_exist(rules):
         "MmfuseJobErrorRatioHigh",
         "MmfuseJobLatencyP95High",
         "MmfusePoolNoLiveTarget",
+        "MmfuseHeadErrors",
     } <= names
     for rule in rules:
         assert rule.get("for") and rule["labels"].get("severity") in ("warning", "critical"), rule["alert"]
@@ -189,12 +194,18 @@ def test_dashboard_is_well_formed(dashboard):
 def test_every_pool_has_its_series_on_the_dashboard(dashboard, scrape_jobs):
     """The panels split by pool and select none, so every encoder pool (image, text, audio) and every queue has
     its own line without a change to the dashboard: encoder series by their ``modality`` label, stage waits by
-    ``stage``, queue depths by ``queue`` (the gateway reports every pool's queue), targets by scrape ``job``."""
+    ``stage``, queue depths by ``queue`` (the gateway reports every pool's queue), targets by scrape ``job``;
+    and every trained head by its ``head`` label, whatever heads are published."""
     from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS
 
     assert {"image", "text", "audio"} <= set(ENCODE_TASKS)
     assert {f"mmfuse-{pool}" for pool in POOLS} <= set(scrape_jobs), "a pool without its scrape job"
-    split_by = {"mmfuse_encoder_": "modality", "mmfuse_stage_": "stage", "mmfuse_queue_depth": "queue"}
+    split_by = {
+        "mmfuse_encoder_": "modality",
+        "mmfuse_stage_": "stage",
+        "mmfuse_queue_depth": "queue",
+        "mmfuse_head_": "head",
+    }
     seen = set()
     for panel in panels(dashboard):
         for target in panel["targets"]:
@@ -210,6 +221,20 @@ def test_every_pool_has_its_series_on_the_dashboard(dashboard, scrape_jobs):
                 assert re.search(rf"\bby \([^)]*\b{label}\b", expr), (panel["title"], expr)
                 assert "{{" + label + "}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
     assert seen == set(split_by)
+
+
+def test_every_expression_names_an_exported_metric(dashboard, rules):
+    """A misspelt metric name makes a panel or a rule silently empty: every ``mmfuse_*`` name in the
+    dashboard and the rules is one the code exports (a histogram's by its ``_bucket``/``_sum``/``_count``)."""
+    from mmfuse.shared import metrics
+
+    exported = _metric_names(metrics)
+    exported |= {f"{name}{suffix}" for name in exported for suffix in ("_bucket", "_sum", "_count")}
+    expressions = [target["expr"] for panel in panels(dashboard) for target in panel["targets"]]
+    expressions += [rule["expr"] for rule in rules]
+    named = {name for expr in expressions for name in re.findall(r"\bmmfuse_\w+", expr)}
+    assert named, "no metric names found"
+    assert named <= exported, f"not exported: {sorted(named - exported)}"
 
 
 def test_docs_describe_every_panel_and_alert(dashboard, rules):

@@ -1,7 +1,7 @@
 """The mmfuse API client (``pip install mmfuse-client``; requests only, never torch; numpy optional).
 
 - :class:`Client` (sync) and :class:`AsyncClient` (asyncio): ``submit``, ``get``, ``wait`` (long-poll),
-  ``run`` (submit and wait), ``run_many`` (bounded concurrency), ``cancel``; retries by one
+  ``run`` (submit and wait), ``run_many`` (bounded concurrency), ``cancel``, ``heads``; retries by one
   :class:`RetryPolicy`, every submit with an Idempotency-Key; typed results (:class:`Job`, ...).
 - ``mmfuse_client.webhooks``: signs and verifies webhook callbacks; the standard library only, and the one
   home of the signature scheme (the server signs with it too).
@@ -13,6 +13,8 @@ from mmfuse_client.results import (
     Classification,
     Classify,
     Embeddings,
+    Head,
+    HeadTask,
     Job,
     JobError,
     JobFailed,
@@ -22,7 +24,9 @@ from mmfuse_client.results import (
     MmfuseConnectionError,
     MmfuseError,
     Outcome,
+    Prediction,
     Similarity,
+    TaskPrediction,
     Timings,
 )
 from mmfuse_client.retry import RetryPolicy
@@ -34,6 +38,8 @@ __all__ = [
     "Classify",
     "Client",
     "Embeddings",
+    "Head",
+    "HeadTask",
     "Job",
     "JobError",
     "JobFailed",
@@ -45,8 +51,10 @@ __all__ = [
     "MmfuseConnectionError",
     "MmfuseError",
     "Outcome",
+    "Prediction",
     "RetryPolicy",
     "Similarity",
+    "TaskPrediction",
     "Timings",
     "WebhookVerificationError",
     "content_idempotency_key",

@@ -29,6 +29,7 @@ from mmfuse_client.http import (
     cancel_request,
     ended_in_submit,
     get_request,
+    heads_request,
     job_id_of,
     next_poll_s,
     outcome_of,
@@ -36,7 +37,7 @@ from mmfuse_client.http import (
     run_wait_s,
     submit_request,
 )
-from mmfuse_client.results import Job, JobInput, JobTimeout, MmfuseConnectionError, MmfuseError, Outcome
+from mmfuse_client.results import Head, Job, JobInput, JobTimeout, MmfuseConnectionError, MmfuseError, Outcome
 
 
 class AsyncClient(ClientBase):
@@ -125,6 +126,9 @@ class AsyncClient(ClientBase):
 
     async def openapi(self) -> dict:
         return answer(await self._send(ApiRequest("GET", "/openapi.json")))
+
+    async def heads(self, name: str | None = None) -> list[Head]:
+        return [Head.from_api(head) for head in answer(await self._send(heads_request(name)))["heads"]]
 
     # --- many jobs ------------------------------------------------------------------------------------
 

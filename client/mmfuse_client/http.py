@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 
 from mmfuse_client.results import (
     TERMINAL_STATUSES,
+    Head,
     Job,
     JobError,
     JobInput,
@@ -50,7 +51,8 @@ class JobOptions(TypedDict, total=False):
     """What a job asks for besides its inputs (``submit`` and ``run`` take these as keywords)."""
 
     labels: Sequence[str]  # zero-shot classes for the classify output
-    outputs: Sequence[str]  # default ("embeddings",)
+    outputs: Sequence[str]  # default ("embeddings",); "predict" needs head
+    head: str  # the trained head for predict: NAME (its latest version) or NAME@VERSION (GET /v1/heads)
     fusion: str  # mean (default) | concat
     weights: dict  # {"image": w, "text": w, "audio": w}
     webhook: dict  # {"url": ..., "events": [...]}
@@ -240,6 +242,10 @@ def cancel_request(job_id: str) -> ApiRequest:
     return ApiRequest("DELETE", f"/v1/jobs/{job_id}")
 
 
+def heads_request(name: str | None = None) -> ApiRequest:
+    return ApiRequest("GET", "/v1/heads", {"name": name} if name is not None else None)
+
+
 def run_wait_s(timeout_s: float) -> int:
     """``Prefer: wait`` for a ``run`` of ``timeout_s``: whole seconds (RFC 7240's delta-seconds)."""
     return max(0, math.floor(timeout_s))
@@ -281,6 +287,8 @@ def _request_options(job: Mapping[str, Any]) -> dict:
         options["weights"] = job["weights"]
     if job.get("webhook") is not None:
         options["webhook"] = job["webhook"]
+    if job.get("head") is not None:  # absent otherwise: content keys of jobs without one stay as they were
+        options["head"] = job["head"]
     return options
 
 
@@ -383,6 +391,11 @@ class Client(ClientBase):
     def openapi(self) -> dict:
         """The server's OpenAPI document (what it accepts, e.g. which inputs a job may have)."""
         return answer(self.transport.send(ApiRequest("GET", "/openapi.json")))
+
+    def heads(self, name: str | None = None) -> list[Head]:
+        """The published trained heads (``GET /v1/heads``), newest version first per name; ``name``: that
+        head's versions only."""
+        return [Head.from_api(head) for head in answer(self.transport.send(heads_request(name)))["heads"]]
 
     # --- many jobs ------------------------------------------------------------------------------------
 

@@ -182,18 +182,64 @@ def _classifications(items: Sequence[Mapping[str, Any]]) -> list[Classification]
 
 
 @dataclass(frozen=True)
+class TaskPrediction:
+    """One task's answer from a trained head, by the task's kind; the other fields are None.
+
+    - single-label: ``label`` (the most probable class) and ``scores`` (every class's probability);
+    - multi-label: ``labels`` (the tags of probability >= 0.5) and ``scores`` (every tag's probability);
+    - regression: ``value``."""
+
+    label: str | None = None
+    labels: list[str] | None = None
+    scores: dict[str, float] | None = None
+    value: float | None = None
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> TaskPrediction:
+        scores = data.get("scores")
+        labels = data.get("labels")
+        value = data.get("value")
+        return cls(
+            label=data.get("label"),
+            labels=list(labels) if labels is not None else None,
+            scores={str(name): float(score) for name, score in scores.items()} if scores is not None else None,
+            value=float(value) if value is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A trained head's answer for a job (output ``predict``)."""
+
+    head: str  # the head that answered: NAME@VERSION
+    tasks: dict[str, TaskPrediction]  # per task the head was trained for
+    # Modalities the head reads that the job had no items of: masked, not guessed.
+    missing_modalities: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Prediction:
+        return cls(
+            head=data["head"],
+            tasks={name: TaskPrediction.from_api(task) for name, task in data["tasks"].items()},
+            missing_modalities=list(data.get("missing_modalities") or ()),
+        )
+
+
+@dataclass(frozen=True)
 class JobResult:
     """What a succeeded job produced: one field per requested output, None for the others."""
 
     embeddings: Embeddings | None = None
     similarity: Similarity | None = None
     classify: Classify | None = None
+    predict: Prediction | None = None
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> JobResult:
         embeddings = data.get("embeddings")
         classify = data.get("classify")
         similarity = data.get("similarity")
+        predict = data.get("predict")
         return cls(
             embeddings=Embeddings(
                 images=[decode_vector(v) for v in embeddings["images"]],
@@ -214,6 +260,7 @@ class JobResult:
             )
             if classify
             else None,
+            predict=Prediction.from_api(predict) if predict else None,
         )
 
 
@@ -248,7 +295,7 @@ class Job:
     result: JobResult | None = None
     error: JobError | None = None
     timings: Timings | None = None
-    request: dict[str, Any] | None = None  # what was asked: counts of images, texts, audios; labels, outputs, fusion
+    request: dict[str, Any] | None = None  # what was asked: item counts; labels, outputs, fusion, head
     webhook: dict[str, Any] | None = None  # the callback and its delivery state
     replayed: bool = False  # the answer to a repeated Idempotency-Key: the earlier submit's job
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -283,6 +330,51 @@ class Job:
             webhook=data.get("webhook"),
             replayed=replayed,
             raw=dict(data),
+        )
+
+
+# --- trained heads ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadTask:
+    name: str
+    kind: str  # single_label | multi_label | regression
+    labels: list[str]  # classes or tags, in the order of the scores; empty for regression
+
+
+@dataclass(frozen=True)
+class Head:
+    """A published trained head version, as ``GET /v1/heads`` lists it: what a job's ``head`` may name, and
+    how well it did on its held-out test split."""
+
+    ref: str  # NAME@VERSION: a job's head (or NAME alone, for the latest version at submit)
+    name: str
+    version: int
+    created_at: str  # ISO 8601, UTC
+    modalities: list[str]  # those it reads; a job without some is answered with them masked
+    encoders: dict[str, str]  # per modality, the encoder model it was trained on
+    tasks: list[HeadTask]
+    metrics: dict[str, dict[str, float | None]]  # per task, e.g. {"match": {"accuracy": 0.83, ...}}
+    baselines: dict[str, dict[str, dict[str, float | None]]]  # per baseline (image_only, ..., linear_probe)
+    rows: int  # of training data, all splits
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Head:
+        return cls(
+            ref=data["ref"],
+            name=data["name"],
+            version=int(data["version"]),
+            created_at=data["created_at"],
+            modalities=list(data["modalities"]),
+            encoders=dict(data.get("encoders") or {}),
+            tasks=[HeadTask(task["name"], task["kind"], list(task.get("labels") or ())) for task in data["tasks"]],
+            metrics={task: dict(values) for task, values in (data.get("metrics") or {}).items()},
+            baselines={
+                baseline: {task: dict(values) for task, values in tasks.items()}
+                for baseline, tasks in (data.get("baselines") or {}).items()
+            },
+            rows=int(data.get("rows") or 0),
         )
 
 

@@ -168,6 +168,63 @@ def run_workload(stack, api, client, redis_client, hook_url: str) -> dict:
     return {"jobs": jobs, "sent_bytes": sent_bytes}
 
 
+_HEADS: dict[str, str] = {}
+
+
+def published_heads(stack, api) -> dict[str, str]:
+    """Two text heads of random weights published into the stack's blob store, once: ``ok`` answers, and
+    ``broken``'s weights are replaced after publishing, so that every prediction of it fails (reason model)."""
+    if _HEADS:
+        return _HEADS
+    from mmfuse.shared.blobstore import BlobStore
+    from mmfuse.shared.heads import WEIGHTS, DataCard, EncoderCard, HeadCard, HeadRegistry, TaskCard, version_prefix
+    from mmfuse.workers.fusion.heads import FusionHead, HeadConfig, TaskSpec, weights_bytes
+
+    probe = post_job(stack, api, {"texts": ["dimension"]})[0]
+    assert probe.status_code == 202, probe.text
+    settings = stack.settings()
+    registry = HeadRegistry(BlobStore(settings))
+    for name in ("metrics-ok", "metrics-broken"):
+        with contextlib.suppress(LookupError):
+            registry.delete(name)
+    dim = None
+    deadline = time.monotonic() + 60
+    while dim is None and time.monotonic() < deadline:
+        job = api.get(f"{stack.gateway_url}/v1/jobs/{probe.json()['id']}?wait=10", timeout=30).json()
+        if job["status"] == "succeeded":
+            dim = len(job["result"]["embeddings"]["texts"][0])
+    assert dim, "the probe job did not succeed"
+    config = HeadConfig({"text": dim}, (TaskSpec("kind", "single_label", ("a", "b")),), d=8, heads=2)
+    for name in ("metrics-ok", "metrics-broken"):
+        card = HeadCard(
+            name=name,
+            config=config.to_dict(),
+            tasks=[TaskCard(name="kind", kind="single_label", labels=["a", "b"])],
+            encoders={"text": EncoderCard(model=settings.models()["text"], dim=dim)},
+            metrics={"kind": {"accuracy": 0.5}},
+            data=DataCard(sha256="0" * 64, source="none", rows=0, train=0, val=0, test=0),
+            seed=0,
+        )
+        version = registry.publish(card, weights_bytes(FusionHead(config)))
+        _HEADS[name] = f"{name}@{version}"
+    registry.store.put(version_prefix("metrics-broken", 1) + WEIGHTS, b"not the card's weights")
+    return _HEADS
+
+
+def run_head_workload(stack, api, client) -> None:
+    """One job a head answers and one whose head fails (its weights are not its card's)."""
+    heads = published_heads(stack, api)
+    ids = {}
+    for name, ref in heads.items():
+        response = post_job(stack, api, {"texts": ["a red circle"], "outputs": ["predict"], "head": ref})[0]
+        assert response.status_code == 202, response.text
+        ids[name] = response.json()["id"]
+    jobs = {name: client.wait(job_id, timeout_s=60) for name, job_id in ids.items()}
+    assert jobs["metrics-ok"]["status"] == "succeeded", jobs["metrics-ok"]
+    assert jobs["metrics-broken"]["status"] == "failed", jobs["metrics-broken"]
+    assert jobs["metrics-broken"]["error"]["code"] == "fusion_error", jobs["metrics-broken"]
+
+
 # --- exact counts after real jobs -----------------------------------------------------------------
 
 
@@ -539,9 +596,11 @@ def test_dashboard_and_alert_expressions_on_live_prometheus(stack, api, client, 
         lambda: _all_targets_up(prometheus, len(stack_jobs)), "every target to be scraped successfully", timeout_s=20
     )
     run_workload(stack, api, client, redis_client, hook_url)  # every series exists before the measured run below
+    run_head_workload(stack, api, client)
     first_done = time.time()
     wait_for(lambda: _oldest_scrape(prometheus) > first_done, "a scrape of every target after the first workload")
     run_workload(stack, api, client, redis_client, hook_url)
+    run_head_workload(stack, api, client)
     done = time.time()
     # Two scrapes of every target after the workload: rates over the window see it.
     wait_for(lambda: _oldest_scrape(prometheus) > done + 1.5, "scrapes after the workload", timeout_s=20)

@@ -440,3 +440,167 @@ def test_the_async_client_and_run_many_send_audios(scripted):
     assert [[base64.b64decode(a) for a in body["audios"]] for body in bodies] == [[clip]] * 4
     # The async run_many's two jobs go out concurrently, in either order.
     assert sorted(body["texts"] for body in bodies) == [[], [], ["a dog barking"], ["t"]]
+
+
+# --- trained heads ----------------------------------------------------------------------------------
+
+
+def served_prediction(rows: dict) -> list[dict]:
+    """``predict`` as the fusion pool answers it: a small head of every task kind run by the server's own code
+    on ``rows`` (per modality, one vector or None per job), wrapped as ``HeadServer.predict`` wraps it."""
+    from mmfuse.workers.fusion.heads import FusionHead, HeadConfig, TaskSpec, predict
+
+    config = HeadConfig(
+        {"image": 4, "text": 3},
+        (
+            TaskSpec("shape", "single_label", ("circle", "square", "triangle")),
+            TaskSpec("tags", "multi_label", ("red", "round")),
+            TaskSpec("area", "regression", target_mean=0.3, target_std=0.1),
+        ),
+        d=8,
+        heads=2,
+    )
+    head = FusionHead(config).eval()
+    return [{"head": "shapes@2", **answer} for answer in predict(head, rows)]
+
+
+def test_a_predict_result_parses_into_typed_fields():
+    from mmfuse.shared.responses import JobResult as ServedResult
+    from mmfuse_client import Prediction, TaskPrediction
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [rng.standard_normal(4).astype(np.float32), None], "text": [rng.standard_normal(3)] * 2}
+    answers = served_prediction(rows)
+    for answer in answers:
+        ServedResult.model_validate({"predict": answer})  # the wire form the API documents
+        body = {**ended_job(), "result": {"predict": answer}}
+        body["request"] = {**body["request"], "outputs": ["predict"], "head": "shapes@2"}
+        job = Job.from_api(body)
+        assert job.request is not None and job.request["head"] == "shapes@2"
+        assert job.result is not None and job.result.embeddings is None
+        prediction = job.result.predict
+        assert isinstance(prediction, Prediction) and prediction.head == "shapes@2"
+        assert prediction.missing_modalities == answer["missing_modalities"]
+        assert set(prediction.tasks) == {"shape", "tags", "area"}
+        assert all(isinstance(task, TaskPrediction) for task in prediction.tasks.values())
+        shape, tags, area = (prediction.tasks[name] for name in ("shape", "tags", "area"))
+        served = answer["tasks"]
+        assert shape.label == served["shape"]["label"] and shape.scores == served["shape"]["scores"]
+        assert list(shape.scores) == ["circle", "square", "triangle"]  # the head's class order
+        assert shape.label == max(shape.scores, key=shape.scores.__getitem__)
+        assert (shape.labels, shape.value) == (None, None)
+        assert tags.labels == served["tags"]["labels"] and tags.scores == served["tags"]["scores"]
+        assert tags.labels == [tag for tag, score in tags.scores.items() if score >= 0.5]
+        assert (tags.label, tags.value) == (None, None)
+        assert area.value == served["area"]["value"] and isinstance(area.value, float)
+        assert (area.label, area.labels, area.scores) == (None, None, None)
+    # The second job had no image: masked, and said so.
+    assert [
+        Job.from_api({**ended_job(), "result": {"predict": a}}).result.predict.missing_modalities for a in answers
+    ] == [
+        [],
+        ["image"],
+    ]
+    # A result without predict has none; the schema's explicit nulls parse like absent fields.
+    assert Job.from_api(ended_job()).result.predict is None
+    explicit = {"head": "h@1", "tasks": {"t": {"label": None, "labels": None, "scores": None, "value": 2}}}
+    parsed = Job.from_api({**ended_job(), "result": {"predict": {**explicit, "missing_modalities": []}}})
+    assert parsed.result.predict.tasks["t"] == TaskPrediction(value=2.0)
+
+
+def test_head_goes_with_the_options_and_names_the_content(scripted):
+    server = scripted(ACCEPTED)
+    client = Client(server.url, retry=FAST)
+    client.submit(texts=["a red circle"], outputs=["predict"], head="shapes@2")
+    client.submit([b"\x89PNG\r\n\x1a\n"], ["a red circle"], outputs=["predict"], head="shapes", multipart=True)
+    client.submit(texts=["no head"])
+    body = json.loads(server.requests[0]["body"])
+    assert (body["outputs"], body["head"], body["texts"]) == (["predict"], "shapes@2", ["a red circle"])
+    request = server.requests[1]
+    form = Request.from_values(
+        input_stream=io.BytesIO(request["body"]),
+        content_length=len(request["body"]),
+        content_type=request["headers"]["Content-Type"],
+        method="POST",
+    )
+    assert json.loads(form.form["options"]) == {"outputs": ["predict"], "fusion": "mean", "head": "shapes"}
+    assert "head" not in json.loads(server.requests[2]["body"])
+    # The head is part of what a job is; a job without one keeps the key it had before heads existed.
+    key = content_idempotency_key((), ["x"], options={"outputs": ["predict"], "head": "shapes@1"})
+    assert key != content_idempotency_key((), ["x"], options={"outputs": ["predict"], "head": "shapes@2"})
+    earlier = {"images": [], "texts": ["x"], "options": {"outputs": ["embeddings"], "fusion": "mean"}}
+    encoded = json.dumps(earlier, sort_keys=True, separators=(",", ":")).encode()
+    assert content_idempotency_key((), ["x"]) == "sha256-" + hashlib.sha256(encoded).hexdigest()
+
+
+def published_heads() -> dict:
+    """``GET /v1/heads``'s answer for two published versions, built by the gateway's own code."""
+    from mmfuse.gateway.heads import head_summary
+    from mmfuse.shared.heads import DataCard, EncoderCard, HeadCard, TaskCard
+    from mmfuse.shared.responses import HeadList
+
+    def card(version: int, rows: int) -> HeadCard:
+        return HeadCard(
+            name="shapes",
+            version=version,
+            created_at=f"2026-05-0{version}T12:00:00Z",
+            config={},
+            tasks=[
+                TaskCard(name="shape", kind="single_label", labels=["circle", "square"]),
+                TaskCard(name="area", kind="regression"),
+            ],
+            encoders={
+                "image": EncoderCard(model="clip-test-tiny", dim=4),
+                "text": EncoderCard(model="clip-test-tiny", dim=4),
+            },
+            metrics={"shape": {"accuracy": 0.8, "auroc": None}, "area": {"r2": 0.5, "mae": 0.02}},
+            baselines={"image_only": {"shape": {"accuracy": 0.5}}, "linear_probe": {"area": {"r2": 0.1}}},
+            data=DataCard(sha256="0" * 64, source="shapes.jsonl", rows=rows, train=70, val=10, test=20),
+            seed=0,
+        )
+
+    answer = {"heads": [head_summary(card(2, 120)), head_summary(card(1, 100))]}
+    HeadList.model_validate(answer)  # the wire form the API documents
+    return answer
+
+
+def test_heads_lists_the_published_heads_sync_and_async(scripted):
+    from mmfuse_client import Head, HeadTask
+
+    listed = published_heads()
+    server = scripted((200, {}, listed))
+    client = Client(server.url, "k", retry=FAST)
+    heads = client.heads()
+    assert [head.ref for head in heads] == ["shapes@2", "shapes@1"]
+    newest = heads[0]
+    assert isinstance(newest, Head) and (newest.name, newest.version, newest.rows) == ("shapes", 2, 120)
+    assert newest.created_at == "2026-05-02T12:00:00Z" and newest.modalities == ["image", "text"]
+    assert newest.encoders == {"image": "clip-test-tiny", "text": "clip-test-tiny"}
+    assert newest.tasks == [
+        HeadTask("shape", "single_label", ["circle", "square"]),
+        HeadTask("area", "regression", []),
+    ]
+    assert newest.metrics == {"shape": {"accuracy": 0.8, "auroc": None}, "area": {"r2": 0.5, "mae": 0.02}}
+    assert newest.baselines["linear_probe"] == {"area": {"r2": 0.1}}
+    assert client.heads("shapes")[1].version == 1
+
+    async def use() -> list:
+        async with AsyncClient(server.url, "k", retry=FAST) as aclient:
+            return await aclient.heads("shapes")
+
+    assert asyncio.run(use()) == heads
+    assert [(r["method"], r["path"]) for r in server.requests] == [
+        ("GET", "/v1/heads"),
+        ("GET", "/v1/heads?name=shapes"),
+        ("GET", "/v1/heads?name=shapes"),
+    ]
+    assert all(r["headers"]["Authorization"] == "Bearer k" for r in server.requests)
+
+
+def test_heads_says_why_it_was_refused(scripted):
+    error = {"error": {"code": "validation_error", "message": "name: bad", "details": [{"loc": "name"}]}}
+    server = scripted((422, {}, error))
+    with pytest.raises(MmfuseError) as refused:
+        Client(server.url, retry=FAST).heads("Not A Name")
+    assert (refused.value.status, refused.value.code) == (422, "validation_error")
+    assert server.requests[0]["path"] == "/v1/heads?name=Not+A+Name"
