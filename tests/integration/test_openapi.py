@@ -29,6 +29,7 @@ def test_the_document_is_valid_and_lists_every_route(stack):
         "/v1/jobs",
         "/v1/jobs/{job_id}",
         "/v1/embeddings",
+        "/v1/heads",
         "/healthz",
         "/readyz",
         "/metrics",
