@@ -25,6 +25,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from bench import stats
+
 
 @dataclass
 class Workload:
@@ -50,6 +52,9 @@ class LayoutResult:
     jobs_per_s: dict[int, float]  # batch size -> jobs/s
     latency_b1_ms: float  # one job at batch 1 (split: the slower tower, both running at once)
     tower_latency_b1_ms: dict[str, float]
+    # Cores other processes of the host used while this layout was measured (None: unknown): on a shared
+    # machine, how far to trust the figure.
+    cores_outside: float | None = None
 
     @property
     def best_batch(self) -> int:
@@ -79,6 +84,18 @@ class LayoutResult:
         if self.layout == "dp":
             return f"dp: {self.processes} processes x {threads}, whole jobs each (data parallel)"
         return f"seq: 1 process x {threads}, towers in turn"
+
+
+def host_busy_s() -> float | None:
+    """Busy CPU seconds of the whole host so far (/proc/stat: all but idle and iowait; a VM's steal time
+    counts), None off Linux: less what the bench's own processes used, the other load of a shared machine."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / stats._TICKS
 
 
 def _load(workload: Workload, towers: tuple[str, ...], threads: int) -> dict:
@@ -154,7 +171,7 @@ def _worker(
         rates[batch] = _rate(encoders, workload, batch, min_time_s)
     sync()
     latency = _latency_ms(encoders, workload, latency_reps)
-    results.put((towers, rates, latency))
+    results.put((towers, rates, latency, time.process_time()))
 
 
 def measure_layout(
@@ -186,21 +203,27 @@ def measure_layout(
         )
         for group, n in zip(groups, group_threads, strict=True)
     ]
+    host_before, started = host_busy_s(), time.monotonic()
     for process in processes:
         process.start()
     try:
         answers = [results.get(timeout=900) for _ in processes]
+        host_after, wall = host_busy_s(), time.monotonic() - started
     finally:
         for process in processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
     if layout == "dp":  # processes share the jobs
-        jobs_per_s = {b: sum(rates[b] for _, rates, _ in answers) for b in batches}
+        jobs_per_s = {b: sum(rates[b] for _, rates, _, _ in answers) for b in batches}
     else:  # every job needs each process's towers once: the slowest process sets the pace
-        jobs_per_s = {b: min(rates[b] for _, rates, _ in answers) for b in batches}
+        jobs_per_s = {b: min(rates[b] for _, rates, _, _ in answers) for b in batches}
+    outside = None
+    if host_before is not None and host_after is not None:
+        # the host's busy time less the measuring processes' own (the parent only waits)
+        outside = max((host_after - host_before - sum(cpu for *_, cpu in answers)) / wall, 0.0)
     tower_latency = {}
-    for towers, _, latency in answers:
+    for towers, _, latency, _ in answers:
         name = "+".join(towers)
         tower_latency[name] = max(latency, tower_latency.get(name, 0.0))
     return LayoutResult(
@@ -210,6 +233,7 @@ def measure_layout(
         jobs_per_s=jobs_per_s,
         latency_b1_ms=max(tower_latency.values()),
         tower_latency_b1_ms=tower_latency,
+        cores_outside=outside,
     )
 
 

@@ -13,6 +13,8 @@ the same run:
    stack process spends per job at concurrency 32;
 5. the same with 32 texts per job (concurrency 8), texts/s against the bare model's;
 6. the gateway's accept rate (202s per second, workers stopped);
+7. audio-only jobs of one 10 s clip (48 kHz WAV) on the laion/clap-htsat-unfused-size CLAP test checkpoint
+   (concurrency 8, the audio pool alone on the host) against the bare audio tower's windows/s;
 
 and a summary of the targets. ``MMFUSE_DEVICE``/``MMFUSE_DTYPE`` apply to the limit and the pipeline alike
 (``bench/gpu.sh`` runs it on CUDA). Everything it starts it stops. Settings are the ``MMFUSE_*`` defaults
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import stats
-from bench.inputs import make_images, make_texts
-from bench.limit import LayoutResult, Workload, layouts_for, measure_layout, pick_limit
+from bench.inputs import make_audios, make_images, make_texts
+from bench.limit import LayoutResult, Workload, host_busy_s, layouts_for, measure_layout, pick_limit
 from bench.load import ClosedLoopResult, accept_flood, closed_loop
 from mmfuse.cli.stack import ENCODER_POOLS, LocalStack, free_port
 
@@ -50,9 +52,11 @@ TARGETS = {
     "ratio_minilm32_c8": (">=", 1.0),
     "overhead_minilm_c1_ms": ("<=", 15.0),
     "accept_per_s": (">=", 500.0),
+    "ratio_audio_c8": (">=", 0.85),
 }
-PHASES = ("limit", "accept", "b32", "image", "minilm", "minilm32")
+PHASES = ("limit", "accept", "b32", "image", "minilm", "minilm32", "audio")
 TEXTS_PER_JOB = 32  # the minilm32 phase's jobs
+AUDIO_SECONDS = 10.0  # the audio phase's clips: one CLAP window each, so clips/s and windows/s are one number
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Plan:
 
     b32_batches: tuple[int, ...]  # B/32 limits (image+text and image-only)
     text_batches: tuple[int, ...]
+    audio_batches: tuple[int, ...]  # windows per forward pass (the pool's default batch is <= 8)
     min_time_s: float  # per batch-size point of the limit
     latency_reps: int
     layouts: tuple[str, ...]  # limit layouts to measure: seq1, seqN (a thread per CPU), split, dp
@@ -70,6 +75,7 @@ class Plan:
     image_jobs: dict[int, int]
     text_jobs: dict[int, int]
     text32_jobs: dict[int, int]
+    audio_jobs: dict[int, int]
     warmup_jobs: int
     accept_s: float
     accept_connections: int
@@ -78,6 +84,7 @@ class Plan:
 FULL = Plan(
     b32_batches=(1, 4, 16),
     text_batches=(1, 8, 32, 64),
+    audio_batches=(1, 4, 8),
     min_time_s=2.0,
     latency_reps=15,
     layouts=("seq1", "seqN", "split", "dp"),
@@ -86,6 +93,7 @@ FULL = Plan(
     image_jobs={32: 128},
     text_jobs={1: 150, 8: 400, 32: 800},
     text32_jobs={8: 96},
+    audio_jobs={8: 128},  # ~4 clips/s on 2 cores: half a minute
     warmup_jobs=32,
     accept_s=10.0,
     accept_connections=32,
@@ -93,6 +101,7 @@ FULL = Plan(
 QUICK = Plan(
     b32_batches=(4,),
     text_batches=(16,),
+    audio_batches=(4,),
     min_time_s=0.3,
     latency_reps=3,
     layouts=("seqN", "split"),
@@ -101,6 +110,7 @@ QUICK = Plan(
     image_jobs={32: 32},
     text_jobs={1: 20, 8: 64, 32: 128},
     text32_jobs={8: 16},
+    audio_jobs={8: 24},
     warmup_jobs=8,
     accept_s=3.0,
     accept_connections=32,
@@ -111,6 +121,7 @@ QUICK = Plan(
 GPU = Plan(
     b32_batches=(1, 16, 64),
     text_batches=(1, 32, 128),
+    audio_batches=(1, 8, 32),
     min_time_s=0.5,
     latency_reps=10,
     layouts=("seqN", "split"),
@@ -119,6 +130,7 @@ GPU = Plan(
     image_jobs={32: 128},
     text_jobs={1: 100, 8: 400, 32: 800},
     text32_jobs={8: 64},
+    audio_jobs={8: 256},
     warmup_jobs=32,
     accept_s=5.0,
     accept_connections=32,
@@ -130,6 +142,8 @@ PIPELINE_SETTINGS = (
     "image_max_wait_ms",
     "text_max_batch_size",
     "text_max_wait_ms",
+    "audio_max_batch_size",
+    "audio_max_wait_ms",
     "worker_concurrency",
     "torch_threads",
     "device",
@@ -214,7 +228,8 @@ def run_limit(
         result = measure_layout(workload, layout, threads, list(batches), plan.min_time_s, plan.latency_reps)
         log(
             f"    {result.best_jobs_per_s:.2f} jobs/s at batch {result.best_batch}; "
-            f"batch-1 latency {result.latency_b1_ms:.1f} ms {result.tower_latency_b1_ms}"
+            f"batch-1 latency {result.latency_b1_ms:.1f} ms {result.tower_latency_b1_ms}; other load on the host "
+            f"{result.cores_outside if result.cores_outside is not None else math.nan:.2f} cores"
         )
         measured.append(result)
     limit = pick_limit(measured)
@@ -240,11 +255,12 @@ CLIENT = "client (bench)"
 class CpuSnapshot:
     at: float  # time.monotonic()
     cpu_s: dict[str, float]  # stack process (with its children) or the bench's client -> CPU seconds so far
+    host_busy_s: float | None = None  # every CPU of the host, busy seconds so far (/proc/stat)
 
 
 class CpuWatch:
-    """CPU seconds of each stack process (tree) and of the bench's own client, at the probes of a closed
-    loop (``closed_loop(probe=watch.snapshot)``)."""
+    """CPU seconds of each stack process (tree), of the bench's own client and of the whole host, at the
+    probes of a closed loop (``closed_loop(probe=watch.snapshot)``)."""
 
     def __init__(self, stack):
         self.pids = {name: p.pid for name, p in stack.processes.items() if p.poll() is None}
@@ -252,7 +268,7 @@ class CpuWatch:
     def snapshot(self) -> CpuSnapshot:
         cpu = stats.process_trees_cpu_s(self.pids)
         cpu[CLIENT] = time.process_time()  # the bench process: its client threads
-        return CpuSnapshot(time.monotonic(), cpu)
+        return CpuSnapshot(time.monotonic(), cpu, host_busy_s())
 
 
 def cpu_use(run: ClosedLoopResult) -> dict | None:
@@ -264,7 +280,7 @@ def cpu_use(run: ClosedLoopResult) -> dict | None:
     jobs, wall = max(last_count - first_count, 1), max(last.at - first.at, 1e-9)
     used = {name: last.cpu_s[name] - first.cpu_s[name] for name in first.cpu_s}
     stack_s = sum(v for name, v in used.items() if name != CLIENT)
-    return {
+    out = {
         "wall_s": wall,
         "jobs": jobs,
         "cores": {name: v / wall for name, v in used.items()},
@@ -272,6 +288,10 @@ def cpu_use(run: ClosedLoopResult) -> dict | None:
         "stack_cpu_ms_per_job": stack_s * 1e3 / jobs,
         "cores_total": sum(used.values()) / wall,
     }
+    if first.host_busy_s is not None and last.host_busy_s is not None:
+        # Whatever else ran on the host meanwhile (other users of a shared VM): what the ratios cannot see.
+        out["cores_outside"] = max((last.host_busy_s - first.host_busy_s) / wall - out["cores_total"], 0.0)
+    return out
 
 
 def bench_api_key(stack) -> str:
@@ -299,11 +319,12 @@ def run_pipeline(
         summary = run.summary()
         summary["cpu"] = cpu_use(run)
         cores = summary["cpu"]["cores_total"] if summary["cpu"] else math.nan
+        outside = (summary["cpu"] or {}).get("cores_outside", math.nan)
         log(
             f"  concurrency {concurrency:3d}: {summary['jobs_per_s']:.2f} jobs/s, p50 {summary['p50_ms']:.1f} ms, "
             f"p99 {summary['p99_ms']:.0f} ms, batches {_fmt_batches(summary['mean_batch_size'])}, "
             f"errors {summary['errors']}, answered in the POST {summary['answered_in_post']}/{summary['jobs']}, "
-            f"cores used {cores:.2f}"
+            f"cores used {cores:.2f} (other load on the host: {outside:.2f} cores)"
         )
         results.append(summary)
     return results
@@ -345,6 +366,7 @@ def limit_table(limit: dict, unit: str = "jobs/s") -> str:
                 r.best_jobs_per_s,
                 " ".join(f"{b}:{v:.1f}" for b, v in r.jobs_per_s.items()),
                 r.latency_b1_ms,
+                r.cores_outside,
             ]
         )
     if "recheck_jobs_per_s" in limit:
@@ -356,9 +378,11 @@ def limit_table(limit: dict, unit: str = "jobs/s") -> str:
                 limit["recheck_jobs_per_s"],
                 "",
                 None,
+                limit.get("recheck_cores_outside"),
             ]
         )
-    return stats.format_table(["bare model layout", "best batch", unit, f"{unit} by batch", "batch-1 latency ms"], rows)
+    headers = ["bare model layout", "best batch", unit, f"{unit} by batch", "batch-1 latency ms", "other load, cores"]
+    return stats.format_table(headers, rows)
 
 
 def pipeline_table(
@@ -420,6 +444,8 @@ def cpu_table(run: dict) -> str:
     stack_cores = sum(cpu["cores"][name] for name in names)
     rows.append(["total (stack)", stack_cores, cpu["stack_cpu_ms_per_job"]])
     rows.append([CLIENT, cpu["cores"][CLIENT], cpu["cpu_ms_per_job"][CLIENT]])
+    if "cores_outside" in cpu:
+        rows.append(["other load on the host (not the bench's)", cpu["cores_outside"], None])
     return stats.format_table(["process", "cores", "CPU ms/job"], rows, digits=2)
 
 
@@ -460,6 +486,12 @@ def summarise(results: dict) -> dict:
     accept = (results.get("accept") or {}).get(results["gateway_workers"])
     if accept:
         out["accept_per_s"] = accept["accepted_per_s"]
+    audio, audio_limit = results.get("audio"), _limit(results, "audio")
+    if audio and (c8 := at(audio["pipeline"], 8)):
+        if audio_limit:  # one window per clip: clips/s over windows/s
+            out["ratio_audio_c8"] = c8["jobs_per_s"] / audio_limit.best_jobs_per_s
+        if c8["cpu"]:
+            out["cpu_ms_audio_c8"] = c8["cpu"]["stack_cpu_ms_per_job"]
     return out
 
 
@@ -476,6 +508,8 @@ SUMMARY_LABELS = {  # metric -> (label, digits); in TARGETS: a target, else a re
     "ratio_minilm32_c8": (f"MiniLM {TEXTS_PER_JOB} texts per job, concurrency 8: texts/s pipeline/limit", 2),
     "overhead_minilm_c1_ms": ("MiniLM 1 text: p50 at concurrency 1 minus bare batch-1 latency (ms)", 1),
     "accept_per_s": ("gateway accept rate (jobs/s answered 202)", 0),
+    "ratio_audio_c8": ("CLAP one 10 s clip per job, concurrency 8: clips/s pipeline / windows/s limit", 2),
+    "cpu_ms_audio_c8": ("CLAP one 10 s clip per job, concurrency 8: CPU ms per job, all stack processes", 0),
 }
 
 
@@ -505,8 +539,8 @@ def report(results: dict) -> str:
         + (f", {results['torch']['cuda']}" if results["torch"].get("cuda") else ""),
         f"inputs: {results['inputs']}",
         "limit: bare model, same code as the workers (shared.models get_encoder, prepare + encode: image decode + "
-        "CLIP preprocessing, tokenisation), torch threads per process as each layout says; the limit is the best "
-        "one-process layout, the others are shown for reference",
+        "CLIP preprocessing, audio decode + CLAP log-mel features, tokenisation), torch threads per process as each "
+        "layout says; the limit is the best one-process layout, the others are shown for reference",
         "pipeline: closed-loop clients, submit -> result as "
         + (
             "MmfuseClient.run: POST /v1/jobs with `Prefer: wait` (answered in the POST when the job ends "
@@ -517,7 +551,11 @@ def report(results: dict) -> str:
         + "; CPU per process over each point's steady window, from /proc",
         *(
             f"pipeline settings ({which}): " + ", ".join(f"{k}={v}" for k, v in values.items())
-            for which, values in (("B/32", s), ("MiniLM", results.get("minilm_settings") or {}))
+            for which, values in (
+                ("B/32", s),
+                ("MiniLM", results.get("minilm_settings") or {}),
+                ("audio", results.get("audio_settings") or {}),
+            )
             if values
         ),
         "",
@@ -595,6 +633,25 @@ def report(results: dict) -> str:
             ),
             "",
         ]
+    audio = results.get("audio")
+    if audio:
+        lines += [
+            f"## 7. Audio-only jobs, CLAP (laion/clap-htsat-unfused shapes), one {AUDIO_SECONDS:.0f} s clip per job "
+            "(one window: clips/s = windows/s)",
+            "",
+        ]
+        if audio.get("limit"):
+            lines += [limit_table(audio["limit"], "windows/s"), ""]
+        lines += [pipeline_table(audio["pipeline"], _limit(results, "audio"), audio.get("same_layout")), ""]
+        if c8 := at(audio["pipeline"], 8):
+            lines += [
+                "Where the time goes at concurrency 8 (audio), means over the steady jobs:",
+                "",
+                breakdown_table(c8, audio.get("same_layout")),
+                "",
+            ]
+            if c8["cpu"]:
+                lines += ["CPU by process at concurrency 8 (audio):", "", cpu_table(c8), ""]
     lines += ["## Summary", "", summary_table(results["summary"]), ""]
     return "\n".join(lines)
 
@@ -629,6 +686,23 @@ def ensure_b32(var_dir: Path) -> str:
     return str(checkpoint)
 
 
+def ensure_clap(var_dir: Path) -> str:
+    """The CLAP test checkpoint of laion/clap-htsat-unfused's shapes (153 M parameters, 586 MB), written
+    once (~20 s) beside its final place and renamed there, so a run stopped while writing leaves none."""
+    import shutil
+
+    from mmfuse.shared.models import make_test_checkpoint
+
+    checkpoint = var_dir / "models" / "clap-test-full"
+    if not (checkpoint / "config.json").exists():
+        partial = checkpoint.with_name(checkpoint.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make_test_checkpoint(partial, "full", kind="clap")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        partial.rename(checkpoint)
+    return str(checkpoint)
+
+
 def mean_tokens(model: str, texts: list[str]) -> float:
     from transformers import AutoTokenizer
 
@@ -660,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         help="image+text CLIP checkpoint (default: the b32 test checkpoint, made under var/models if missing)",
     )
     parser.add_argument("--text-model", help="text-only model (default: the installed all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--audio-model",
+        help="CLAP checkpoint of the audio phase (default: the full-size CLAP test checkpoint, made under "
+        "var/models if missing)",
+    )
     parser.add_argument(
         "--gateway-workers",
         type=int,
@@ -701,9 +780,30 @@ def main(argv: list[str] | None = None) -> int:
     var_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     cores = machine["cores_usable"]
-    b32_model = args.model or ensure_b32(Path("var").resolve())
-    text_model = args.text_model or default_minilm()
-    images, texts = make_images(8), make_texts(64)
+    # Only what the phases picked need: `--phases limit,audio` makes no B/32 checkpoint and loads no MiniLM.
+    needs_b32, needs_minilm = bool(phases & {"b32", "image"}), bool(phases & {"minilm", "minilm32"})
+    needs_audio = "audio" in phases
+    b32_model = (args.model or ensure_b32(Path("var").resolve())) if needs_b32 else None
+    text_model = (args.text_model or default_minilm()) if needs_minilm else None
+    audio_model = (args.audio_model or ensure_clap(Path("var").resolve())) if needs_audio else None
+    images = make_images(8) if needs_b32 else []
+    texts = make_texts(64) if needs_b32 or needs_minilm else []
+    audios = make_audios(8, AUDIO_SECONDS) if needs_audio else []
+    inputs = []
+    if images:
+        inputs.append(f"{len(images)} distinct 640x480 JPEGs (~{sum(map(len, images)) // len(images) // 1000} kB)")
+    if texts:
+        tokens = [
+            f"{mean_tokens(m, texts):.0f} {name} tokens"
+            for name, m in (("CLIP test-tokenizer", b32_model), ("MiniLM", text_model))
+            if m
+        ]
+        inputs.append(f"captions like {texts[0]!r} ({', '.join(tokens)} on average)")
+    if audios:
+        inputs.append(
+            f"{len(audios)} distinct {AUDIO_SECONDS:.0f} s mono 16-bit 48 kHz WAV clips "
+            f"(~{sum(map(len, audios)) // len(audios) // 1000} kB)"
+        )
     results: dict = {
         "gateway_workers": gateway_workers,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -713,45 +813,54 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "torch": torch_info(),
         "plan": plan.__dict__,
-        "models": {"b32": b32_model, "minilm": text_model},
-        "inputs": (
-            f"{len(images)} distinct 640x480 JPEGs (~{sum(map(len, images)) // len(images) // 1000} kB), "
-            f"captions like {texts[0]!r} ({mean_tokens(b32_model, texts):.0f} CLIP test-tokenizer tokens, "
-            f"{mean_tokens(text_model, texts):.0f} MiniLM tokens on average)"
-        ),
+        "models": {"b32": b32_model, "minilm": text_model, "audio": audio_model},
+        "inputs": ", ".join(inputs) or "-",
     }
     device = {"device": env_settings.device, "dtype": env_settings.dtype}
-    workloads = {
-        "b32": Workload(("image", "text"), {"image": b32_model, "text": b32_model}, images, texts, **device),
-        "image": Workload(("image",), {"image": b32_model}, images, [], **device),
-        "minilm": Workload(("text",), {"text": text_model}, [], texts, **device),
+    workloads: dict[str, Workload] = {}
+    if b32_model:
+        workloads["b32"] = Workload(("image", "text"), {"image": b32_model, "text": b32_model}, images, texts, **device)
+        workloads["image"] = Workload(("image",), {"image": b32_model}, images, [], **device)
+    if text_model:
+        workloads["minilm"] = Workload(("text",), {"text": text_model}, [], texts, **device)
+    if audio_model:
+        workloads["audio"] = Workload(("audio",), {"audio": audio_model}, audios=audios, **device)
+    batches = {
+        "b32": plan.b32_batches,
+        "image": plan.b32_batches,
+        "minilm": plan.text_batches,
+        "audio": plan.audio_batches,
     }
-    batches = {"b32": plan.b32_batches, "image": plan.b32_batches, "minilm": plan.text_batches}
 
     env.update(
         {
             "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
             "MMFUSE_S3_BUCKET": "mmfuse-bench",
-            "MMFUSE_MODEL": b32_model,
             "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
         }
     )
+    if b32_model:
+        env["MMFUSE_MODEL"] = b32_model
     stack = LocalStack(var_dir=var_dir / f"stack-{int(time.time())}", env=env)
     # The torch threads each encoder pool will run with (as the stack splits this host's CPUs): the bare
     # layout that does what the pipeline does ("same layout") runs with the same.
-    b32_threads = stack.encoder_threads(("image", "text"))
-    text_threads = stack.encoder_threads(("text",))  # the MiniLM phases run the text pool alone
-    pipeline_threads = {"b32": b32_threads, "image": b32_threads, "minilm": text_threads}
+    pipeline_threads: dict[str, dict[str, int]] = {}
+    if b32_model:
+        pipeline_threads["b32"] = pipeline_threads["image"] = stack.encoder_threads(("image", "text"))
+    if text_model:
+        pipeline_threads["minilm"] = stack.encoder_threads(("text",))  # the MiniLM phases run the text pool alone
+    if audio_model:
+        pipeline_threads["audio"] = stack.encoder_threads(("audio",))  # the audio phase runs its pool alone
     log(
         f"mmfuse pipeline benchmark (plan {args.plan}), {cores} cores; torch threads: "
-        f"B/32 pools {b32_threads}, MiniLM pool {text_threads}"
+        + (", ".join(f"{key} {threads}" for key, threads in pipeline_threads.items()) or "-")
     )
 
     # The limits first, with nothing else of ours running.
-    needs_limit = {"b32": "b32", "image": "image", "minilm": "minilm", "minilm32": "minilm"}
+    needs_limit = {"b32": "b32", "image": "image", "minilm": "minilm", "minilm32": "minilm", "audio": "audio"}
     if "limit" in phases:
-        for key in dict.fromkeys(needs_limit[p] for p in phases if p in needs_limit):
+        for key in dict.fromkeys(needs_limit[p] for p in args.phases if p in needs_limit):
             log(f"limit: {key} jobs ({'+'.join(workloads[key].towers)})")
             results[key] = {"limit": run_limit(workloads[key], batches[key], plan, cores, pipeline_threads[key], log)}
 
@@ -849,13 +958,31 @@ def main(argv: list[str] | None = None) -> int:
                     args.submit == "wait",
                     log,
                 )
+            stack.stop_process("worker-text")
+
+        if audio_model:
+            # The audio pool alone on the host (its torch threads take every CPU), as the limit's same layout.
+            log("pipeline: CLAP audio-only jobs, one 10 s clip each")
+            stack.env["MMFUSE_AUDIO_MODEL"] = audio_model
+            start_gateway(stack, gateway_workers)  # with the audio model in its settings
+            pools = ("audio", "fusion") if "worker-fusion" not in stack.processes else ("audio",)
+            stack.start_workers(pools)
+            stack.wait_workers(("audio", "fusion"), 300)
+            results["audio_settings"] = stack_settings(stack)
+
+            def audio_job(i: int) -> dict:
+                return {"audios": [audios[i % len(audios)]]}
+
+            results.setdefault("audio", {})["pipeline"] = run_pipeline(
+                stack, api_key, plan.audio_jobs, audio_job, max(plan.warmup_jobs // 4, 2), args.submit == "wait", log
+            )
     except BaseException:
         log(stack.log_tails(20))
         raise
     finally:
         stack.stop()
 
-    for key in ("b32", "image", "minilm"):
+    for key in ("b32", "image", "minilm", "audio"):
         limit = results.get(key, {}).get("limit")
         if limit and plan.recheck_limit:
             best = limit["limit"]
@@ -864,8 +991,9 @@ def main(argv: list[str] | None = None) -> int:
                 workloads[key], best.layout, best.process_threads, [best.best_batch], plan.min_time_s, 3
             )
             limit["recheck_jobs_per_s"] = again.best_jobs_per_s
+            limit["recheck_cores_outside"] = again.cores_outside
             log(f"  {again.best_jobs_per_s:.2f} jobs/s (before: {best.best_jobs_per_s:.2f})")
-    for key in ("b32", "image", "minilm", "minilm32"):
+    for key in ("b32", "image", "minilm", "minilm32", "audio"):
         if key in results:
             limit = results[key].setdefault("limit", None)
             if limit:

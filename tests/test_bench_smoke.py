@@ -123,6 +123,13 @@ def test_the_cpu_window_is_the_steady_window():
     assert cpu["cores"]["worker-text"] == pytest.approx(0.42)  # 1.26 s over 3 s
     failed = ClosedLoopResult(32, 0.0, run.samples[:127], ["HTTPError"], 1.0, 5.0, probes)
     assert cpu_use(failed)["jobs"] == 128  # a job failed: the whole run
+    assert "cores_outside" not in cpu  # no host counters in these probes
+    # With the host's busy seconds: what ran beside the stack and the client (1.5 host cores - 0.6 ours).
+    host = [(0, CpuSnapshot(0.0, {"gateway": 0.0, CLIENT: 0.0}, 10.0))]
+    host.append((64, CpuSnapshot(2.0, {"gateway": 1.0, CLIENT: 0.2}, 13.0)))
+    shared = cpu_use(ClosedLoopResult(32, 0.0, [JobSample(0.0, 1.0, "succeeded")] * 64, [], 1.0, 2.0, host))
+    assert shared["cores_total"] == pytest.approx(0.6)
+    assert shared["cores_outside"] == pytest.approx(0.9)
 
 
 def _run(concurrency: int, jobs_per_s: float, p50: float, stack_cpu_ms: float = 30.0) -> dict:
@@ -153,6 +160,10 @@ def test_report_and_json_from_synthetic_results():
     split = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 160.0)
     image = _layout("seq", {"image": 2}, {16: 10.0}, 100.0)
     text = _layout("seq", {"text": 2}, {32: 300.0}, 10.0)
+    audio = _layout("seq", {"audio": 2}, {1: 3.2, 8: 4.0}, 310.0)
+    audio_c8 = _run(8, 3.6, 2200.0, stack_cpu_ms=520.0)
+    audio_c8["mean_batch_size"] = {"audio": 6.5}
+    audio_c8["mean_stage_ms"] = {"audio": 2100.0}
     results = {
         "date": "2026-01-01T00:00:00+00:00",
         "command": "python -m bench.pipeline",
@@ -183,6 +194,8 @@ def test_report_and_json_from_synthetic_results():
             "pipeline": [_run(1, 50.0, 25.0), _run(32, 150.0, 200.0, stack_cpu_ms=9.0)],
         },
         "minilm32": {"limit": None, "pipeline": [_run(8, 9.0, 800.0)]},
+        "audio": {"limit": {"layouts": [audio], "limit": audio}, "same_layout": audio, "pipeline": [audio_c8]},
+        "audio_settings": {"audio_max_batch_size": 8},
         "accept": {
             2: {
                 "gateway_workers": 2,
@@ -207,6 +220,8 @@ def test_report_and_json_from_synthetic_results():
     assert summary["ratio_minilm32_c8"] == pytest.approx(9.0 * 32 / 300.0)
     assert summary["overhead_minilm_c1_ms"] == pytest.approx(15.0)
     assert summary["accept_per_s"] == 600.0
+    assert summary["ratio_audio_c8"] == pytest.approx(0.9)  # clips/s over the limit's windows/s
+    assert summary["cpu_ms_audio_c8"] == pytest.approx(520.0)
     text_report = report(results)
     for expected in (
         "## 1. Limit",
@@ -217,11 +232,19 @@ def test_report_and_json_from_synthetic_results():
         "CPU by process at concurrency 32 (MiniLM, 1 text per job)",
         "| total (stack)",
         "## 6. Gateway accept rate",
+        "## 7. Audio-only jobs, CLAP",
+        "| windows/s",
+        "audio 6.5",
+        "stage audio (mean)",
+        "CPU by process at concurrency 8 (audio)",
+        "pipeline settings (audio): audio_max_batch_size=8",
         "`Prefer: wait`",
         "| yes",
         "| NO",
     ):
         assert expected in text_report, expected
+    audio_row = next(line for line in text_report.splitlines() if "clips/s pipeline / windows/s limit" in line)
+    assert [cell.strip() for cell in audio_row.split("|")[2:5]] == ["0.90", ">= 0.85", "yes"]
     encoded = json.loads(json.dumps(to_json(results)))
     assert encoded["b32"]["limit"]["limit"]["best_jobs_per_s"] == 6.0
     assert encoded["accept"]["2"]["accepted_per_s"] == 600.0
@@ -229,17 +252,51 @@ def test_report_and_json_from_synthetic_results():
 
 def test_a_tiny_bench_runs_end_to_end(tmp_path, checkpoint_dir, capsys):
     from bench.pipeline import main
+    from tests.support import clap_checkpoint
 
     out = tmp_path / "bench.json"
     model = str(checkpoint_dir)
-    argv = ["--quick", "--phases", "limit,b32,minilm32", "--model", model, "--text-model", model]
+    argv = ["--quick", "--phases", "limit,b32,minilm32,audio", "--model", model, "--text-model", model]
+    argv += ["--audio-model", str(clap_checkpoint())]
     assert main([*argv, "--var-dir", str(tmp_path / "var"), "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    for run in results["b32"]["pipeline"] + results["minilm32"]["pipeline"]:
+    for run in results["b32"]["pipeline"] + results["minilm32"]["pipeline"] + results["audio"]["pipeline"]:
         assert run["errors"] == 0 and run["succeeded"] == run["jobs"], run["error_examples"]
         assert 0 <= run["answered_in_post"] <= run["jobs"]
         assert run["cpu"]["stack_cpu_ms_per_job"] > 0
-    assert {"ratio_b32_c32", "overhead_b32_c1_ms", "ratio_minilm32_c8"} <= results["summary"].keys()
+    summary = results["summary"]
+    assert {"ratio_b32_c32", "overhead_b32_c1_ms", "ratio_minilm32_c8", "ratio_audio_c8"} <= summary.keys()
     assert results["settings"]["worker-image_torch_threads"] >= 1
+    # The audio pool ran alone: every usable CPU its torch threads, as the limit's same layout.
+    assert results["audio_settings"]["worker-audio_torch_threads"] == results["machine"]["cores_usable"]
+    assert results["audio"]["same_layout"]["threads"] == {"audio": results["machine"]["cores_usable"]}
+    (audio_run,) = results["audio"]["pipeline"]
+    assert audio_run["concurrency"] == 8 and 1 <= audio_run["mean_batch_size"]["audio"] <= 8
+    assert "worker-audio" in audio_run["cpu"]["cores"] and "worker-text" not in audio_run["cpu"]["cores"]
     printed = capsys.readouterr().out
     assert "## 2. Pipeline: B/32 image+text jobs" in printed and "## Summary" in printed
+    assert "## 7. Audio-only jobs" in printed
+
+
+def test_the_bench_audio_clips_are_one_clap_window_each():
+    """The audio phase's clips: deterministic 10 s mono 48 kHz WAVs that the gateway accepts and the audio
+    pool decodes without resampling into exactly one window (so its clips/s is its windows/s)."""
+    import io
+    import wave
+
+    from bench.inputs import make_audios
+    from mmfuse.shared.audio import AudioLimits, decode_audio, inspect_audio
+    from mmfuse.shared.models import audio_windows
+    from mmfuse.shared.settings import Settings
+
+    clips = make_audios(3)
+    assert clips == make_audios(3) and len(set(clips)) == 3
+    limits = AudioLimits.from_settings(Settings())
+    for clip in clips:
+        with wave.open(io.BytesIO(clip)) as f:
+            assert (f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()) == (1, 2, 48_000, 480_000)
+        info = inspect_audio(clip, limits)
+        assert (info.format, info.sample_rate, info.seconds) == ("wav", 48_000, 10.0)
+        samples = decode_audio(clip, limits)
+        assert len(audio_windows(samples, 480_000)) == 1
+        assert 0.3 < float(np.abs(samples).max()) < 1.0  # loud, not clipped
