@@ -58,7 +58,7 @@ class LayoutResult:
 
     @property
     def best_batch(self) -> int:
-        return max(self.jobs_per_s, key=self.jobs_per_s.get)
+        return max(self.jobs_per_s, key=lambda batch: self.jobs_per_s[batch])
 
     @property
     def best_jobs_per_s(self) -> float:
@@ -222,7 +222,7 @@ def measure_layout(
     if host_before is not None and host_after is not None:
         # the host's busy time less the measuring processes' own (the parent only waits)
         outside = max((host_after - host_before - sum(cpu for *_, cpu in answers)) / wall, 0.0)
-    tower_latency = {}
+    tower_latency: dict[str, float] = {}
     for towers, _, latency, _ in answers:
         name = "+".join(towers)
         tower_latency[name] = max(latency, tower_latency.get(name, 0.0))

@@ -816,15 +816,16 @@ def main(argv: list[str] | None = None) -> int:
         "models": {"b32": b32_model, "minilm": text_model, "audio": audio_model},
         "inputs": ", ".join(inputs) or "-",
     }
-    device = {"device": env_settings.device, "dtype": env_settings.dtype}
+    device, dtype = env_settings.device, env_settings.dtype
     workloads: dict[str, Workload] = {}
     if b32_model:
-        workloads["b32"] = Workload(("image", "text"), {"image": b32_model, "text": b32_model}, images, texts, **device)
-        workloads["image"] = Workload(("image",), {"image": b32_model}, images, [], **device)
+        b32_models = {"image": b32_model, "text": b32_model}
+        workloads["b32"] = Workload(("image", "text"), b32_models, images, texts, device, dtype)
+        workloads["image"] = Workload(("image",), {"image": b32_model}, images, [], device, dtype)
     if text_model:
-        workloads["minilm"] = Workload(("text",), {"text": text_model}, [], texts, **device)
+        workloads["minilm"] = Workload(("text",), {"text": text_model}, [], texts, device, dtype)
     if audio_model:
-        workloads["audio"] = Workload(("audio",), {"audio": audio_model}, audios=audios, **device)
+        workloads["audio"] = Workload(("audio",), {"audio": audio_model}, [], [], device, dtype, audios)
     batches = {
         "b32": plan.b32_batches,
         "image": plan.b32_batches,
@@ -897,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         if phases & {"b32", "image"}:
             # The image and text pools of the CLIP checkpoint, as `mmfuse up` runs them: image-only jobs run
             # on the same stack (its text pool idle), so the image pool has its share of the CPUs, as in use.
-            pools = ("image", "text", "fusion")
+            pools: tuple[str, ...] = ("image", "text", "fusion")
             stack.start_workers(pools)
             stack.wait_workers(pools, 300)
             results["settings"] = stack_settings(stack)
@@ -924,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in [n for n in stack.processes if n.startswith(("worker-image", "worker-text"))]:
                 stack.stop_process(name)
 
-        if phases & {"minilm", "minilm32"}:
+        if text_model:
             log("pipeline: MiniLM text-only jobs")
             stack.env["MMFUSE_TEXT_MODEL"] = text_model
             start_gateway(stack, gateway_workers)  # with the text model in its settings
