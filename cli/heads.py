@@ -828,10 +828,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"mmfuse heads train: the data cannot be trained on:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except HeadNotFound as exc:
-        print(f"mmfuse heads: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except HeadCorrupt as exc:
+    except (HeadNotFound, HeadCorrupt) as exc:
         print(f"mmfuse heads: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BLOB_STORE_ERRORS as exc:
