@@ -200,8 +200,9 @@ def stack_settings(stack) -> dict:
         if name.startswith("worker-"):
             out[f"{name}_concurrency"] = int(_flag(list(process.args), "-c") or 0)
     for pool in ENCODER_POOLS:
-        if f"worker-{pool}" in stack.processes:
+        if stack.pool_processes(pool):
             out[f"worker-{pool}_torch_threads"] = stack.torch_threads(pool)
+            out[f"worker-{pool}_process_threads"] = stack.process_threads(pool)
             if pool in stack.cpu_shares:
                 out[f"worker-{pool}_cpu_share"] = round(stack.cpu_shares[pool], 3)
     return out
@@ -237,12 +238,18 @@ def run_limit(
 
 
 def same_layout(
-    measured: list[LayoutResult], workload: Workload, pipeline_threads: dict[str, int]
+    measured: list[LayoutResult],
+    workload: Workload,
+    pipeline_threads: dict[str, int],
+    pool_processes: list[int] | None = None,
 ) -> LayoutResult | None:
     """The bare layout that does what the pipeline's encoder pools do: one process per tower, each with its
-    pool's torch threads (one tower: that process alone)."""
+    pool's torch threads (one tower: that process alone; a pool run as two processes, ``pool_processes``
+    threads each: ``dp``)."""
     if len(workload.towers) > 1:
         want = ("split", {tower: pipeline_threads[tower] for tower in workload.towers})
+    elif pool_processes is not None and len(pool_processes) == 2 and len(set(pool_processes)) == 1:
+        want = ("dp", {workload.towers[0]: pool_processes[0]})
     else:
         want = ("seq", {workload.towers[0]: pipeline_threads[workload.towers[0]]})
     return next((r for r in measured if (r.layout, r.threads) == want), None)
@@ -847,12 +854,14 @@ def main(argv: list[str] | None = None) -> int:
     # The torch threads each encoder pool will run with (as the stack splits this host's CPUs): the bare
     # layout that does what the pipeline does ("same layout") runs with the same.
     pipeline_threads: dict[str, dict[str, int]] = {}
+    pool_processes: dict[str, list[int]] = {}  # a workload's one pool run as several processes
     if b32_model:
         pipeline_threads["b32"] = pipeline_threads["image"] = stack.encoder_threads(("image", "text"))
     if text_model:
         pipeline_threads["minilm"] = stack.encoder_threads(("text",))  # the MiniLM phases run the text pool alone
     if audio_model:
         pipeline_threads["audio"] = stack.encoder_threads(("audio",))  # the audio phase runs its pool alone
+        pool_processes["audio"] = stack.process_threads("audio")  # its worker processes' threads
     log(
         f"mmfuse pipeline benchmark (plan {args.plan}), {cores} cores; torch threads: "
         + (", ".join(f"{key} {threads}" for key, threads in pipeline_threads.items()) or "-")
@@ -922,8 +931,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("image", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.image_jobs, image_job, warmup, args.submit == "wait", log
                 )
-            for name in [n for n in stack.processes if n.startswith(("worker-image", "worker-text"))]:
-                stack.stop_process(name)
+            stack.stop_pool("image")
+            stack.stop_pool("text")
 
         if text_model:
             log("pipeline: MiniLM text-only jobs")
@@ -959,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.submit == "wait",
                     log,
                 )
-            stack.stop_process("worker-text")
+            stack.stop_pool("text")
 
         if audio_model:
             # The audio pool alone on the host (its torch threads take every CPU), as the limit's same layout.
@@ -998,7 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
         if key in results:
             limit = results[key].setdefault("limit", None)
             if limit:
-                results[key]["same_layout"] = same_layout(limit["layouts"], workloads[key], pipeline_threads[key])
+                results[key]["same_layout"] = same_layout(
+                    limit["layouts"], workloads[key], pipeline_threads[key], pool_processes.get(key)
+                )
             results[key].setdefault("pipeline", [])
     results["summary"] = summarise(results)
     results["elapsed_s"] = time.monotonic() - started

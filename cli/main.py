@@ -177,8 +177,11 @@ def describe_torch_threads(stack: LocalStack) -> str:
     from mmfuse.shared.cpus import read_cpu_budget
 
     parts = []
-    for pool in (pool for pool in ENCODER_POOLS if f"worker-{pool}" in stack.processes):
-        part = f"{pool} {stack.torch_threads(pool)}"
+    for pool in (pool for pool in ENCODER_POOLS if stack.pool_processes(pool)):
+        layout = stack.process_threads(pool)
+        part = f"{pool} {sum(layout)}"
+        if len(layout) > 1:
+            part += f" in {len(layout)} processes ({'+'.join(map(str, layout))})"
         if pool in stack.cpu_shares:
             part += f" (MMFUSE_CPU_SHARE={stack.cpu_shares[pool]:.2f}, by tower cost)"
         parts.append(part)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +24,7 @@ from urllib.parse import urlparse
 import requests
 
 from mmfuse.shared.celery_app import ENCODE_TASKS, POOLS, sentinel_transport_options
-from mmfuse.shared.cpus import AUTO, cpu_shares, read_cpu_budget, torch_threads
+from mmfuse.shared.cpus import AUTO, cpu_shares, process_threads, read_cpu_budget, torch_threads
 from mmfuse.shared.settings import Settings, env_name
 from mmfuse.shared.stores.client import is_sentinel_url
 
@@ -72,12 +73,18 @@ def default_concurrency(pool: str, settings: Settings) -> int:
     return settings.worker_concurrency if pool in ENCODER_POOLS else 8
 
 
-def worker_command(pool: str, concurrency: int, log_level: str = DEFAULTS.log_level) -> list[str]:
+def worker_process_name(pool: str, replica: int = 1) -> str:
+    """The local stack's name of a pool's worker process: ``worker-audio``, then ``worker-audio-2``, ..."""
+    return f"worker-{pool}" if replica == 1 else f"worker-{pool}-{replica}"
+
+
+def worker_command(pool: str, concurrency: int, log_level: str = DEFAULTS.log_level, replica: int = 1) -> list[str]:
     """The Celery command of one pool: threads pool, so one process owns the model (and the GPU).
 
     ``--loglevel`` matters only while the pool's Celery app leaves logging to Celery; with
     ``shared.logs.install_celery_logging`` the worker configures itself from its settings.
-    The node is named after its pool (``image@host``): ``shared.logs`` takes the process role from it."""
+    The node is named after its pool (``image@host``; a further replica on the same host ``image@host-2``):
+    ``shared.logs`` takes the process role from it."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; one of {POOLS}")
     return [
@@ -94,7 +101,7 @@ def worker_command(pool: str, concurrency: int, log_level: str = DEFAULTS.log_le
         "-c",
         str(concurrency),
         "-n",
-        f"{pool}@%h",
+        f"{pool}@%h" if replica == 1 else f"{pool}@%h-{replica}",
         "--without-gossip",
         "--without-mingle",
         "--loglevel",
@@ -359,8 +366,33 @@ class LocalStack:
         return {pool: self._torch_threads(shares.get(pool)) for pool in pools if pool in ENCODER_POOLS}
 
     def torch_threads(self, pool: str) -> int:
-        """The torch threads ``pool``'s worker runs with here: what it computes at start (``shared.cpus``)."""
+        """The torch threads ``pool`` runs with here, all its worker processes together: what one process
+        computes at start (``shared.cpus``)."""
         return self._torch_threads(self.cpu_shares.get(pool))
+
+    def process_threads(self, pool: str) -> list[int]:
+        """The torch threads of each worker process ``pool`` runs as here: several processes where, on CPU with
+        ``MMFUSE_TORCH_THREADS=auto``, the pool's threads exceed its ``MMFUSE_<POOL>_THREADS_PER_PROCESS``
+        (``shared.cpus.process_threads``); else one process, which computes its own."""
+        settings = self.settings()
+        threads = self.torch_threads(pool) if pool in ENCODER_POOLS else 1
+        if pool not in ENCODER_POOLS or settings.torch_threads != AUTO or settings.device != "cpu":
+            return [threads]
+        return process_threads(threads, settings.threads_per_process(pool))
+
+    def pool_processes(self, pool: str) -> list[str]:
+        """The names of ``pool``'s running worker processes here."""
+        first = worker_process_name(pool)
+        return [
+            name
+            for name in self.processes
+            if name == first or name.startswith(f"{first}-") and name[len(first) + 1 :].isdigit()
+        ]
+
+    def stop_pool(self, pool: str) -> None:
+        """Stop every worker process of ``pool``."""
+        for name in self.pool_processes(pool):
+            self.stop_process(name)
 
     def _torch_threads(self, share: float | None) -> int:
         settings = self.settings(cpu_share_env(share))
@@ -376,19 +408,25 @@ class LocalStack:
             self.start_worker(pool)
 
     def start_worker(self, pool: str, concurrency: int | None = None) -> subprocess.Popen:
-        """Start one pool's worker; an encoder pool with its share from the last :meth:`start_workers`."""
+        """Start one pool's worker processes (:meth:`process_threads`; the first one's is returned); an encoder
+        pool with its share from the last :meth:`start_workers`."""
         settings = self.settings()
         if concurrency is None:
             concurrency = default_concurrency(pool, settings)
-        extra_env = cpu_share_env(self.cpu_shares.get(pool))
-        if settings.metrics_port:
-            # Metrics on: one port per worker process, so several pools can share this host.
-            port = free_port()
-            extra_env["MMFUSE_METRICS_PORT"] = str(port)
-            self.metrics_urls[pool] = f"http://127.0.0.1:{port}/metrics"
-        return self.spawn(
-            f"worker-{pool}", worker_command(pool, concurrency, settings.log_level), extra_env, supervise=True
-        )
+        layout = self.process_threads(pool)
+        started = []
+        for replica, threads in enumerate(layout, start=1):
+            extra_env = cpu_share_env(self.cpu_shares.get(pool))
+            if len(layout) > 1:
+                extra_env[env_name("torch_threads")] = str(threads)
+            if settings.metrics_port:
+                # Metrics on: one port per worker process, so several pools can share this host.
+                port = free_port()
+                extra_env["MMFUSE_METRICS_PORT"] = str(port)
+                self.metrics_urls[pool if replica == 1 else f"{pool}-{replica}"] = f"http://127.0.0.1:{port}/metrics"
+            command = worker_command(pool, concurrency, settings.log_level, replica)
+            started.append(self.spawn(worker_process_name(pool, replica), command, extra_env, supervise=True))
+        return started[0]
 
     def _start_supervisor(self) -> None:
         if self._supervisor is None:
@@ -486,15 +524,16 @@ class LocalStack:
         probe = Celery(broker=settings.effective_broker_url)
         probe.conf.accept_content = ["json"]
         probe.conf.broker_transport_options = sentinel_transport_options(settings)
-        wanted = set(pools)
+        # every local process of a pool (its replicas), at least one each
+        wanted = {pool: max(1, len(self.pool_processes(pool))) for pool in pools}
 
         def all_answer() -> bool:
             replies = probe.control.ping(timeout=0.5)
-            answered = {name.split("@", 1)[0] for reply in replies or () for name in reply}
-            return wanted <= answered
+            answered = Counter(name.split("@", 1)[0] for reply in replies or () for name in reply)
+            return all(answered[pool] >= count for pool, count in wanted.items())
 
         try:
-            self._wait(all_answer, f"workers {sorted(wanted)}", timeout_s)
+            self._wait(all_answer, f"workers {sorted(wanted.items())}", timeout_s)
         finally:
             probe.close()
 

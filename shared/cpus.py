@@ -14,6 +14,9 @@
 Threads are the CPUs times the share, rounded half up, at least 1. On 2 CPUs with the B/32 image and text
 pools (shares ~0.8 and ~0.2) that is 2 and 1: three threads on two cores, which measured best
 (docs/performance.md): the vision tower uses the core the text pool and the rest of the stack leave idle.
+
+Where the local stack starts the pools, a pool may run as several worker processes instead of one
+(``MMFUSE_<POOL>_THREADS_PER_PROCESS``, :func:`process_threads`): the audio pool by default, one thread each.
 """
 
 from __future__ import annotations
@@ -144,3 +147,13 @@ def cpu_shares(costs: Mapping[str, float]) -> dict[str, float]:
     if total <= 0:
         return {pool: 1 / len(costs) for pool in costs}
     return {pool: cost / total for pool, cost in costs.items()}
+
+
+def process_threads(threads: int, per_process: int) -> list[int]:
+    """How a pool's ``threads`` are run as worker processes of at most ``per_process`` torch threads each
+    (0: one process with all of them): the threads of each process, as even as they divide."""
+    if per_process <= 0 or threads <= per_process:
+        return [threads]
+    processes = math.ceil(threads / per_process)
+    base, extra = divmod(threads, processes)
+    return [base + 1 if index < extra else base for index in range(processes)]

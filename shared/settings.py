@@ -227,6 +227,14 @@ class Settings:
     # This pool's part of the CPUs under torch_threads=auto: 1 on a node of its own; where encoder pools
     # share a host, each one's part (`mmfuse up` sets it from each tower's cost).
     cpu_share: float = setting(1.0, fraction)
+    # On CPU, the most torch threads one worker process of an encoder pool runs where the local stack
+    # (`mmfuse up`, the tests, the bench) starts the pools with torch_threads=auto: a pool given more runs as
+    # several worker processes (replicas on one host), each with its part. 0: one process with all of them.
+    # CLAP's audio tower (HTSAT: many small ops) gains little from a second thread: on 2 cores, 2 processes x
+    # 1 thread encode ~30 % more clips per second than 1 x 2 (docs/performance.md, "Audio").
+    image_threads_per_process: int = setting(0, non_negative)
+    text_threads_per_process: int = setting(0, non_negative)
+    audio_threads_per_process: int = setting(1, non_negative)
     # The scale of the cosine similarities in classify's softmax over labels. 0: the text checkpoint's own
     # (a CLIP's learned logit_scale, exp'd; 100 for a checkpoint without one, e.g. a sentence encoder).
     logit_scale: float = setting(0.0, non_negative)
@@ -349,6 +357,10 @@ class Settings:
     def batching(self, modality: str) -> tuple[int, float]:
         """A tower's dynamic batching: (max batch size, max wait in ms), per modality it encodes."""
         return getattr(self, f"{modality}_max_batch_size"), getattr(self, f"{modality}_max_wait_ms")
+
+    def threads_per_process(self, pool: str) -> int:
+        """The most torch threads one local worker process of an encoder pool runs on CPU (0: no limit)."""
+        return getattr(self, f"{pool}_threads_per_process")
 
     def models(self) -> dict[str, str]:
         """The model of each encoder pool: the embedding space its vectors are in (``shared.spaces``)."""

@@ -71,6 +71,9 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_IMAGE_MAX_WAIT_MS": "20",
         "MMFUSE_TEXT_MAX_WAIT_MS": "10",
         "MMFUSE_AUDIO_MAX_WAIT_MS": "10",
+        # One worker process per pool in test stacks (a process less to start in each); the audio pool's
+        # default, replicas of one thread, has its own test (test_local_stack.py).
+        "MMFUSE_AUDIO_THREADS_PER_PROCESS": "0",
         "MMFUSE_WORKER_CONCURRENCY": "64",
         "MMFUSE_WEBHOOK_SECRETS": " ".join(TEST_WEBHOOK_SECRETS),
         "MMFUSE_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8 ::1/128",

@@ -4,12 +4,17 @@ demo job asks only for what the configured models can answer."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import pytest
 import requests
 
+from bench.inputs import make_audios
 from mmfuse.cli.main import demo_job
 from mmfuse.cli.stack import RestartPolicy
 from mmfuse.shared.models import make_test_checkpoint
@@ -76,3 +81,52 @@ def test_the_gateway_is_restarted_a_crash_loop_stops_the_stack_and_the_demo_fits
         for number, delay in ((1, "0.1"), (2, "0.2"), (3, "0.4")):
             assert f"crasher exited with code 3; restarting in {delay} s (restart {number})" in crasher_log
         assert "a crash loop" in crasher_log
+
+
+def replica_metric(text: str, name: str) -> float:
+    """The audio sample of ``name`` in one worker process's /metrics text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{modality="audio"}} '):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_an_encoder_pool_with_more_threads_than_one_process_takes_runs_as_replicas(checkpoint_dir, tmp_path_factory):
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("the audio pool alone needs 2 CPUs for two processes of one thread")
+    env = stack_env(checkpoint_dir)
+    env.pop("MMFUSE_AUDIO_THREADS_PER_PROCESS")  # the default: one torch thread per audio worker process
+    with running_stack(tmp_path_factory.mktemp("replicas"), env, pools=("audio",)) as stack:
+        assert stack.process_threads("audio") == [1] * cpus
+        names = stack.pool_processes("audio")
+        assert names == ["worker-audio"] + [f"worker-audio-{n}" for n in range(2, cpus + 1)]
+        urls = [stack.metrics_urls["audio"]] + [stack.metrics_urls[f"audio-{n}"] for n in range(2, cpus + 1)]
+        # Each replica is a worker of its own: its own node name, pid and metrics, one torch thread.
+        pids = {stack.processes[name].pid for name in names}
+        assert len(pids) == cpus
+        for url in urls:
+            assert replica_metric(requests.get(url, timeout=5).text, "mmfuse_encoder_torch_threads") == 1.0
+
+        # The same clip, over and over from 8 clients: both replicas take jobs from the one queue and give
+        # the same vector.
+        clip = make_audios(1, seconds=1.0)[0]
+        body = {"audios": [base64.b64encode(clip).decode()], "outputs": ["embeddings"]}
+        api = api_session(stack.api_key)
+        vectors: list[list[float]] = []
+
+        def run_job(_: int) -> list[float]:
+            answer = api.post(f"{stack.gateway_url}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=90)
+            assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
+            return answer.json()["result"]["embeddings"]["audios"][0]
+
+        def every_replica_encoded() -> bool:
+            with ThreadPoolExecutor(8) as pool:
+                vectors.extend(pool.map(run_job, range(16)))
+            counts = [replica_metric(requests.get(url, timeout=5).text, "mmfuse_encoder_items_total") for url in urls]
+            return all(count > 0 for count in counts)
+
+        wait_for(every_replica_encoded, "every audio replica to encode items", timeout_s=120, interval_s=0)
+        # (batches of other sizes round differently in the last bits)
+        spread = np.abs(np.array(vectors) - np.array(vectors[0])).max()
+        assert spread < 1e-5, f"the vectors of one clip differ by up to {spread}"

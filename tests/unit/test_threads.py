@@ -16,6 +16,7 @@ from mmfuse.shared.cpus import (
     auto_threads,
     cgroup_cpu_quota,
     cpu_shares,
+    process_threads,
     read_cpu_budget,
     torch_threads,
 )
@@ -142,6 +143,40 @@ def test_a_number_is_taken_as_it_is():
 def test_shares_follow_the_costs():
     assert cpu_shares({"image": 3.0, "text": 1.0}) == {"image": 0.75, "text": 0.25}
     assert cpu_shares({"image": 0.0, "text": 0.0}) == {"image": 0.5, "text": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("threads", "per_process", "layout"),
+    [(2, 1, [1, 1]), (5, 2, [2, 2, 1]), (13, 4, [4, 3, 3, 3]), (3, 0, [3]), (1, 1, [1]), (2, 2, [2]), (1, 4, [1])],
+)
+def test_a_pool_runs_as_processes_of_at_most_its_threads_per_process(threads, per_process, layout):
+    assert process_threads(threads, per_process) == layout
+    assert sum(layout) == threads
+
+
+def test_the_local_stack_runs_the_audio_pool_as_one_thread_processes_on_cpu_only(tmp_path, checkpoint_dir, monkeypatch):
+    from mmfuse.cli.main import describe_torch_threads
+
+    for name in ("MMFUSE_TORCH_THREADS", "MMFUSE_CPU_SHARE", "MMFUSE_AUDIO_THREADS_PER_PROCESS", "MMFUSE_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    stack = stack_for(tmp_path, checkpoint_dir)
+    cpus = read_cpu_budget().cpus
+    assert Settings.from_env({}).threads_per_process("audio") == 1
+    assert Settings.from_env({}).threads_per_process("image") == 0
+    assert stack.process_threads("audio") == [1] * cpus  # alone on the host: every CPU, one process each
+    assert stack.process_threads("image") == [cpus]
+    stack.processes.update({"worker-audio": None, "worker-audio-2": None})  # type: ignore[dict-item]
+    assert stack.pool_processes("audio") == ["worker-audio", "worker-audio-2"]
+    if cpus > 1:
+        assert f"audio {cpus} in {cpus} processes ({'+'.join(['1'] * cpus)})" in describe_torch_threads(stack)
+    stack.env["MMFUSE_AUDIO_THREADS_PER_PROCESS"] = "0"
+    assert stack.process_threads("audio") == [cpus]
+    stack.env["MMFUSE_AUDIO_THREADS_PER_PROCESS"] = "1"
+    stack.env["MMFUSE_DEVICE"] = "cuda"  # one process owns the GPU
+    assert stack.process_threads("audio") == [cpus]
+    stack.env["MMFUSE_DEVICE"] = "cpu"
+    stack.env["MMFUSE_TORCH_THREADS"] = "2"  # a number: one process, which takes it
+    assert stack.process_threads("audio") == [2]
 
 
 # --- settings --------------------------------------------------------------------------------------------
