@@ -176,6 +176,7 @@ class ClapAudioEncoder:
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
 
         from mmfuse.shared.audio import CLAP_SAMPLE_RATE, AudioLimits
+        from mmfuse.shared.clap_features import ClapLogMel
         from mmfuse.shared.settings import get_settings
 
         self.model_id = model_id
@@ -191,6 +192,8 @@ class ClapAudioEncoder:
         self.model = _prepare_model(model, device, dtype)
         self.dim = self.model.config.projection_dim
         self.window = self.feature_extractor.nb_max_samples  # samples per window: max_length_s at 48 kHz
+        # The extractor's features of a window, vectorised: its own loop over frames holds the GIL for tens of ms.
+        self.log_mel = ClapLogMel.from_extractor(self.feature_extractor)
         self._dtype = _torch_dtype(dtype)
 
     def prepare(self, raw: bytes) -> list:
@@ -202,12 +205,8 @@ class ClapAudioEncoder:
         """The parts of a decoded clip (mono float32 samples at 48 kHz): each window's log-mel spectrogram."""
         if samples.ndim != 1 or len(samples) == 0:
             raise InputError("invalid_audio", f"audio must be mono samples, got an array of shape {samples.shape}")
-        return [
-            self.feature_extractor(
-                window, sampling_rate=self.sample_rate, truncation="rand_trunc", return_tensors="pt"
-            )["input_features"][0]
-            for window in audio_windows(samples, self.window)
-        ]
+        torch = _torch()
+        return [torch.from_numpy(self.log_mel(window)) for window in audio_windows(samples, self.window)]
 
     def encode(self, parts: list) -> np.ndarray:
         torch = _torch()
