@@ -248,7 +248,9 @@ def same_layout(
     threads each: ``dp``)."""
     if len(workload.towers) > 1:
         want = ("split", {tower: pipeline_threads[tower] for tower in workload.towers})
-    elif pool_processes is not None and len(pool_processes) == 2 and len(set(pool_processes)) == 1:
+    elif pool_processes is not None and len(pool_processes) > 1:
+        if len(pool_processes) != 2 or len(set(pool_processes)) != 1:
+            return None  # no bare layout runs more than two processes
         want = ("dp", {workload.towers[0]: pool_processes[0]})
     else:
         want = ("seq", {workload.towers[0]: pipeline_threads[workload.towers[0]]})

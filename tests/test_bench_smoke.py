@@ -267,9 +267,13 @@ def test_a_tiny_bench_runs_end_to_end(tmp_path, checkpoint_dir, capsys):
     summary = results["summary"]
     assert {"ratio_b32_c32", "overhead_b32_c1_ms", "ratio_minilm32_c8", "ratio_audio_c8"} <= summary.keys()
     assert results["settings"]["worker-image_torch_threads"] >= 1
-    # The audio pool ran alone: every usable CPU its torch threads, as the limit's same layout.
-    assert results["audio_settings"]["worker-audio_torch_threads"] == results["machine"]["cores_usable"]
-    assert results["audio"]["same_layout"]["threads"] == {"audio": results["machine"]["cores_usable"]}
+    # The audio pool ran alone: every usable CPU its torch threads, in processes of one thread each (the
+    # limit's same layout on 2 CPUs: dp, which the quick plan does not measure; on 1 CPU: seq).
+    cores = results["machine"]["cores_usable"]
+    assert results["audio_settings"]["worker-audio_torch_threads"] == cores
+    assert results["audio_settings"]["worker-audio_process_threads"] == [1] * cores
+    if cores == 1:
+        assert results["audio"]["same_layout"]["threads"] == {"audio": cores}
     (audio_run,) = results["audio"]["pipeline"]
     assert audio_run["concurrency"] == 8 and 1 <= audio_run["mean_batch_size"]["audio"] <= 8
     assert "worker-audio" in audio_run["cpu"]["cores"] and "worker-text" not in audio_run["cpu"]["cores"]
