@@ -355,13 +355,25 @@ def paired_rounds(
     stack, api_key: str, workload: Workload, best: LayoutResult, plan: Plan, make_job, prefer_wait: bool, log
 ) -> list[dict]:
     """The limit and the pipeline side by side, ``plan.audio_rounds`` times: the limit's layout at its best
-    batch in fresh processes (the stack up and idle), then a pipeline point at concurrency 8. The two
+    batch in fresh processes (the stack up and idle) and a pipeline point at concurrency 8, in turn. The two
     figures of a round are taken within a minute, so a VM whose speed drifts over a whole run (by 20 % on
     the development VM) moves both alike; the median of the rounds' ratios is the figure to trust there."""
+
+    def measure_bare() -> LayoutResult:
+        return measure_layout(workload, best.layout, best.process_threads, [best.best_batch], plan.min_time_s, 3)
+
+    def measure_pipeline() -> dict:
+        return run_pipeline(stack, api_key, {8: plan.audio_round_jobs}, make_job, 0, prefer_wait, log)[0]
+
     rounds = []
     for index in range(plan.audio_rounds):
-        bare = measure_layout(workload, best.layout, best.process_threads, [best.best_batch], plan.min_time_s, 3)
-        (point,) = run_pipeline(stack, api_key, {8: plan.audio_round_jobs}, make_job, 0, prefer_wait, log)
+        # Alternate which goes first: a machine that slows down under sustained load favours the first.
+        if index % 2 == 0:
+            bare = measure_bare()
+            point = measure_pipeline()
+        else:
+            point = measure_pipeline()
+            bare = measure_bare()
         ratio = point["jobs_per_s"] / bare.best_jobs_per_s
         log(f"  round {index + 1}: limit {bare.best_jobs_per_s:.2f}, pipeline {point['jobs_per_s']:.2f}: {ratio:.2f}")
         rounds.append(
@@ -711,7 +723,7 @@ def report(results: dict) -> str:
                     index + 1,
                     r["limit_jobs_per_s"],
                     r["jobs_per_s"],
-                    r["ratio"],
+                    f"{r['ratio']:.2f}",
                     r["stack_cpu_ms_per_job"],
                     r["limit_cores_outside"],
                     r["cores_outside"],
@@ -728,8 +740,8 @@ def report(results: dict) -> str:
                 "other load, pipeline",
             ]
             lines += [
-                "Paired rounds: the limit's layout, then the pipeline, back to back (the ratio's median is in the "
-                "summary):",
+                "Paired rounds: the limit's layout and the pipeline back to back, the first of the two alternating "
+                "(the ratio's median is in the summary):",
                 "",
                 stats.format_table(headers, rows),
                 "",
