@@ -164,15 +164,20 @@ fi
 # --- 3. the bench on CUDA ------------------------------------------------------------------------------------
 phases=limit,accept,b32,image
 [ "$minilm" = 1 ] && phases=$phases,minilm,minilm32
+phases=$phases,audio # CLAP at clap-htsat-unfused's size (the bench writes the checkpoint, ~20 s)
 bench=("$PY" -m bench.pipeline --plan gpu --var-dir "$REPO/var/gpu-bench")
 device=cuda
 if [ "$CPU" = 1 ]; then
   # The script's own check on a CPU machine: the tiny checkpoint for both models, a quick plan, float32.
   tiny=$REPO/var/models/clip-test-tiny
   [ -f "$tiny/config.json" ] || [ "$DRY_RUN" = 1 ] || "$PY" -m mmfuse.cli.main models make-test --size tiny "$tiny"
+  clap=$REPO/var/models/clap-test-tiny
+  [ -f "$clap/config.json" ] || [ "$DRY_RUN" = 1 ] ||
+    "$PY" -m mmfuse.cli.main models make-test --kind clap --size tiny "$clap"
   bench=("$PY" -m bench.pipeline --plan quick --var-dir "$REPO/var/gpu-bench" --model "$tiny" --text-model "$tiny")
+  bench+=(--audio-model "$clap")
   device=cpu
-  phases=limit,b32,minilm
+  phases=limit,b32,minilm,audio
 fi
 for dtype in float32 float16; do
   say "bench: MMFUSE_DEVICE=$device MMFUSE_DTYPE=$dtype"
