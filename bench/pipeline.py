@@ -253,17 +253,20 @@ def same_layout(
     measured: list[LayoutResult],
     workload: Workload,
     pipeline_threads: dict[str, int],
-    pool_processes: list[int] | None = None,
+    pool_processes: dict[str, list[int]] | None = None,
 ) -> LayoutResult | None:
     """The bare layout that does what the pipeline's encoder pools do: one process per tower, each with its
-    pool's torch threads (one tower: that process alone; a pool run as two processes, ``pool_processes``
-    threads each: ``dp``)."""
-    if len(workload.towers) > 1:
+    pool's torch threads (one tower: that process alone; a tower's pool run as two processes of equal
+    threads, ``pool_processes``: ``dp``). None where no bare layout does (a pool of several processes beside
+    another pool, or of more than two)."""
+    layouts = {tower: (pool_processes or {}).get(tower, [pipeline_threads[tower]]) for tower in workload.towers}
+    if any(len(threads) > 1 for threads in layouts.values()):
+        threads = layouts[workload.towers[0]]
+        if len(layouts) > 1 or len(threads) != 2 or len(set(threads)) != 1:
+            return None
+        want = ("dp", {workload.towers[0]: threads[0]})
+    elif len(workload.towers) > 1:
         want = ("split", {tower: pipeline_threads[tower] for tower in workload.towers})
-    elif pool_processes is not None and len(pool_processes) > 1:
-        if len(pool_processes) != 2 or len(set(pool_processes)) != 1:
-            return None  # no bare layout runs more than two processes
-        want = ("dp", {workload.towers[0]: pool_processes[0]})
     else:
         want = ("seq", {workload.towers[0]: pipeline_threads[workload.towers[0]]})
     return next((r for r in measured if (r.layout, r.threads) == want), None)
@@ -941,17 +944,24 @@ def main(argv: list[str] | None = None) -> int:
     # The torch threads each encoder pool will run with (as the stack splits this host's CPUs): the bare
     # layout that does what the pipeline does ("same layout") runs with the same.
     pipeline_threads: dict[str, dict[str, int]] = {}
-    pool_processes: dict[str, list[int]] = {}  # a workload's one pool run as several processes
+    pool_processes: dict[str, dict[str, list[int]]] = {}  # and the threads of each pool's worker processes
     if b32_model:
         pipeline_threads["b32"] = pipeline_threads["image"] = stack.encoder_threads(("image", "text"))
+        pool_processes["b32"] = pool_processes["image"] = stack.encoder_process_threads(("image", "text"))
     if text_model:
         pipeline_threads["minilm"] = stack.encoder_threads(("text",))  # the MiniLM phases run the text pool alone
+        pool_processes["minilm"] = stack.encoder_process_threads(("text",))
     if audio_model:
         pipeline_threads["audio"] = stack.encoder_threads(("audio",))  # the audio phase runs its pool alone
-        pool_processes["audio"] = stack.process_threads("audio")  # its worker processes' threads
+        pool_processes["audio"] = stack.encoder_process_threads(("audio",))
     log(
         f"mmfuse pipeline benchmark (plan {args.plan}), {cores} cores; torch threads: "
-        + (", ".join(f"{key} {threads}" for key, threads in pipeline_threads.items()) or "-")
+        + (
+            ", ".join(
+                f"{key} {threads} in processes {pool_processes[key]}" for key, threads in pipeline_threads.items()
+            )
+            or "-"
+        )
     )
 
     # The limits first, with nothing else of ours running.

@@ -374,8 +374,14 @@ class LocalStack:
         """The torch threads of each worker process ``pool`` runs as here: several processes where, on CPU with
         ``MMFUSE_TORCH_THREADS=auto``, the pool's threads exceed its ``MMFUSE_<POOL>_THREADS_PER_PROCESS``
         (``shared.cpus.process_threads``); else one process, which computes its own."""
+        return self._process_threads(pool, self.torch_threads(pool) if pool in ENCODER_POOLS else 1)
+
+    def encoder_process_threads(self, pools: tuple[str, ...]) -> dict[str, list[int]]:
+        """:meth:`process_threads` of each encoder pool of ``pools`` when they start together here."""
+        return {pool: self._process_threads(pool, threads) for pool, threads in self.encoder_threads(pools).items()}
+
+    def _process_threads(self, pool: str, threads: int) -> list[int]:
         settings = self.settings()
-        threads = self.torch_threads(pool) if pool in ENCODER_POOLS else 1
         if pool not in ENCODER_POOLS or settings.torch_threads != AUTO or settings.device != "cpu":
             return [threads]
         return process_threads(threads, settings.threads_per_process(pool))

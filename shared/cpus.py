@@ -16,7 +16,7 @@ pools (shares ~0.8 and ~0.2) that is 2 and 1: three threads on two cores, which 
 (docs/performance.md): the vision tower uses the core the text pool and the rest of the stack leave idle.
 
 Where the local stack starts the pools, a pool may run as several worker processes instead of one
-(``MMFUSE_<POOL>_THREADS_PER_PROCESS``, :func:`process_threads`): the audio pool by default, one thread each.
+(``MMFUSE_<POOL>_THREADS_PER_PROCESS``, :func:`process_threads`): by default one torch thread each.
 """
 
 from __future__ import annotations

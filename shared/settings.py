@@ -230,10 +230,11 @@ class Settings:
     # On CPU, the most torch threads one worker process of an encoder pool runs where the local stack
     # (`mmfuse up`, the tests, the bench) starts the pools with torch_threads=auto: a pool given more runs as
     # several worker processes (replicas on one host), each with its part. 0: one process with all of them.
-    # CLAP's audio tower (HTSAT: many small ops) gains little from a second thread: on 2 cores, 2 processes x
-    # 1 thread encode ~30 % more clips per second than 1 x 2 (docs/performance.md, "Audio").
-    image_threads_per_process: int = setting(0, non_negative)
-    text_threads_per_process: int = setting(0, non_negative)
+    # Processes of one thread measured best for every tower on CPU (docs/performance.md): on 2 cores the
+    # bare models do 1.2-1.5x the items per second as 2 processes x 1 thread than as 1 x 2, and a process's
+    # task threads (decode, tokenisation) no longer take its inference threads' cores.
+    image_threads_per_process: int = setting(1, non_negative)
+    text_threads_per_process: int = setting(1, non_negative)
     audio_threads_per_process: int = setting(1, non_negative)
     # The scale of the cosine similarities in classify's softmax over labels. 0: the text checkpoint's own
     # (a CLIP's learned logit_scale, exp'd; 100 for a checkpoint without one, e.g. a sentence encoder).

@@ -71,8 +71,10 @@ def stack_env(checkpoint: Path, **overrides: str) -> dict[str, str]:
         "MMFUSE_IMAGE_MAX_WAIT_MS": "20",
         "MMFUSE_TEXT_MAX_WAIT_MS": "10",
         "MMFUSE_AUDIO_MAX_WAIT_MS": "10",
-        # One worker process per pool in test stacks (a process less to start in each); the audio pool's
-        # default, replicas of one thread, has its own test (test_local_stack.py).
+        # One worker process per pool in test stacks (fewer processes to start in each, one per pool to stop
+        # or kill); the default, replicas of one thread, has its own test (test_local_stack.py).
+        "MMFUSE_IMAGE_THREADS_PER_PROCESS": "0",
+        "MMFUSE_TEXT_THREADS_PER_PROCESS": "0",
         "MMFUSE_AUDIO_THREADS_PER_PROCESS": "0",
         "MMFUSE_WORKER_CONCURRENCY": "64",
         "MMFUSE_WEBHOOK_SECRETS": " ".join(TEST_WEBHOOK_SECRETS),

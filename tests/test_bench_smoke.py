@@ -103,6 +103,14 @@ def test_the_same_layout_is_the_pipelines_threads():
     minilm = Workload(("text",), {"text": "m"})
     seq_text = _layout("seq", {"text": 2}, {32: 400.0}, 8.0)
     assert same_layout([seq_text], minilm, {"text": 2}) is seq_text
+    # Pools run as several worker processes: two of one thread each are dp; beside another pool, or more
+    # than two, no bare layout does the same.
+    dp_text = _layout("dp", {"text": 1}, {32: 450.0}, 20.0)
+    assert same_layout([seq_text, dp_text], minilm, {"text": 2}, {"text": [1, 1]}) is dp_text
+    assert same_layout([seq_text, dp_text], minilm, {"text": 2}, {"text": [2]}) is seq_text
+    assert same_layout([seq_text, dp_text], minilm, {"text": 3}, {"text": [1, 1, 1]}) is None
+    processes = {"image": [1, 1], "text": [1]}
+    assert same_layout([seq2, split], b32, {"image": 2, "text": 1}, processes) is None
 
 
 def test_the_cpu_window_is_the_steady_window():

@@ -592,8 +592,8 @@ def test_cpu_overlay_runs_encoders_on_their_own_cores():
 
 
 def _pool_neutral(doc: dict, pool: str) -> dict:
-    """``doc`` with its pool's name (and its pool's batch settings and pod size) taken out: what every encoder
-    pool's Deployment or ScaledObject should have in common."""
+    """``doc`` with its pool's name (and its pool's batch settings) taken out: what every encoder pool's
+    Deployment or ScaledObject should have in common."""
 
     def neutralise(value: Any) -> Any:
         if isinstance(value, dict):
@@ -608,7 +608,6 @@ def _pool_neutral(doc: dict, pool: str) -> dict:
     if neutral["kind"] == "Deployment":
         worker = container(neutral)
         worker["env"] = [var for var in worker["env"] if not var["name"].startswith(f"MMFUSE_{pool.upper()}_")]
-        worker.pop("resources", None)  # each pool's pod size (the cpu overlay's audio pods: one CPU)
     else:
         metadata = neutral["spec"]["triggers"][0]["metadata"]
         del metadata["listLength"]
@@ -618,8 +617,7 @@ def _pool_neutral(doc: dict, pool: str) -> dict:
 
 def test_encoder_pools_are_deployed_alike(docs):
     """The audio pool is deployed, placed and scaled as the image and text pools are: their Deployments and
-    ScaledObjects differ only in the pool's name, its batch settings, its pod size and its maximum of
-    replicas; each pool
+    ScaledObjects differ only in the pool's name, its batch settings and its maximum of replicas; each pool
     scales on one waiting batch per pod (listLength = MMFUSE_<POOL>_MAX_BATCH_SIZE)."""
     assert set(ENCODER_POOLS) == {"image", "text", "audio"}
     configmaps = by_kind(docs, "ConfigMap")

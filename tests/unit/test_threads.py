@@ -154,16 +154,21 @@ def test_a_pool_runs_as_processes_of_at_most_its_threads_per_process(threads, pe
     assert sum(layout) == threads
 
 
-def test_the_local_stack_runs_the_audio_pool_as_one_thread_processes_on_cpu_only(tmp_path, checkpoint_dir, monkeypatch):
+def test_the_local_stack_runs_a_pool_as_one_thread_processes_on_cpu_only(tmp_path, checkpoint_dir, monkeypatch):
     from mmfuse.cli.main import describe_torch_threads
 
-    for name in ("MMFUSE_TORCH_THREADS", "MMFUSE_CPU_SHARE", "MMFUSE_AUDIO_THREADS_PER_PROCESS", "MMFUSE_DEVICE"):
+    for name in (
+        "MMFUSE_TORCH_THREADS",
+        "MMFUSE_CPU_SHARE",
+        "MMFUSE_DEVICE",
+        *(f"MMFUSE_{p}_THREADS_PER_PROCESS" for p in ("IMAGE", "TEXT", "AUDIO")),
+    ):
         monkeypatch.delenv(name, raising=False)
     stack = stack_for(tmp_path, checkpoint_dir)
     cpus = read_cpu_budget().cpus
-    assert Settings.from_env({}).threads_per_process("audio") == 1
-    assert Settings.from_env({}).threads_per_process("image") == 0
+    assert [Settings.from_env({}).threads_per_process(pool) for pool in ("image", "text", "audio")] == [1, 1, 1]
     assert stack.process_threads("audio") == [1] * cpus  # alone on the host: every CPU, one process each
+    stack.env["MMFUSE_IMAGE_THREADS_PER_PROCESS"] = "0"
     assert stack.process_threads("image") == [cpus]
     stack.processes.update({"worker-audio": None, "worker-audio-2": None})  # type: ignore[dict-item]
     assert stack.pool_processes("audio") == ["worker-audio", "worker-audio-2"]
