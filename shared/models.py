@@ -640,6 +640,20 @@ def _write_clip_checkpoint(directory: Path, shape: TestCheckpointSize, seed: int
     ).save_pretrained(directory)
 
 
+# laion/clap-htsat-unfused's feature extractor settings (its preprocessor_config.json): the test checkpoints'.
+CLAP_FEATURE_EXTRACTOR_SETTINGS: dict[str, Any] = {
+    "feature_size": 64,
+    "sampling_rate": 48_000,
+    "hop_length": 480,
+    "max_length_s": 10,
+    "fft_window_size": 1024,
+    "frequency_min": 50,
+    "frequency_max": 14_000,
+    "truncation": "rand_trunc",
+    "padding": "repeatpad",
+}
+
+
 def _write_clap_checkpoint(directory: Path, size: str, seed: int) -> None:
     torch = _torch()
     from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
@@ -647,18 +661,7 @@ def _write_clap_checkpoint(directory: Path, size: str, seed: int) -> None:
     vocab, merges = _fixed_roberta_vocab()
     # merges as pairs: see _write_clip_checkpoint.
     tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=512)  # type: ignore[arg-type]
-    # laion/clap-htsat-unfused's feature extractor settings (its preprocessor_config.json).
-    feature_extractor = ClapFeatureExtractor(
-        feature_size=64,
-        sampling_rate=48_000,
-        hop_length=480,
-        max_length_s=10,
-        fft_window_size=1024,
-        frequency_min=50,
-        frequency_max=14_000,
-        truncation="rand_trunc",
-        padding="repeatpad",
-    )
+    feature_extractor = ClapFeatureExtractor(**CLAP_FEATURE_EXTRACTOR_SETTINGS)
     ClapProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(directory)
 
     config = clap_test_config(size)

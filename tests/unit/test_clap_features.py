@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from mmfuse.shared.clap_features import TRUNCATION, ClapLogMel
-from mmfuse.shared.models import audio_windows, combine_parts, get_encoder, make_test_checkpoint
+from mmfuse.shared.models import (
+    CLAP_FEATURE_EXTRACTOR_SETTINGS,
+    audio_windows,
+    combine_parts,
+    get_encoder,
+    make_test_checkpoint,
+)
 
 RATE = 48_000
 WINDOW = 10 * RATE
@@ -18,18 +24,7 @@ def extractor(**changes):
     """A ClapFeatureExtractor with laion/clap-htsat-unfused's settings (as make_test_checkpoint writes them)."""
     from transformers import ClapFeatureExtractor
 
-    settings = dict(
-        feature_size=64,
-        sampling_rate=RATE,
-        hop_length=480,
-        max_length_s=10,
-        fft_window_size=1024,
-        frequency_min=50,
-        frequency_max=14_000,
-        truncation="rand_trunc",
-        padding="repeatpad",
-    )
-    return ClapFeatureExtractor(**{**settings, **changes})
+    return ClapFeatureExtractor(**{**CLAP_FEATURE_EXTRACTOR_SETTINGS, **changes})
 
 
 def judged(feature_extractor, window: np.ndarray) -> np.ndarray:
