@@ -54,8 +54,17 @@ TARGETS = {
     "overhead_minilm_c1_ms": ("<=", 15.0),
     "accept_per_s": (">=", 500.0),
     "ratio_audio_c8": (">=", 0.85),
-    "ratio_audio_c8_paired": (">=", 0.85),
 }
+# Each phase's headline ratio (a target above), measured again in paired rounds: (its concurrency, the target's key).
+ROUND_POINTS = {
+    "b32": (32, "ratio_b32_c32"),
+    "image": (32, "ratio_image_c32"),
+    "minilm": (32, "ratio_minilm_c32"),
+    "minilm32": (8, "ratio_minilm32_c8"),
+    "audio": (8, "ratio_audio_c8"),
+}
+# The same targets for the medians of the paired rounds (summarise: "<key>_paired").
+TARGETS.update({f"{key}_paired": TARGETS[key] for _, key in ROUND_POINTS.values()})
 PHASES = ("limit", "accept", "b32", "image", "minilm", "minilm32", "audio")
 TEXTS_PER_JOB = 32  # the minilm32 phase's jobs
 AUDIO_SECONDS = 10.0  # the audio phase's clips: one CLAP window each, so clips/s and windows/s are one number
@@ -78,10 +87,10 @@ class Plan:
     text_jobs: dict[int, int]
     text32_jobs: dict[int, int]
     audio_jobs: dict[int, int]
-    # Paired rounds of the audio phase after its point: the limit's layout, then the pipeline at concurrency
-    # 8 (this many jobs), measured back to back this many times (0: none).
-    audio_rounds: int
-    audio_round_jobs: int
+    # Paired rounds after each phase's points (paired_rounds): the limit's layout and the pipeline at the
+    # phase's headline concurrency (ROUND_POINTS), this many jobs, back to back, ``rounds`` times (0: none).
+    rounds: int
+    round_jobs: dict[str, int]
     warmup_jobs: int
     accept_s: float
     accept_connections: int
@@ -100,8 +109,8 @@ FULL = Plan(
     text_jobs={1: 150, 8: 400, 32: 800},
     text32_jobs={8: 96},
     audio_jobs={8: 128},  # ~4 clips/s on 2 cores: half a minute
-    audio_rounds=3,
-    audio_round_jobs=64,
+    rounds=3,
+    round_jobs={"b32": 64, "image": 64, "minilm": 400, "minilm32": 32, "audio": 64},
     warmup_jobs=32,
     accept_s=10.0,
     accept_connections=32,
@@ -119,8 +128,8 @@ QUICK = Plan(
     text_jobs={1: 20, 8: 64, 32: 128},
     text32_jobs={8: 16},
     audio_jobs={8: 24},
-    audio_rounds=1,
-    audio_round_jobs=16,
+    rounds=1,
+    round_jobs={"b32": 16, "image": 16, "minilm": 64, "minilm32": 8, "audio": 16},
     warmup_jobs=8,
     accept_s=3.0,
     accept_connections=32,
@@ -141,8 +150,8 @@ GPU = Plan(
     text_jobs={1: 100, 8: 400, 32: 800},
     text32_jobs={8: 64},
     audio_jobs={8: 256},
-    audio_rounds=0,
-    audio_round_jobs=0,
+    rounds=0,
+    round_jobs={},
     warmup_jobs=32,
     accept_s=5.0,
     accept_connections=32,
@@ -355,21 +364,34 @@ def run_pipeline(
 
 
 def paired_rounds(
-    stack, api_key: str, workload: Workload, best: LayoutResult, plan: Plan, make_job, prefer_wait: bool, log
+    stack,
+    api_key: str,
+    phase: str,
+    workload: Workload,
+    best: LayoutResult,
+    plan: Plan,
+    make_job,
+    prefer_wait: bool,
+    log,
+    items_per_job: int = 1,
 ) -> list[dict]:
-    """The limit and the pipeline side by side, ``plan.audio_rounds`` times: the limit's layout at its best
-    batch in fresh processes (the stack up and idle) and a pipeline point at concurrency 8, in turn. The two
-    figures of a round are taken within a minute, so a VM whose speed drifts over a whole run (by 20 % on
-    the development VM) moves both alike; the median of the rounds' ratios is the figure to trust there."""
+    """The limit and the pipeline side by side, ``plan.rounds`` times: the limit's layout at its best batch in
+    fresh processes (the stack up and idle) and a pipeline point at the phase's headline concurrency
+    (``ROUND_POINTS``), in turn. The two figures of a round are taken within a minute, so a VM whose speed
+    drifts over a whole run (by 20-40 % on the development VM) moves both alike; the median of the rounds'
+    ratios (items/s over the limit's) is the figure to trust there."""
+    concurrency = ROUND_POINTS[phase][0]
+    log(f"{phase}: {plan.rounds} paired rounds (the limit and the pipeline at concurrency {concurrency})")
 
     def measure_bare() -> LayoutResult:
         return measure_layout(workload, best.layout, best.process_threads, [best.best_batch], plan.min_time_s, 3)
 
     def measure_pipeline() -> dict:
-        return run_pipeline(stack, api_key, {8: plan.audio_round_jobs}, make_job, 0, prefer_wait, log)[0]
+        jobs = {concurrency: plan.round_jobs[phase]}
+        return run_pipeline(stack, api_key, jobs, make_job, 0, prefer_wait, log)[0]
 
     rounds = []
-    for index in range(plan.audio_rounds):
+    for index in range(plan.rounds):
         # Alternate which goes first: a machine that slows down under sustained load favours the first.
         if index % 2 == 0:
             bare = measure_bare()
@@ -377,10 +399,12 @@ def paired_rounds(
         else:
             point = measure_pipeline()
             bare = measure_bare()
-        ratio = point["jobs_per_s"] / bare.best_jobs_per_s
+        ratio = point["jobs_per_s"] * items_per_job / bare.best_jobs_per_s
         log(f"  round {index + 1}: limit {bare.best_jobs_per_s:.2f}, pipeline {point['jobs_per_s']:.2f}: {ratio:.2f}")
         rounds.append(
             {
+                "concurrency": concurrency,
+                "items_per_job": items_per_job,
                 "limit_jobs_per_s": bare.best_jobs_per_s,
                 "limit_cores_outside": bare.cores_outside,
                 "jobs_per_s": point["jobs_per_s"],
@@ -401,6 +425,17 @@ def start_gateway(stack, workers: int) -> None:
     stack.stop_process("gateway")
     stack.start_gateway(workers=workers)
     stack.wait_ready(())
+
+
+def start_pool_alone(stack, pool: str, model: str, gateway_workers: int) -> dict:
+    """Start ``pool`` alone on the host with ``model`` (its torch threads take every CPU, as the limit's same
+    layout), the fusion pool beside it if it is not running yet, and the gateway again with the model in its
+    settings; the stack's settings then (:func:`stack_settings`)."""
+    stack.env[f"MMFUSE_{pool.upper()}_MODEL"] = model
+    start_gateway(stack, gateway_workers)
+    stack.start_workers((pool, "fusion") if not stack.pool_processes("fusion") else (pool,))
+    stack.wait_workers((pool, "fusion"), 300)
+    return stack_settings(stack)
 
 
 def flush_redis(stack) -> None:
@@ -554,8 +589,9 @@ def summarise(results: dict) -> dict:
             out["ratio_audio_c8"] = c8["jobs_per_s"] / audio_limit.best_jobs_per_s
         if c8["cpu"]:
             out["cpu_ms_audio_c8"] = c8["cpu"]["stack_cpu_ms_per_job"]
-    if audio and audio.get("rounds"):
-        out["ratio_audio_c8_paired"] = statistics.median([r["ratio"] for r in audio["rounds"]])
+    for phase, (_, key) in ROUND_POINTS.items():
+        if rounds := (results.get(phase) or {}).get("rounds"):
+            out[f"{key}_paired"] = statistics.median([r["ratio"] for r in rounds])
     return out
 
 
@@ -574,11 +610,10 @@ SUMMARY_LABELS = {  # metric -> (label, digits); in TARGETS: a target, else a re
     "accept_per_s": ("gateway accept rate (jobs/s answered 202)", 0),
     "ratio_audio_c8": ("CLAP one 10 s clip per job, concurrency 8: clips/s pipeline / windows/s limit", 2),
     "cpu_ms_audio_c8": ("CLAP one 10 s clip per job, concurrency 8: CPU ms per job, all stack processes", 0),
-    "ratio_audio_c8_paired": (
-        "CLAP one 10 s clip per job, concurrency 8: clips/s pipeline / windows/s limit, median of paired rounds",
-        2,
-    ),
 }
+SUMMARY_LABELS.update(
+    {f"{key}_paired": (f"{SUMMARY_LABELS[key][0]}, median of paired rounds", 2) for _, key in ROUND_POINTS.values()}
+)
 
 
 def summary_table(summary: dict) -> str:
@@ -720,37 +755,51 @@ def report(results: dict) -> str:
             ]
             if c8["cpu"]:
                 lines += ["CPU by process at concurrency 8 (audio):", "", cpu_table(c8), ""]
-        if audio.get("rounds"):
-            rows = [
-                [
-                    index + 1,
-                    r["limit_jobs_per_s"],
-                    r["jobs_per_s"],
-                    f"{r['ratio']:.2f}",
-                    r["stack_cpu_ms_per_job"],
-                    r["limit_cores_outside"],
-                    r["cores_outside"],
-                ]
-                for index, r in enumerate(audio["rounds"])
-            ]
-            headers = [
-                "round",
-                "limit windows/s",
-                "pipeline clips/s (c8)",
-                "ratio",
-                "stack CPU ms/clip",
-                "other load, limit",
-                "other load, pipeline",
-            ]
-            lines += [
-                "Paired rounds: the limit's layout and the pipeline back to back, the first of the two alternating "
-                "(the ratio's median is in the summary):",
-                "",
-                stats.format_table(headers, rows),
-                "",
-            ]
+    lines += rounds_section(results)
     lines += ["## Summary", "", summary_table(results["summary"]), ""]
     return "\n".join(lines)
+
+
+def rounds_section(results: dict) -> list[str]:
+    """The paired rounds of every phase that has them (``paired_rounds``), one table."""
+    rows = [
+        [
+            phase,
+            index + 1,
+            r["concurrency"],
+            r["limit_jobs_per_s"] / r["items_per_job"],
+            r["jobs_per_s"],
+            f"{r['ratio']:.2f}",
+            r["stack_cpu_ms_per_job"],
+            r["limit_cores_outside"],
+            r["cores_outside"],
+        ]
+        for phase in ROUND_POINTS
+        for index, r in enumerate((results.get(phase) or {}).get("rounds") or [])
+    ]
+    if not rows:
+        return []
+    headers = [
+        "phase",
+        "round",
+        "concurrency",
+        "limit, jobs/s",
+        "pipeline jobs/s",
+        "ratio",
+        "stack CPU ms/job",
+        "other load, limit",
+        "other load, pipeline",
+    ]
+    return [
+        "## Paired rounds: the limit's layout and the pipeline back to back",
+        "",
+        "Each round measures the limit's layout at its best batch and then a pipeline point, or the other way "
+        "round (alternating), within a minute; the summary has the median ratio per phase. (MiniLM 32 texts: "
+        "the limit in jobs of 32 texts.)",
+        "",
+        stats.format_table(headers, rows),
+        "",
+    ]
 
 
 def to_json(value):
@@ -1001,6 +1050,23 @@ def main(argv: list[str] | None = None) -> int:
         start_gateway(stack, gateway_workers)
         api_key = bench_api_key(stack)
 
+        def rounds(phase: str, limit_key: str, make_job, items_per_job: int = 1) -> None:
+            """The phase's paired rounds against the limit of ``limit_key``'s workload, when it was measured."""
+            best = (results.get(limit_key, {}).get("limit") or {}).get("limit")
+            if plan.rounds and best is not None:
+                results[phase]["rounds"] = paired_rounds(
+                    stack,
+                    api_key,
+                    phase,
+                    workloads[limit_key],
+                    best,
+                    plan,
+                    make_job,
+                    args.submit == "wait",
+                    log,
+                    items_per_job,
+                )
+
         if phases & {"b32", "image"}:
             # The image and text pools of the CLIP checkpoint, as `mmfuse up` runs them: image-only jobs run
             # on the same stack (its text pool idle), so the image pool has its share of the CPUs, as in use.
@@ -1018,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("b32", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.b32_jobs, b32_job, warmup, args.submit == "wait", log
                 )
+                rounds("b32", "b32", b32_job)
                 warmup = 0
             if "image" in phases:
                 log("pipeline: B/32 image-only jobs")
@@ -1028,17 +1095,13 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("image", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.image_jobs, image_job, warmup, args.submit == "wait", log
                 )
+                rounds("image", "image", image_job)
             stack.stop_pool("image")
             stack.stop_pool("text")
 
         if text_model:
             log("pipeline: MiniLM text-only jobs")
-            stack.env["MMFUSE_TEXT_MODEL"] = text_model
-            start_gateway(stack, gateway_workers)  # with the text model in its settings
-            pools = ("text", "fusion") if "worker-fusion" not in stack.processes else ("text",)
-            stack.start_workers(pools)
-            stack.wait_workers(("text", "fusion"), 300)
-            results["minilm_settings"] = stack_settings(stack)
+            results["minilm_settings"] = start_pool_alone(stack, "text", text_model, gateway_workers)
             warmup = plan.warmup_jobs * 4
             if "minilm" in phases:
 
@@ -1048,6 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("minilm", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.text_jobs, text_job, warmup, args.submit == "wait", log
                 )
+                rounds("minilm", "minilm", text_job)
                 warmup = 0
             if "minilm32" in phases:
                 log(f"pipeline: MiniLM text-only jobs of {TEXTS_PER_JOB} texts")
@@ -1065,17 +1129,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.submit == "wait",
                     log,
                 )
+                rounds("minilm32", "minilm", texts_job, TEXTS_PER_JOB)
             stack.stop_pool("text")
 
         if audio_model:
-            # The audio pool alone on the host (its torch threads take every CPU), as the limit's same layout.
             log("pipeline: CLAP audio-only jobs, one 10 s clip each")
-            stack.env["MMFUSE_AUDIO_MODEL"] = audio_model
-            start_gateway(stack, gateway_workers)  # with the audio model in its settings
-            pools = ("audio", "fusion") if "worker-fusion" not in stack.processes else ("audio",)
-            stack.start_workers(pools)
-            stack.wait_workers(("audio", "fusion"), 300)
-            results["audio_settings"] = stack_settings(stack)
+            results["audio_settings"] = start_pool_alone(stack, "audio", audio_model, gateway_workers)
 
             def audio_job(i: int) -> dict:
                 return {"audios": [audios[i % len(audios)]]}
@@ -1083,12 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault("audio", {})["pipeline"] = run_pipeline(
                 stack, api_key, plan.audio_jobs, audio_job, max(plan.warmup_jobs // 4, 2), args.submit == "wait", log
             )
-            audio_limit = (results["audio"].get("limit") or {}).get("limit")
-            if plan.audio_rounds and audio_limit:
-                log(f"audio: {plan.audio_rounds} paired rounds (limit, then pipeline)")
-                results["audio"]["rounds"] = paired_rounds(
-                    stack, api_key, workloads["audio"], audio_limit, plan, audio_job, args.submit == "wait", log
-                )
+            rounds("audio", "audio", audio_job)
     except BaseException:
         log(stack.log_tails(20))
         raise

@@ -274,10 +274,17 @@ def test_a_tiny_bench_runs_end_to_end(tmp_path, checkpoint_dir, capsys):
         assert run["cpu"]["stack_cpu_ms_per_job"] > 0
     summary = results["summary"]
     assert {"ratio_b32_c32", "overhead_b32_c1_ms", "ratio_minilm32_c8", "ratio_audio_c8"} <= summary.keys()
-    # The audio phase's paired round: the limit and the pipeline back to back, their ratio the summary's.
-    (round_,) = results["audio"]["rounds"]
-    assert round_["limit_jobs_per_s"] > 0 and round_["jobs_per_s"] > 0
-    assert summary["ratio_audio_c8_paired"] == round_["ratio"] == round_["jobs_per_s"] / round_["limit_jobs_per_s"]
+    # Each phase's paired round: the limit and the pipeline back to back, their ratio the summary's (items/s:
+    # 32 texts a job against the MiniLM limit's texts/s).
+    for phase, key, items in (
+        ("b32", "ratio_b32_c32", 1),
+        ("minilm32", "ratio_minilm32_c8", 32),
+        ("audio", "ratio_audio_c8", 1),
+    ):
+        (round_,) = results[phase]["rounds"]
+        assert round_["limit_jobs_per_s"] > 0 and round_["jobs_per_s"] > 0
+        assert round_["items_per_job"] == items
+        assert summary[f"{key}_paired"] == round_["ratio"] == round_["jobs_per_s"] * items / round_["limit_jobs_per_s"]
     assert results["settings"]["worker-image_torch_threads"] >= 1
     # The audio pool ran alone: every usable CPU its torch threads, in processes of one thread each (the
     # limit's same layout on 2 CPUs: dp, which the quick plan does not measure; on 1 CPU: seq).
@@ -291,7 +298,7 @@ def test_a_tiny_bench_runs_end_to_end(tmp_path, checkpoint_dir, capsys):
     assert "worker-audio" in audio_run["cpu"]["cores"] and "worker-text" not in audio_run["cpu"]["cores"]
     printed = capsys.readouterr().out
     assert "## 2. Pipeline: B/32 image+text jobs" in printed and "## Summary" in printed
-    assert "## 7. Audio-only jobs" in printed and "Paired rounds" in printed
+    assert "## 7. Audio-only jobs" in printed and "## Paired rounds" in printed
 
 
 def test_the_bench_audio_clips_are_one_clap_window_each():
