@@ -230,9 +230,10 @@ class Settings:
     # On CPU, the most torch threads one worker process of an encoder pool runs where the local stack
     # (`mmfuse up`, the tests, the bench) starts the pools with torch_threads=auto: a pool given more runs as
     # several worker processes (replicas on one host), each with its part. 0: one process with all of them.
-    # Processes of one thread measured best for every tower on CPU (docs/performance.md): on 2 cores the
-    # bare models do 1.2-1.5x the items per second as 2 processes x 1 thread than as 1 x 2, and a process's
-    # task threads (decode, tokenisation) no longer take its inference threads' cores.
+    # Processes of one thread measured best for every tower on CPU (docs/performance.md): on 2 cores the bare
+    # B/32 vision tower and MiniLM do 1.2-1.5x the items per second as 2 processes x 1 thread than as 1 x 2
+    # (CLAP's audio tower 0.9-1.3x), and a process's task threads (decode, tokenisation) no longer take its
+    # inference threads' cores: the audio pool did 5.45 clips/s against 4.13.
     image_threads_per_process: int = setting(1, non_negative)
     text_threads_per_process: int = setting(1, non_negative)
     audio_threads_per_process: int = setting(1, non_negative)
