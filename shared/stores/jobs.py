@@ -140,6 +140,31 @@ local function record_stage_end(stage, batch_size)
 end
 """
 
+# A new job's record (queued), its tombstone where the store keeps them, its entry in the queued index,
+# and with KEYS[5] its idempotency entry, unless that entry exists: then nothing is written and its value
+# is returned. Index entries of records that expired before they ended are dropped on the way.
+# KEYS: the record, the tombstone, the queued and running indexes[, the idempotency entry].
+# ARGV: job id, spec JSON, created_at, record TTL s, tombstone TTL beyond it ('' for none), owner,
+# the record's expiry time, the cut-off for stale index entries[, the idempotency entry's value].
+_CREATE_LUA = f"""
+if KEYS[5] then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return existing end
+  redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[4])
+end
+redis.call('HSET', KEYS[1], '{Fields.SPEC}', ARGV[2], '{Fields.STATUS}', '{Status.QUEUED.value}',
+           '{Fields.CREATED_AT}', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], '{TombstoneFields.OWNER}', ARGV[6], '{TombstoneFields.EXPIRES_AT}', ARGV[7])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]))
+end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[8])
+return false
+"""
+
 # Move to a terminal status unless the job already ended, recording the end of the stage that ended it
 # (ARGV[6], '': none) and, with ARGV[8] == '1', the intent to send its webhook (KEYS[5], the outbox) in the
 # same step; publish the wake-up. Returns 1 if it moved, 0 if the job had ended, -1 if there is no record.
@@ -336,6 +361,7 @@ class JobStore(RedisStore):
         super().__init__(client)
         self.ttl_s = ttl_s
         self.tombstone_ttl_s = tombstone_ttl_s
+        self._create_script = client.register_script(_CREATE_LUA)
         self._end_script = client.register_script(_END_LUA)
         self._start_stage = client.register_script(_START_STAGE_LUA)
 
@@ -343,44 +369,25 @@ class JobStore(RedisStore):
 
     def create(self, spec: JobSpec, idempotency: tuple[str, str] | None = None) -> bytes | None:
         """Write a new job's record. With ``idempotency`` (entry key, value), only if that entry is not set
-        yet, and then it is set in the same transaction: returns the entry's value instead when it was."""
-        key = job_key(spec.id)
-        with self._redis.pipeline(transaction=True) as pipe:
-            if idempotency is not None:
-                pipe.watch(idempotency[0])
-                existing = raw(pipe.get(idempotency[0]))
-                if existing is not None:
-                    return existing
-                pipe.multi()
-                pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
-            pipe.hset(
-                key,
-                mapping={
-                    Fields.SPEC: spec.to_json(),
-                    Fields.STATUS: Status.QUEUED.value,
-                    Fields.CREATED_AT: repr(spec.created_at),
-                },
-            )
-            pipe.expire(key, self.ttl_s)
-            if self.tombstone_ttl_s is not None:
-                tombstone = tombstone_key(spec.id)
-                expires_at = time.time() + self.ttl_s
-                pipe.hset(
-                    tombstone, mapping={TombstoneFields.OWNER: spec.owner, TombstoneFields.EXPIRES_AT: repr(expires_at)}
-                )
-                pipe.expire(tombstone, self.ttl_s + self.tombstone_ttl_s)
-            pipe.zadd(_QUEUED_KEY, {spec.id: spec.created_at})
-            for index in (_QUEUED_KEY, _RUNNING_KEY):  # entries of records that expired before they ended
-                pipe.zremrangebyscore(index, "-inf", f"({time.time() - self.ttl_s!r}")
-            try:
-                pipe.execute()
-            except redis.WatchError:  # a concurrent request set the idempotency entry first: its job wins
-                assert idempotency is not None  # only the entry is watched
-                existing = raw(self._redis.get(idempotency[0]))
-                if existing is None:  # ... and was rolled back since: try again
-                    return self.create(spec, idempotency)
-                return existing
-        return None
+        yet, and then it is set in the same step: returns the entry's value instead when it was. One round
+        trip (a script), where a WATCH transaction took three."""
+        now = time.time()
+        tombstone_ttl = "" if self.tombstone_ttl_s is None else str(self.tombstone_ttl_s)
+        keys = [job_key(spec.id), tombstone_key(spec.id), _QUEUED_KEY, _RUNNING_KEY]
+        args = [
+            spec.id,
+            spec.to_json(),
+            repr(spec.created_at),
+            str(self.ttl_s),
+            tombstone_ttl,
+            spec.owner,
+            repr(now + self.ttl_s),
+            repr(now - self.ttl_s),  # index entries older than this are of records that expired unended
+        ]
+        if idempotency is not None:
+            keys.append(idempotency[0])
+            args.append(idempotency[1])
+        return raw(self._create_script(keys=keys, args=args))
 
     def delete(self, job_id: str, idempotency_key: str | None = None, pipeline: Pipeline | None = None) -> None:
         """Remove a job's record and tombstone (a failed submit), and the idempotency entry that points at it."""

@@ -117,6 +117,22 @@ def test_idempotent_submit_returns_the_original_job(stack, api, redis_client, se
     )
 
 
+def test_concurrent_submits_with_one_idempotency_key_make_one_job(stack, api, redis_client):
+    """Racing copies of a text job's submit (no blobs: the record's creation is the only check) make one job
+    and every copy answers with it."""
+    url = f"{stack.gateway_url}/v1/jobs"
+    headers = {"Idempotency-Key": f"race-{new_job_id()}"}
+    body = {"texts": [f"race {new_job_id()}"], "outputs": ["embeddings"]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: api.post(url, json=body, headers=headers, timeout=10), range(8)))
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [202], [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    job_id = answers[0].json()["id"]
+    created = [key for key in redis_client.scan_iter("mmfuse:job:*") if b":" not in key[len(b"mmfuse:job:") :]]
+    assert sum(1 for key in created if json.loads(redis_client.hget(key, "spec"))["texts"] == body["texts"]) == 1
+    assert MmfuseJob(api, stack, job_id).wait()["status"] == "succeeded"
+
+
 def test_idempotency_survives_multipart_boundaries_and_is_per_api_key(stack, api):
     url = f"{stack.gateway_url}/v1/jobs"
     headers = {"Idempotency-Key": new_job_id()}
