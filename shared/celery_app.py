@@ -16,6 +16,7 @@ from celery.exceptions import Reject
 from kombu import Queue
 
 from mmfuse.shared.backends import BACKEND_ERRORS
+from mmfuse.shared.broker import broker_transport, broker_use_ssl
 from mmfuse.shared.heartbeat import install_worker_heartbeat
 from mmfuse.shared.logs import install_celery_logging
 from mmfuse.shared.schema import FUSION, Stage
@@ -168,6 +169,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
     install_celery_logging(settings)
     app = Celery("mmfuse", broker=settings.effective_broker_url)
     app.conf.update(
+        # kombu's Redis transports, reusing one client per channel (shared/broker.py says why).
+        broker_transport=broker_transport(settings.effective_broker_url),
+        broker_use_ssl=broker_use_ssl(settings.effective_broker_url),
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",
         accept_content=["json"],
