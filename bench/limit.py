@@ -78,7 +78,7 @@ class LayoutResult:
     def name(self) -> str:
         if self.layout == "split":
             threads = " + ".join(f"{towers} x{n}" for towers, n in self.threads.items())
-            return f"split: one process per tower, in parallel, {threads} threads (the pipeline's layout)"
+            return f"split: one process per tower, in parallel, {threads} threads (one process of each pool)"
         n = self.process_threads
         threads = f"{n} thread{'s' if n > 1 else ''}"
         if self.layout == "dp":
@@ -243,8 +243,9 @@ ONE_PROCESS = ("seq",)
 def layouts_for(
     workload: Workload, cores: int, pipeline_threads: Mapping[str, int]
 ) -> list[tuple[str, int | dict[str, int]]]:
-    """(layout, threads) to measure: ``seq`` at 1 thread and at every usable CPU, ``split`` at the pipeline's
-    threads per tower (``pipeline_threads``), ``dp`` at half the CPUs per process."""
+    """(layout, threads) to measure: ``seq`` at 1 thread and at every usable CPU, ``split`` at the threads of
+    one process of each tower's pool (``pipeline_threads``: what a lone job's stages run on), ``dp`` at half
+    the CPUs per process."""
     layouts: list[tuple[str, int | dict[str, int]]] = [("seq", 1)]
     if cores >= 2:
         layouts.append(("seq", cores))

@@ -122,7 +122,7 @@ TASK_THREADS = "task threads (Celery threads pool)"
 
 def thread_label(process: str, name: str | None, comm: str) -> str:
     if name is None:
-        return f"native ({comm}): torch intra-op, OpenMP, runtime"
+        return f"native ({comm})"
     for pattern, label in FOLD:
         if pattern.match(name):
             return POOL_THREADS.get(process, TASK_THREADS) if label == "pool threads" else label
@@ -296,6 +296,11 @@ def report(run: ProfileRun, title: str) -> str:
                 rows.append(["", label, used / run.wall_s, used * 1e3 / run.jobs, share])
     rows.append(["total (stack)", "", total / run.wall_s, total * 1e3 / run.jobs, ""])
     lines.append(format_table(["process", "thread", "cores", "CPU ms/job", "share of process"], rows, 2))
+    lines += [
+        "",
+        "Threads without a Python name are native: a non-Python process's own, or in a Python process torch's "
+        "intra-op pool, OpenMP's and the runtime's.",
+    ]
     for label, spots in run.pyspy.items():
         if not spots.samples:
             continue

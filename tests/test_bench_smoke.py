@@ -12,7 +12,7 @@ import pytest
 from bench import stats
 from bench.limit import LayoutResult, Workload, pick_limit
 from bench.load import ClosedLoopResult, JobSample, window_marks
-from bench.pipeline import CLIENT, CpuSnapshot, cpu_use, report, same_layout, summarise, to_json
+from bench.pipeline import CLIENT, CpuSnapshot, cpu_use, lone_job_layout, report, same_layout, summarise, to_json
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
@@ -90,7 +90,9 @@ def test_the_limit_is_the_best_one_process_layout():
     assert seq2.best_batch == 16
     assert pick_limit([seq1, seq2, dp]) is seq2  # dp is faster but not "one process"
     split = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 160.0)
-    assert split.name.startswith("split: one process per tower, in parallel, image x2 + text x1 threads")
+    assert (
+        split.name == "split: one process per tower, in parallel, image x2 + text x1 threads (one process of each pool)"
+    )
     assert seq2.name == "seq: 1 process x 2 threads, towers in turn"
 
 
@@ -111,6 +113,24 @@ def test_the_same_layout_is_the_pipelines_threads():
     assert same_layout([seq_text, dp_text], minilm, {"text": 3}, {"text": [1, 1, 1]}) is None
     processes = {"image": [1, 1], "text": [1]}
     assert same_layout([seq2, split], b32, {"image": 2, "text": 1}, processes) is None
+
+
+def test_a_lone_job_runs_like_one_process_of_each_pool():
+    """At concurrency 1 a job's stages run on one process of each pool: its bare twin is ``split`` at those
+    processes' threads (two towers) or ``seq`` (one), however many processes a pool has."""
+    b32 = Workload(("image", "text"), {"image": "m", "text": "m"})
+    split11 = _layout("split", {"image": 1, "text": 1}, {4: 8.0}, 190.0)
+    split21 = _layout("split", {"image": 2, "text": 1}, {4: 8.0}, 120.0)
+    seq1 = _layout("seq", {"image+text": 1}, {4: 6.0}, 240.0)
+    assert lone_job_layout([seq1, split21, split11], b32, {"image": [1, 1], "text": [1]}) is split11
+    assert lone_job_layout([seq1, split21, split11], b32, {"image": [2], "text": [1]}) is split21
+    assert lone_job_layout([seq1, split21], b32, {"image": [1, 1], "text": [1]}) is None
+    minilm = Workload(("text",), {"text": "m"})
+    seq_text1 = _layout("seq", {"text": 1}, {32: 240.0}, 11.0)
+    seq_text2 = _layout("seq", {"text": 2}, {32: 350.0}, 16.0)
+    dp_text = _layout("dp", {"text": 1}, {32: 450.0}, 18.0)
+    assert lone_job_layout([seq_text2, dp_text, seq_text1], minilm, {"text": [1, 1]}) is seq_text1
+    assert lone_job_layout([seq_text2, dp_text, seq_text1], minilm, {"text": [2]}) is seq_text2
 
 
 def test_the_cpu_window_is_the_steady_window():
