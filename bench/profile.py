@@ -134,6 +134,7 @@ class ProfileRun:
     jobs: int
     wall_s: float
     by_thread: dict[str, dict[str, float]]  # process -> thread label -> CPU s
+    mean_batch: dict[str, float]  # stage -> the mean size of the batches its jobs' items ran in
     pyspy: dict[str, Hotspots] = field(default_factory=dict)  # "process (pid)" -> its hotspots
 
 
@@ -262,7 +263,12 @@ def profile_load(
     run = outcome[0]
     if max((s.finished_at for s in run.samples), default=0.0) < t1:
         raise SystemExit(f"the load ended before the measurement did: raise --jobs above {jobs}")
-    measured = sum(1 for s in run.samples if t0 <= s.finished_at < t1)
+    window = [s for s in run.samples if t0 <= s.finished_at < t1]
+    measured = len(window)
+    batch_sizes: dict[str, list[int]] = {}
+    for sample in window:
+        for stage, size in sample.batch_size.items():
+            batch_sizes.setdefault(stage, []).append(size)
     by_thread: dict[str, dict[str, float]] = {}
     for name, pids in trees.items():
         rows: dict[str, float] = {}
@@ -272,7 +278,8 @@ def profile_load(
                 label = thread_label(name, names.get(tid), after.comm)
                 rows[label] = rows.get(label, 0.0) + after.cpu_s - (before.cpu_s if before else 0.0)
         by_thread[name] = rows
-    result = ProfileRun(measured, t1 - t0, by_thread)
+    mean_batch = {stage: sum(sizes) / len(sizes) for stage, sizes in batch_sizes.items()}
+    result = ProfileRun(measured, t1 - t0, by_thread, mean_batch)
     for label, path, _ in spies:
         result.pyspy[label] = aggregate_raw(path, 20)
     log(
@@ -283,7 +290,13 @@ def profile_load(
 
 
 def report(run: ProfileRun, title: str) -> str:
-    lines = [f"# {title}", "", f"{run.jobs} jobs in {run.wall_s:.1f} s ({run.jobs / run.wall_s:.1f} jobs/s)", ""]
+    batches = ", ".join(f"{stage} {size:.1f}" for stage, size in run.mean_batch.items()) or "-"
+    lines = [
+        f"# {title}",
+        "",
+        f"{run.jobs} jobs in {run.wall_s:.1f} s ({run.jobs / run.wall_s:.1f} jobs/s); mean batch: {batches}",
+        "",
+    ]
     rows = []
     total = 0.0
     for process, threads in sorted(run.by_thread.items(), key=lambda kv: -sum(kv[1].values())):
