@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -25,6 +26,7 @@ class JobSample:
     answered_in_post: bool = False  # the POST's Prefer: wait answered with the ended job (no GET)
     server_total_s: float | None = None  # created -> finished, as the job record says
     stage_s: dict[str, float] = field(default_factory=dict)
+    gap_ms: dict[str, float] = field(default_factory=dict)  # what lies between the stages (job_gaps_ms)
     batch_size: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -78,16 +80,59 @@ class ClosedLoopResult:
                 st: stats.mean([s.stage_s[st] * 1e3 for s in steady if st in s.stage_s])
                 for st in sorted({st for s in ok for st in s.stage_s})
             },
+            "mean_gap_ms": {
+                gap: stats.mean([s.gap_ms[gap] for s in steady if gap in s.gap_ms])
+                for gap in GAPS
+                if any(gap in s.gap_ms for s in steady)
+            },
             "client_cpu_s": self.client_cpu_s,
             "wall_s": self.wall_s,
         }
 
 
-def _sample(submitted_at: float, job: dict, answered_in_post: bool) -> JobSample:
+# The parts of a job's time outside its stages, in the order they happen (job_gaps_ms).
+GAPS = (
+    "submit -> created (request in, validation)",
+    "created -> first stage start (blobs, record, enqueue, delivery)",
+    "encoders' end -> fusion start (the fusion task's hop)",
+    "last stage end -> finished",
+    "finished -> result at the client (wake-up, answer, HTTP out)",
+)
+
+
+def _epoch(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def job_gaps_ms(timings: dict, submitted_wall: float, received_wall: float) -> dict[str, float]:
+    """The job's time outside its stages (``GAPS``), from its timings (server clock, ms resolution) and the
+    client's wall clock at submit and at the result: meaningful where both run on one host (the bench)."""
+    created, finished = _epoch(timings.get("created_at")), _epoch(timings.get("finished_at"))
+    stages = {
+        name: (_epoch(st.get("started_at")), _epoch(st.get("finished_at")))
+        for name, st in (timings.get("stages") or {}).items()
+    }
+    if created is None or finished is None or not stages or any(a is None or b is None for a, b in stages.values()):
+        return {}
+    starts = [a for a, _ in stages.values() if a is not None]
+    ends = [b for name, (_, b) in stages.items() if b is not None and name != "fusion"]
+    gaps = {GAPS[0]: created - submitted_wall, GAPS[1]: min(starts) - created}
+    fusion_start, fusion_end = stages.get("fusion", (None, None))
+    if fusion_start is not None and ends:
+        gaps[GAPS[2]] = fusion_start - max(ends)
+    last_end = fusion_end if fusion_end is not None else max(ends, default=finished)
+    gaps[GAPS[3]] = finished - last_end
+    gaps[GAPS[4]] = received_wall - finished
+    return {name: value * 1e3 for name, value in gaps.items()}
+
+
+def _sample(submitted_at: float, job: dict, answered_in_post: bool, submitted_wall: float | None = None) -> JobSample:
     timings = job.get("timings") or {}
     stages = timings.get("stages") or {}
+    received_wall = time.time()
     return JobSample(
         submitted_at=submitted_at,
+        gap_ms=job_gaps_ms(timings, submitted_wall, received_wall) if submitted_wall is not None else {},
         finished_at=time.monotonic(),
         status=job["status"],
         answered_in_post=answered_in_post,
@@ -172,10 +217,10 @@ def closed_loop(
                 if index >= jobs:
                     return
                 next_index[0] += 1
-            submitted_at = time.monotonic()
+            submitted_at, submitted_wall = time.monotonic(), time.time()
             try:
                 job, answered_in_post = submit_and_wait(client, make_job(index), prefer_wait, timeout_s, gets)
-                sample = _sample(submitted_at, job, answered_in_post)
+                sample = _sample(submitted_at, job, answered_in_post, submitted_wall)
             except Exception as exc:  # counted and reported, the run goes on
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")

@@ -542,6 +542,7 @@ def breakdown_table(run: dict, own: LayoutResult | None) -> str:
         ["server: created -> finished (p50)", run["server_total_p50_ms"]],
     ]
     rows += [[f"stage {name} (mean)", ms] for name, ms in run["mean_stage_ms"].items()]
+    rows += [[f"{gap} (mean)", ms] for gap, ms in run.get("mean_gap_ms", {}).items()]
     if own:
         rows += [[f"bare {name}, batch 1 ({own.layout} layout)", ms] for name, ms in own.tower_latency_b1_ms.items()]
     return stats.format_table(["", "ms"], rows)

@@ -89,6 +89,23 @@ def threads_cpu(pids: list[int]) -> dict[int, ThreadCpu]:
     return out
 
 
+def processes_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each process, threads that have exited included (``/proc/<pid>/stat``)."""
+    out = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+# A process's CPU in the window that no thread alive at its end accounts for: threads that started and
+# ended within it (a thread per request: moto's server).
+EXITED_THREADS = "threads that exited (e.g. one per request)"
+
 DUMP_THREAD = re.compile(r'^Thread (\d+) \([^)]*\): "(.*)"')
 
 
@@ -247,7 +264,7 @@ def profile_load(
     time.sleep(5)
     for pid in all_pids:  # again under load: thread pools start threads as they need them
         names.update(python_thread_names(pid))
-    t0, cpu0 = time.monotonic(), threads_cpu(all_pids)
+    t0, cpu0, proc0 = time.monotonic(), threads_cpu(all_pids), processes_cpu(all_pids)
     spies: list[tuple[str, Path, subprocess.Popen]] = []
     if pyspy:
         for name, pids in trees.items():
@@ -256,7 +273,7 @@ def profile_load(
                     path = out_dir / f"pyspy-{name}-{pid}.txt"
                     spies.append((f"{name} ({pid})", path, record_pyspy(pid, measure_s, path)))
     time.sleep(measure_s)
-    t1, cpu1 = time.monotonic(), threads_cpu(all_pids)
+    t1, cpu1, proc1 = time.monotonic(), threads_cpu(all_pids), processes_cpu(all_pids)
     loop.join()
     for _, _, spy in spies:
         spy.wait(timeout=60)
@@ -277,6 +294,10 @@ def profile_load(
                 before = cpu0.get(tid)
                 label = thread_label(name, names.get(tid), after.comm)
                 rows[label] = rows.get(label, 0.0) + after.cpu_s - (before.cpu_s if before else 0.0)
+        process_s = sum(proc1[pid] - proc0.get(pid, 0.0) for pid in pids if pid in proc1)
+        unaccounted = process_s - sum(rows.values())
+        if unaccounted > 0.01 * max(process_s, 1e-9):  # beyond the clock ticks' rounding
+            rows[EXITED_THREADS] = unaccounted
         by_thread[name] = rows
     mean_batch = {stage: sum(sizes) / len(sizes) for stage, sizes in batch_sizes.items()}
     result = ProfileRun(measured, t1 - t0, by_thread, mean_batch)

@@ -343,3 +343,31 @@ def test_the_bench_audio_clips_are_one_clap_window_each():
         samples = decode_audio(clip, limits)
         assert len(audio_windows(samples, 480_000)) == 1
         assert 0.3 < float(np.abs(samples).max()) < 1.0  # loud, not clipped
+
+
+def test_a_jobs_gaps_are_the_time_between_its_stages():
+    """The parts of a job's time outside its stages, from its timings (server clock) and the client's clock."""
+    from datetime import UTC, datetime
+
+    from bench.load import GAPS, job_gaps_ms
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+
+    t = 1_800_000_000.0
+    timings = {
+        "created_at": iso(t + 0.005),
+        "finished_at": iso(t + 0.240),
+        "stages": {
+            "image": {"started_at": iso(t + 0.016), "finished_at": iso(t + 0.230)},
+            "text": {"started_at": iso(t + 0.018), "finished_at": iso(t + 0.090)},
+            "fusion": {"started_at": iso(t + 0.234), "finished_at": iso(t + 0.235)},
+        },
+    }
+    gaps = job_gaps_ms(timings, submitted_wall=t, received_wall=t + 0.247)
+    assert list(gaps) == list(GAPS)
+    assert [round(v, 3) for v in gaps.values()] == [5.0, 11.0, 4.0, 5.0, 7.0]
+    del timings["stages"]["fusion"]  # a job its encoder ended: no hop
+    gaps = job_gaps_ms(timings, submitted_wall=t, received_wall=t + 0.247)
+    assert GAPS[2] not in gaps and round(gaps[GAPS[3]], 3) == 10.0
+    assert job_gaps_ms({"created_at": iso(t)}, t, t) == {}  # not ended yet
