@@ -225,8 +225,11 @@ def aggregate_raw(path: Path, top: int) -> Hotspots:
     def entry(frame: str) -> bool:
         return frame.rsplit(" (", 1)[-1].rstrip(")") in ENTRY_FILES
 
-    by_total = [(f, n / samples, own[f] / samples) for f, n in total.most_common() if not entry(f)][:top]
-    by_self = [(f, total[f] / samples, n / samples) for f, n in own.most_common(top)]
+    def ranked(counts: Counter[str]) -> list[tuple[str, int]]:  # ties by name: the same order every run
+        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+    by_total = [(f, n / samples, own[f] / samples) for f, n in ranked(total) if not entry(f)][:top]
+    by_self = [(f, total[f] / samples, n / samples) for f, n in ranked(own)[:top]]
     return Hotspots(samples, by_total, by_self)
 
 

@@ -371,3 +371,30 @@ def test_a_jobs_gaps_are_the_time_between_its_stages():
     gaps = job_gaps_ms(timings, submitted_wall=t, received_wall=t + 0.247)
     assert GAPS[2] not in gaps and round(gaps[GAPS[3]], 3) == 10.0
     assert job_gaps_ms({"created_at": iso(t)}, t, t) == {}  # not ended yet
+
+
+def test_the_profile_folds_threads_and_ranks_functions(tmp_path):
+    """bench.profile's pure parts: thread names folded into rows by what the threads are, and py-spy's
+    collapsed stacks ranked by total (entry points left out) and by self."""
+    from bench.profile import aggregate_raw, thread_label
+
+    assert thread_label("gateway", "ThreadPoolExecutor-0_7", "python") == "request threads (gunicorn gthread)"
+    assert thread_label("worker-text", "ThreadPoolExecutor-0_7", "python") == "task threads (Celery threads pool)"
+    assert thread_label("worker-text", "text-item-inference", "python") == "text-item-inference"
+    assert thread_label("redis", None, "redis-server") == "native (redis-server)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "_bootstrap (threading.py:1002);run (/x/app.py:10);handle (/x/api.py:5);dumps (/x/json.py:3) 6\n"
+        "_bootstrap (threading.py:1002);run (/x/app.py:10);handle (/x/api.py:5) 2\n"
+        "_bootstrap (threading.py:1002);poll (/x/loop.py:1) 2\n"
+    )
+    spots = aggregate_raw(raw, 10)
+    assert spots.samples == 10
+    assert [(f, round(t, 2), round(s, 2)) for f, t, s in spots.by_total] == [
+        ("handle (api.py)", 0.8, 0.2),
+        ("run (app.py)", 0.8, 0.0),
+        ("dumps (json.py)", 0.6, 0.6),
+        ("poll (loop.py)", 0.2, 0.2),
+    ]
+    assert spots.by_self[0] == ("dumps (json.py)", 0.6, 0.6)
+    assert aggregate_raw(tmp_path / "missing.txt", 10).samples == 0
