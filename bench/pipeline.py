@@ -34,6 +34,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,6 +340,31 @@ def cpu_use(run: ClosedLoopResult) -> dict | None:
         # Whatever else ran on the host meanwhile (other users of a shared VM): what the ratios cannot see.
         out["cores_outside"] = max((last.host_busy_s - first.host_busy_s) / wall - out["cores_total"], 0.0)
     return out
+
+
+def bench_stack_env(env: dict[str, str]) -> dict[str, str]:
+    """The caller's ``MMFUSE_*`` settings with the bench stack's own Redis and S3 (free ports) and quiet logs."""
+    return {
+        **env,
+        "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "MMFUSE_S3_BUCKET": "mmfuse-bench",
+        "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
+    }
+
+
+def job_maker(
+    phase: str, images: Sequence[bytes] = (), texts: Sequence[str] = (), audios: Sequence[bytes] = ()
+) -> Callable[[int], dict]:
+    """Job ``i`` of a pipeline phase, its inputs taken in turn from the bench's images, texts and clips."""
+    makers: dict[str, Callable[[int], dict]] = {
+        "b32": lambda i: {"images": [images[i % len(images)]], "texts": [texts[i % len(texts)]]},
+        "image": lambda i: {"images": [images[i % len(images)]]},
+        "minilm": lambda i: {"texts": [texts[i % len(texts)]]},
+        "minilm32": lambda i: {"texts": [texts[(i * TEXTS_PER_JOB + k) % len(texts)] for k in range(TEXTS_PER_JOB)]},
+        "audio": lambda i: {"audios": [audios[i % len(audios)]]},
+    }
+    return makers[phase]
 
 
 def bench_api_key(stack) -> str:
@@ -995,14 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         "audio": plan.audio_batches,
     }
 
-    env.update(
-        {
-            "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "MMFUSE_S3_BUCKET": "mmfuse-bench",
-            "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
-        }
-    )
+    env = bench_stack_env(env)
     if b32_model:
         env["MMFUSE_MODEL"] = b32_model
     stack = LocalStack(var_dir=var_dir / f"stack-{int(time.time())}", env=env)
@@ -1096,8 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
             if "b32" in phases:
                 log("pipeline: B/32 image+text jobs")
 
-                def b32_job(i: int) -> dict:
-                    return {"images": [images[i % len(images)]], "texts": [texts[i % len(texts)]]}
+                b32_job = job_maker("b32", images, texts)
 
                 results.setdefault("b32", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.b32_jobs, b32_job, warmup, args.submit == "wait", log
@@ -1107,8 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
             if "image" in phases:
                 log("pipeline: B/32 image-only jobs")
 
-                def image_job(i: int) -> dict:
-                    return {"images": [images[i % len(images)]]}
+                image_job = job_maker("image", images)
 
                 results.setdefault("image", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.image_jobs, image_job, warmup, args.submit == "wait", log
@@ -1122,9 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             results["minilm_settings"] = start_pool_alone(stack, "text", text_model, gateway_workers)
             warmup = plan.warmup_jobs * 4
             if "minilm" in phases:
-
-                def text_job(i: int) -> dict:
-                    return {"texts": [texts[i % len(texts)]]}
+                text_job = job_maker("minilm", texts=texts)
 
                 results.setdefault("minilm", {})["pipeline"] = run_pipeline(
                     stack, api_key, plan.text_jobs, text_job, warmup, args.submit == "wait", log
@@ -1134,9 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
             if "minilm32" in phases:
                 log(f"pipeline: MiniLM text-only jobs of {TEXTS_PER_JOB} texts")
 
-                def texts_job(i: int) -> dict:
-                    first = (i * TEXTS_PER_JOB) % len(texts)
-                    return {"texts": [texts[(first + k) % len(texts)] for k in range(TEXTS_PER_JOB)]}
+                texts_job = job_maker("minilm32", texts=texts)
 
                 results.setdefault("minilm32", {})["pipeline"] = run_pipeline(
                     stack,
@@ -1154,8 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
             log("pipeline: CLAP audio-only jobs, one 10 s clip each")
             results["audio_settings"] = start_pool_alone(stack, "audio", audio_model, gateway_workers)
 
-            def audio_job(i: int) -> dict:
-                return {"audios": [audios[i % len(audios)]]}
+            audio_job = job_maker("audio", audios=audios)
 
             results.setdefault("audio", {})["pipeline"] = run_pipeline(
                 stack, api_key, plan.audio_jobs, audio_job, max(plan.warmup_jobs // 4, 2), args.submit == "wait", log

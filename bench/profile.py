@@ -35,12 +35,19 @@ from pathlib import Path
 
 from bench.inputs import make_images, make_texts
 from bench.load import closed_loop
-from bench.pipeline import TEXTS_PER_JOB, bench_api_key, default_minilm, ensure_b32, start_gateway, start_pool_alone
-from bench.stats import format_table
-from cli.stack import LocalStack, free_port
+from bench.pipeline import (
+    bench_api_key,
+    bench_stack_env,
+    default_minilm,
+    ensure_b32,
+    job_maker,
+    start_gateway,
+    start_pool_alone,
+)
+from bench.stats import format_table, parse_stat
+from mmfuse.cli.stack import LocalStack
 
 PHASES = ("minilm", "minilm32", "image", "b32")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -80,12 +87,8 @@ def threads_cpu(pids: list[int]) -> dict[int, ThreadCpu]:
                 text = (task / "stat").read_text()
             except OSError:
                 continue
-            # "tid (comm) state ...": comm may hold spaces and parentheses; the fields follow the last ")"
-            comm = text[text.index("(") + 1 : text.rindex(")")]
-            fields = text[text.rindex(")") + 2 :].split()
-            out[int(task.name)] = ThreadCpu(
-                pid, int(task.name), comm, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            )
+            comm = text[text.index("(") + 1 : text.rindex(")")]  # may hold spaces and parentheses
+            out[int(task.name)] = ThreadCpu(pid, int(task.name), comm, parse_stat(text)[1])
     return out
 
 
@@ -97,8 +100,7 @@ def processes_cpu(pids: list[int]) -> dict[int, float]:
             text = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2 :].split()
-        out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        out[pid] = parse_stat(text)[1]
     return out
 
 
@@ -375,36 +377,18 @@ def main(argv: list[str] | None = None) -> int:
 
     var_dir = Path(args.var_dir).resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k.startswith("MMFUSE_")}
-    env.update(
-        {
-            "MMFUSE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "MMFUSE_S3_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "MMFUSE_S3_BUCKET": "mmfuse-bench",
-            "MMFUSE_LOG_LEVEL": env.get("MMFUSE_LOG_LEVEL", "WARNING"),
-        }
-    )
-    texts = make_texts(64)
+    env = bench_stack_env({k: v for k, v in os.environ.items() if k.startswith("MMFUSE_")})
+    images: list[bytes] = []
     if args.phase in ("image", "b32"):
-        model = ensure_b32(Path("var").resolve())
-        env["MMFUSE_MODEL"] = model
+        env["MMFUSE_MODEL"] = ensure_b32(Path("var").resolve())
         images = make_images(8)
+    make_job = job_maker(args.phase, images, make_texts(64))
     stack = LocalStack(var_dir=var_dir / f"stack-{int(time.time())}", env=env)
     gateway_workers = stack.settings().gateway_workers
-    make_job: Callable[[int], dict]
-    if args.phase == "minilm":
-        make_job = lambda i: {"texts": [texts[i % len(texts)]]}  # noqa: E731
-    elif args.phase == "minilm32":
-        make_job = lambda i: {"texts": [texts[(i * TEXTS_PER_JOB + k) % len(texts)] for k in range(TEXTS_PER_JOB)]}  # noqa: E731
-    elif args.phase == "image":
-        make_job = lambda i: {"images": [images[i % len(images)]]}  # noqa: E731
-    else:
-        make_job = lambda i: {"images": [images[i % len(images)]], "texts": [texts[i % len(texts)]]}  # noqa: E731
     try:
         stack.ensure_redis()
         stack.ensure_s3()
         if args.phase.startswith("minilm"):
-            stack.env["MMFUSE_TEXT_MODEL"] = default_minilm()
             start_pool_alone(stack, "text", default_minilm(), gateway_workers)
         else:
             start_gateway(stack, gateway_workers)

@@ -69,8 +69,9 @@ def mean(values: Sequence[float]) -> float:
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _parse_stat(text: str) -> tuple[int, float]:
-    """(ppid, utime+stime seconds) from a /proc/<pid>/stat line; the comm field may hold spaces."""
+def parse_stat(text: str) -> tuple[int, float]:
+    """(ppid, utime+stime seconds) from a /proc/<pid>/stat line (a thread's /proc/<pid>/task/<tid>/stat too);
+    the comm field may hold spaces."""
     rest = text[text.rindex(")") + 2 :].split()
     return int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICKS
 
@@ -89,7 +90,7 @@ def process_trees_cpu_s(roots: dict[str, int]) -> dict[str, float]:
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid, seconds = _parse_stat(f.read())
+                ppid, seconds = parse_stat(f.read())
         except (OSError, ValueError, IndexError):
             continue
         parents[int(entry)] = ppid

@@ -51,7 +51,7 @@ def test_throughput_in_the_steady_window():
 
 def test_parse_proc_stat_with_spaces_in_the_name():
     fields = ["S", "42"] + ["0"] * 9 + ["250", "50"] + ["0"] * 20
-    ppid, seconds = stats._parse_stat("1234 (my (odd) name) " + " ".join(fields))
+    ppid, seconds = stats.parse_stat("1234 (my (odd) name) " + " ".join(fields))
     assert ppid == 42
     assert seconds == pytest.approx(300 / stats._TICKS)
 
