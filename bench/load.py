@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from bench import stats
+from mmfuse.shared.schema import FUSION
 
 
 @dataclass
@@ -108,31 +109,31 @@ def job_gaps_ms(timings: dict, submitted_wall: float, received_wall: float) -> d
     """The job's time outside its stages (``GAPS``), from its timings (server clock, ms resolution) and the
     client's wall clock at submit and at the result: meaningful where both run on one host (the bench)."""
     created, finished = _epoch(timings.get("created_at")), _epoch(timings.get("finished_at"))
-    stages = {
-        name: (_epoch(st.get("started_at")), _epoch(st.get("finished_at")))
+    spans = [
+        (name, _epoch(st.get("started_at")), _epoch(st.get("finished_at")))
         for name, st in (timings.get("stages") or {}).items()
-    }
-    if created is None or finished is None or not stages or any(a is None or b is None for a, b in stages.values()):
+    ]
+    stages = {name: (start, end) for name, start, end in spans if start is not None and end is not None}
+    if created is None or finished is None or not stages or len(stages) < len(spans):
         return {}
-    starts = [a for a, _ in stages.values() if a is not None]
-    ends = [b for name, (_, b) in stages.items() if b is not None and name != "fusion"]
-    gaps = {GAPS[0]: created - submitted_wall, GAPS[1]: min(starts) - created}
-    fusion_start, fusion_end = stages.get("fusion", (None, None))
-    if fusion_start is not None and ends:
-        gaps[GAPS[2]] = fusion_start - max(ends)
-    last_end = fusion_end if fusion_end is not None else max(ends, default=finished)
+    encoder_ends = [end for name, (_, end) in stages.items() if name != FUSION]
+    gaps = {GAPS[0]: created - submitted_wall, GAPS[1]: min(start for start, _ in stages.values()) - created}
+    last_end = max(encoder_ends, default=finished)
+    if FUSION in stages:
+        fusion_start, last_end = stages[FUSION]
+        if encoder_ends:
+            gaps[GAPS[2]] = fusion_start - max(encoder_ends)
     gaps[GAPS[3]] = finished - last_end
     gaps[GAPS[4]] = received_wall - finished
     return {name: value * 1e3 for name, value in gaps.items()}
 
 
-def _sample(submitted_at: float, job: dict, answered_in_post: bool, submitted_wall: float | None = None) -> JobSample:
+def _sample(submitted_at: float, submitted_wall: float, job: dict, answered_in_post: bool) -> JobSample:
     timings = job.get("timings") or {}
     stages = timings.get("stages") or {}
-    received_wall = time.time()
     return JobSample(
         submitted_at=submitted_at,
-        gap_ms=job_gaps_ms(timings, submitted_wall, received_wall) if submitted_wall is not None else {},
+        gap_ms=job_gaps_ms(timings, submitted_wall, time.time()),
         finished_at=time.monotonic(),
         status=job["status"],
         answered_in_post=answered_in_post,
@@ -220,7 +221,7 @@ def closed_loop(
             submitted_at, submitted_wall = time.monotonic(), time.time()
             try:
                 job, answered_in_post = submit_and_wait(client, make_job(index), prefer_wait, timeout_s, gets)
-                sample = _sample(submitted_at, job, answered_in_post, submitted_wall)
+                sample = _sample(submitted_at, submitted_wall, job, answered_in_post)
             except Exception as exc:  # counted and reported, the run goes on
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
